@@ -1,0 +1,328 @@
+"""Virtual-time benchmark of the poll schedule against two baselines and an oracle.
+
+    python -m benchmarks.polling [--jobs N] [--seed S] [--json PATH]
+
+Synthetic jobs last 5 s to 2 h (log-uniform) and report progress along one of
+five profiles:
+
+    linear    progress proportional to elapsed time
+    bursty    progress in 3-30 uneven steps at uneven times (batches finishing)
+    stalling  linear, but paused mid-way for 25-100 % of its active time
+    noisy     linear truth, reported with N(0, 1 pp) jitter, and one reading in
+              ten stale (an earlier value, so progress runs backwards)
+    never     progress rises to a random level and freezes (a quarter report
+              no progress at all); ends at the watch deadline
+
+Every schedule starts with a poll after ``INITIAL_DELAY_S``, never leaves a gap
+longer than ``MAX_DELAY_S`` and stops at the watch deadline (``DEADLINE_S``),
+where it polls one last time. For each job it counts the polls and, for jobs
+that finish, the detection lag: the first poll at or after completion minus
+the completion time.
+
+The oracle is the fewest polls any schedule can make under the max-gap rule
+with zero lag: gaps of at most ``MAX_DELAY_S`` and one poll exactly at
+completion (or at the deadline), that is ``ceil(duration / MAX_DELAY_S)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from worker.schedule import HISTORY_LIMIT, Observation, next_poll_delay
+
+INITIAL_DELAY_S = 5.0
+MAX_DELAY_S = 300.0
+DEADLINE_S = 3 * 3600.0
+MIN_DURATION_S = 5.0
+MAX_DURATION_S = 2 * 3600.0
+# Virtual clock origin: realistic unix times exercise the float arithmetic.
+EPOCH = 1_700_000_000.0
+
+# The mixed workload. Never-finishing jobs are kept rare on purpose: each one
+# costs every schedule about as many polls as the oracle allows, so a larger
+# share would flatter the polls ratio.
+PROFILE_WEIGHTS: dict[str, float] = {
+    "linear": 0.225,
+    "bursty": 0.225,
+    "stalling": 0.225,
+    "noisy": 0.225,
+    "never": 0.10,
+}
+NOISE_SD_PP = 1.0
+STALE_PROBABILITY = 0.1
+
+SCHEDULES = ("ours", "fixed-5s", "doubling")
+
+
+@dataclass(frozen=True)
+class Job:
+    profile: str
+    duration: float | None  # None: never finishes
+    # Profile parameters: (time, progress) knots of a piecewise-linear curve,
+    # or of a staircase for bursty jobs.
+    knots: tuple[tuple[float, float], ...]
+    reports_progress: bool = True
+
+    def true_progress(self, t: float) -> float:
+        if self.profile == "bursty":
+            level = 0.0
+            for at, value in self.knots:
+                if at > t:
+                    break
+                level = value
+            return level
+        prev_t, prev_p = 0.0, 0.0
+        for at, value in self.knots:
+            if t < at:
+                return prev_p + (value - prev_p) * (t - prev_t) / (at - prev_t)
+            prev_t, prev_p = at, value
+        return prev_p
+
+
+def make_jobs(count: int, rng: random.Random) -> list[Job]:
+    names = list(PROFILE_WEIGHTS)
+    weights = [PROFILE_WEIGHTS[n] for n in names]
+    jobs: list[Job] = []
+    for _ in range(count):
+        profile = rng.choices(names, weights)[0]
+        duration = math.exp(rng.uniform(math.log(MIN_DURATION_S), math.log(MAX_DURATION_S)))
+        jobs.append(_make_job(profile, duration, rng))
+    return jobs
+
+
+def _make_job(profile: str, duration: float, rng: random.Random) -> Job:
+    if profile in ("linear", "noisy"):
+        return Job(profile, duration, ((duration, 100.0),))
+    if profile == "bursty":
+        steps = rng.randint(3, 30)
+        sizes = [rng.uniform(0.5, 1.5) for _ in range(steps)]
+        times = [s * rng.lognormvariate(0.0, 0.5) for s in sizes]
+        total_size, total_time = sum(sizes), sum(times)
+        knots, at, level = [], 0.0, 0.0
+        for size, spent in zip(sizes, times, strict=True):
+            at += spent / total_time * duration
+            level += size / total_size * 100.0
+            knots.append((at, level))
+        knots[-1] = (duration, 100.0)
+        return Job(profile, duration, tuple(knots))
+    if profile == "stalling":
+        active = duration / (1.0 + rng.uniform(0.25, 1.0))
+        pause = duration - active
+        paused_at = rng.uniform(0.2, 0.8)
+        knots = (
+            (paused_at * active, paused_at * 100.0),
+            (paused_at * active + pause, paused_at * 100.0),
+            (duration, 100.0),
+        )
+        return Job(profile, duration, knots)
+    # never: rises to a level over part of the watch, then freezes
+    frozen_at = min(duration, DEADLINE_S)
+    level = rng.uniform(0.0, 99.0)
+    return Job("never", None, ((frozen_at, level),), reports_progress=rng.random() >= 0.25)
+
+
+def _reported(job: Job, t: float, rng: random.Random) -> float | None:
+    if not job.reports_progress:
+        return None
+    if job.profile != "noisy":
+        return job.true_progress(t)
+    assert job.duration is not None
+    seen = t
+    if rng.random() < STALE_PROBABILITY:
+        seen = max(0.0, t - rng.uniform(0.0, 0.05 * job.duration))
+    value = job.true_progress(seen) + rng.gauss(0.0, NOISE_SD_PP)
+    return min(max(value, 0.0), 99.9)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    polls: int
+    lag: float | None  # None for a job that never finishes
+
+
+def _run_schedule(job: Job, next_delay: Callable[[int, float, list[Observation]], float],
+                  rng: random.Random, *, observe: bool) -> Outcome:
+    """Poll ``job`` in virtual time; ``next_delay(polls_so_far, now, history)``."""
+    done_at = job.duration
+    t = INITIAL_DELAY_S
+    polls = 0
+    history: list[Observation] = []
+    while True:
+        t = min(t, DEADLINE_S)
+        polls += 1
+        if done_at is not None and t >= done_at:
+            return Outcome(polls, t - done_at)
+        if t >= DEADLINE_S:
+            return Outcome(polls, None)
+        if observe:
+            history.append(Observation(EPOCH + t, _reported(job, t, rng)))
+            del history[:-HISTORY_LIMIT]
+        delay = next_delay(polls, t, history)
+        if not (0 < delay <= MAX_DELAY_S):
+            raise AssertionError(f"delay {delay!r} outside (0, {MAX_DELAY_S}]")
+        t += delay
+
+
+def _ours(_polls: int, t: float, history: list[Observation]) -> float:
+    return next_poll_delay(
+        history, now=EPOCH + t, started_at=EPOCH, deadline=EPOCH + DEADLINE_S,
+        initial_delay=INITIAL_DELAY_S, max_delay=MAX_DELAY_S,
+    )
+
+
+def _fixed(_polls: int, _t: float, _history: list[Observation]) -> float:
+    return INITIAL_DELAY_S
+
+
+def _doubling(polls: int, _t: float, _history: list[Observation]) -> float:
+    return min(INITIAL_DELAY_S * 2.0 ** min(polls, 30), MAX_DELAY_S)
+
+
+def _fixed_outcome(job: Job) -> Outcome:
+    # Closed form of a fixed interval: the simulation would loop 2,000 times per slow job.
+    end = DEADLINE_S if job.duration is None else job.duration
+    polls = max(1, math.ceil(end / INITIAL_DELAY_S - 1e-9))
+    if job.duration is None:
+        return Outcome(polls, None)
+    return Outcome(polls, polls * INITIAL_DELAY_S - job.duration)
+
+
+def oracle_polls(job: Job) -> int:
+    end = DEADLINE_S if job.duration is None else job.duration
+    return max(1, math.ceil(end / MAX_DELAY_S))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
+
+
+def _summary(jobs: list[Job], outcomes: list[Outcome]) -> dict[str, float]:
+    polls = [float(o.polls) for o in outcomes]
+    lags = [o.lag for o in outcomes if o.lag is not None]
+    rel = [
+        100.0 * o.lag / j.duration
+        for j, o in zip(jobs, outcomes, strict=True)
+        if o.lag is not None and j.duration is not None
+    ]
+    return {
+        "jobs": float(len(outcomes)),
+        "polls_mean": statistics.fmean(polls) if polls else math.nan,
+        "polls_p95": _percentile(polls, 95),
+        "lag_p50_s": _percentile(lags, 50),
+        "lag_p95_s": _percentile(lags, 95),
+        "lag_p50_pct": _percentile(rel, 50),
+        "lag_p95_pct": _percentile(rel, 95),
+    }
+
+
+def run(jobs: int = 5000, seed: int = 1) -> dict[str, Any]:
+    """Simulate every schedule on the same jobs and return the figures."""
+    rng = random.Random(seed)
+    population = make_jobs(jobs, rng)
+    outcomes: dict[str, list[Outcome]] = {name: [] for name in SCHEDULES}
+    outcomes["oracle"] = []
+    for job in population:
+        job_rng = random.Random(rng.getrandbits(64))
+        outcomes["ours"].append(_run_schedule(job, _ours, job_rng, observe=True))
+        outcomes["fixed-5s"].append(_fixed_outcome(job))
+        outcomes["doubling"].append(_run_schedule(job, _doubling, job_rng, observe=False))
+        outcomes["oracle"].append(Outcome(oracle_polls(job), None if job.duration is None else 0.0))
+
+    def summarise(keep: Callable[[Job], bool]) -> dict[str, dict[str, float]]:
+        idx = [i for i, j in enumerate(population) if keep(j)]
+        chosen = [population[i] for i in idx]
+        return {name: _summary(chosen, [outs[i] for i in idx]) for name, outs in outcomes.items()}
+
+    mixed = summarise(lambda j: True)
+    finishing = summarise(lambda j: j.duration is not None)
+    profiles = {p: summarise(lambda j, p=p: j.profile == p) for p in PROFILE_WEIGHTS}
+    polls_ratio = mixed["ours"]["polls_mean"] / mixed["oracle"]["polls_mean"]
+    lag_ratio = mixed["ours"]["lag_p95_s"] / mixed["fixed-5s"]["lag_p95_s"]
+    return {
+        "settings": {
+            "jobs": jobs, "seed": seed, "initial_delay_s": INITIAL_DELAY_S,
+            "max_delay_s": MAX_DELAY_S, "deadline_s": DEADLINE_S,
+            "profile_weights": PROFILE_WEIGHTS, "noise_sd_pp": NOISE_SD_PP,
+        },
+        "mixed": mixed,
+        "finishing": finishing,
+        "profiles": profiles,
+        "ratios": {
+            "ours_over_oracle_polls_mean": polls_ratio,
+            "ours_over_oracle_polls_mean_finishing": (
+                finishing["ours"]["polls_mean"] / finishing["oracle"]["polls_mean"]
+            ),
+            "ours_over_fixed_lag_p95": lag_ratio,
+        },
+        "targets": {
+            "polls_within_1_5x_oracle": polls_ratio <= 1.5,
+            "lag_p95_no_worse_than_fixed_5s": lag_ratio <= 1.0,
+        },
+    }
+
+
+def _table(title: str, rows: dict[str, dict[str, float]]) -> list[str]:
+    head = (f"{title:<22}{'polls mean':>11}{'polls p95':>10}{'lag p50 s':>10}{'lag p95 s':>10}"
+            f"{'lag p50 %':>10}{'lag p95 %':>10}")
+    lines = [head, "-" * len(head)]
+    for name in ("oracle", *SCHEDULES):
+        r = rows[name]
+        lines.append(
+            f"{name:<22}{r['polls_mean']:>11.2f}{r['polls_p95']:>10.0f}{r['lag_p50_s']:>10.2f}"
+            f"{r['lag_p95_s']:>10.2f}{r['lag_p50_pct']:>10.2f}{r['lag_p95_pct']:>10.2f}"
+        )
+    return lines
+
+
+def format_report(figures: dict[str, Any]) -> str:
+    s = figures["settings"]
+    lines = [
+        f"{s['jobs']} jobs, seed {s['seed']}, initial {s['initial_delay_s']:g} s, "
+        f"max gap {s['max_delay_s']:g} s, deadline {s['deadline_s']:g} s",
+        "",
+        *_table(f"mixed ({int(figures['mixed']['ours']['jobs'])})", figures["mixed"]),
+        "",
+        *_table(f"finishing ({int(figures['finishing']['ours']['jobs'])})", figures["finishing"]),
+    ]
+    for profile, rows in figures["profiles"].items():
+        lines += ["", *_table(f"{profile} ({int(rows['ours']['jobs'])})", rows)]
+    r, t = figures["ratios"], figures["targets"]
+    lines += [
+        "",
+        f"ours / oracle polls (mean, mixed):      {r['ours_over_oracle_polls_mean']:.3f}"
+        f"  target <= 1.5: {'met' if t['polls_within_1_5x_oracle'] else 'NOT met'}",
+        f"ours / oracle polls (mean, finishing):  {r['ours_over_oracle_polls_mean_finishing']:.3f}",
+        f"ours / fixed-5s lag p95 (mixed):        {r['ours_over_fixed_lag_p95']:.3f}"
+        f"  target <= 1.0: {'met' if t['lag_p95_no_worse_than_fixed_5s'] else 'NOT met'}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    figures = run(args.jobs, args.seed)
+    print(format_report(figures))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(figures, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

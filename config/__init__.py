@@ -1,0 +1,1 @@
+"""Configuration of check365-worker: settings from the environment, Celery and logging."""

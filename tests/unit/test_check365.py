@@ -1,0 +1,552 @@
+"""The Check365 bulk-status client: requests, classification rules, secrecy."""
+
+from __future__ import annotations
+
+import base64
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from config.settings import Settings, load_settings
+from worker import __version__
+from worker.check365 import (
+    TERMINAL_FAILURE_STATUSES,
+    USER_AGENT,
+    Completed,
+    Failed,
+    Incomplete,
+    PollOutcome,
+    Running,
+    classify_response,
+    fetch_status,
+    make_client,
+    parse_retry_after,
+)
+from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable, RetryableError
+
+API_KEY = "ck365_live_9fQ2xZrT7wLmB4vK"
+JOB_ID = "J-42"
+RESULT = {
+    "email": "name@company.com",
+    "emailProvider": "unknown",
+    "emailType": "unknown",
+    "status": "unvalidated",
+    "safeToSend": False,
+    "risk": "high",
+    "isRole": False,
+    "statusReason": "invalid_domain",
+}
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def make_settings(**env: str) -> Settings:
+    return load_settings(
+        {
+            "CHECK365_API_KEY": API_KEY,
+            "WEBHOOK_SECRET": "whsec_" + base64.b64encode(bytes(range(24))).decode(),
+            "CHECK365_BASE_URL": "https://api.test",
+            **env,
+        }
+    )
+
+
+_MISSING: Any = object()
+
+
+def answer(data: Any = _MISSING, *, success: Any = True, message: Any = "Job status", **extra: Any) -> bytes:
+    envelope: dict[str, Any] = {"success": success, "message": message, **extra}
+    if data is not _MISSING:
+        envelope["data"] = data
+    return orjson.dumps(envelope)
+
+
+def job(**fields: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "jobId": JOB_ID,
+        "status": "completed",
+        "creditsUsed": 2,
+        "progress": 100,
+        "total": 2,
+        "results": [RESULT, {**RESULT, "email": "ceo@company.com"}],
+    }
+    data.update(fields)
+    return {k: v for k, v in data.items() if v is not _MISSING}
+
+
+def classify(body: bytes, status_code: int = 200, headers: dict[str, str] | None = None) -> PollOutcome:
+    return classify_response(status_code, headers or {}, body, JOB_ID)
+
+
+def fetch(handler: Handler, settings: Settings | None = None) -> PollOutcome:
+    settings = settings or make_settings()
+    with make_client(settings, transport=httpx.MockTransport(handler)) as client:
+        return fetch_status(client, settings, JOB_ID)
+
+
+def respond(body: bytes, status_code: int = 200, headers: dict[str, str] | None = None) -> Handler:
+    return lambda request: httpx.Response(status_code, content=body, headers=headers)
+
+
+# --- the request --------------------------------------------------------------------------
+
+
+def test_request_carries_key_job_id_and_user_agent() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=answer(job()))
+
+    fetch(handler)
+
+    (request,) = seen
+    assert request.method == "GET"
+    assert request.url.scheme == "https"
+    assert request.url.host == "api.test"
+    assert request.url.path == "/api/validation/bulk-status"
+    assert dict(request.url.params) == {"api_key": API_KEY, "job_id": JOB_ID}
+    assert request.headers["user-agent"] == USER_AGENT == f"check365-worker/{__version__}"
+
+
+def test_base_url_with_trailing_slash_hits_the_same_endpoint() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, content=answer(job()))
+
+    fetch(handler, make_settings(CHECK365_BASE_URL="https://api.test/"))
+    assert seen == ["/api/validation/bulk-status"]
+
+
+def test_make_client_sets_explicit_timeouts() -> None:
+    with make_client(make_settings(CHECK365_TIMEOUT_S="30")) as client:
+        assert client.timeout == httpx.Timeout(connect=10, read=30, write=30, pool=30)
+    with make_client(make_settings(CHECK365_TIMEOUT_S="0.5")) as client:
+        assert client.timeout == httpx.Timeout(connect=0.5, read=0.5, write=0.5, pool=0.5)
+
+
+def test_make_client_does_not_follow_redirects() -> None:
+    calls: list[httpx.URL] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url)
+        return httpx.Response(302, headers={"location": "https://elsewhere.test/steal"})
+
+    with pytest.raises(Check365Unavailable, match="redirect"):
+        fetch(handler)
+    assert [url.host for url in calls] == ["api.test"]
+    with make_client(make_settings()) as client:
+        assert client.follow_redirects is False
+        assert client.headers["user-agent"] == USER_AGENT
+
+
+# --- successful answers -----------------------------------------------------------------------
+
+
+def test_completed_keeps_data_exactly_as_sent() -> None:
+    data = job(unknownField={"nested": [1, 2]}, creditsUsed=12)
+    outcome = fetch(respond(answer(data, message="Job has been completed")))
+    assert outcome == Completed(data=data)
+    assert isinstance(outcome, Completed)
+    assert list(outcome.data) == list(data)
+
+
+def test_documented_example_response_is_completed_when_counts_match() -> None:
+    body = (
+        b'{"success": true, "message": "Job has been completed", "data": {"jobId": "J-42",'
+        b' "status": "completed", "creditsUsed": 12, "progress": 100, "total": 1, "results": ['
+        b'{"email": "name@company.com", "emailProvider": "unknown", "emailType": "unknown",'
+        b' "status": "unvalidated", "safeToSend": false, "risk": "high", "isRole": false,'
+        b' "statusReason": "invalid_domain"}]}}'
+    )
+    outcome = classify(body)
+    assert isinstance(outcome, Completed)
+    assert outcome.data["results"] == [RESULT]
+    assert outcome.data["creditsUsed"] == 12
+
+
+@pytest.mark.parametrize("status", ["Completed", "COMPLETED", " completed "])
+def test_completed_is_case_insensitive(status: str) -> None:
+    data = job(status=status)
+    assert classify(answer(data)) == Completed(data=data)
+
+
+def test_completed_empty_job() -> None:
+    data = job(total=0, results=[])
+    assert classify(answer(data)) == Completed(data=data)
+
+
+def test_completed_without_job_id_is_accepted() -> None:
+    data = job(jobId=_MISSING)
+    assert classify(answer(data)) == Completed(data=data)
+
+
+def test_completed_with_results_shorter_than_total_is_incomplete() -> None:
+    outcome = classify(answer(job(total=5, progress=99)))
+    assert outcome == Incomplete(status="completed", progress=99.0, total=5, received=2)
+
+
+def test_completed_with_results_longer_than_total_is_incomplete() -> None:
+    outcome = classify(answer(job(total=1, progress="done")))
+    assert outcome == Incomplete(status="completed", progress=None, total=1, received=2)
+
+
+@pytest.mark.parametrize("status", ["queued", "validating", "Processing", "pending", "", "in_progress"])
+def test_unknown_intermediate_statuses_are_running(status: str) -> None:
+    outcome = classify(answer(job(status=status, progress=40, total=2, results=_MISSING)))
+    assert outcome == Running(status=status, progress=40.0, total=2)
+
+
+@pytest.mark.parametrize(
+    ("progress", "expected"),
+    [
+        (50, 50.0),
+        (42.5, 42.5),
+        (0, 0.0),
+        (100, 100.0),
+        (-5, 0.0),
+        (250, 100.0),
+        ("50", None),
+        (True, None),
+        (False, None),
+        (None, None),
+        ([50], None),
+        (_MISSING, None),
+    ],
+)
+def test_running_progress(progress: Any, expected: float | None) -> None:
+    outcome = classify(answer(job(status="processing", progress=progress)))
+    assert isinstance(outcome, Running)
+    assert outcome.progress == expected
+
+
+@pytest.mark.parametrize(
+    ("total", "expected"), [(10, 10), (0, 0), ("10", None), (True, None), (-1, None), (2.0, None)]
+)
+def test_running_total_only_when_a_count(total: Any, expected: int | None) -> None:
+    outcome = classify(answer(job(status="processing", total=total)))
+    assert isinstance(outcome, Running)
+    assert outcome.total == expected
+
+
+@pytest.mark.parametrize("status", [*sorted(TERMINAL_FAILURE_STATUSES), "FAILED", "Cancelled", " error "])
+def test_failure_like_statuses_are_failed(status: str) -> None:
+    outcome = classify(answer(job(status=status, results=_MISSING), message="Job failed: bad file"))
+    assert outcome == Failed(status=status, message="Job failed: bad file")
+
+
+@pytest.mark.parametrize("message", [_MISSING, None, 42, ["x"]])
+def test_failed_without_a_string_message_has_empty_message(message: Any) -> None:
+    envelope = {"success": True, "data": job(status="failed")}
+    if message is not _MISSING:
+        envelope["message"] = message
+    assert classify(orjson.dumps(envelope)) == Failed(status="failed", message="")
+
+
+def test_failed_message_is_truncated() -> None:
+    outcome = classify(answer(job(status="failed"), message="x" * 5000))
+    assert outcome == Failed(status="failed", message="x" * 200)
+
+
+def test_other_2xx_codes_are_classified_by_body() -> None:
+    data = job()
+    assert classify(answer(data), status_code=203) == Completed(data=data)
+
+
+# --- malformed answers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"<html>502 Bad Gateway</html>", id="html"),
+        pytest.param(answer(job())[:-7], id="truncated"),
+        pytest.param(b"\xff\xfe\x00garbage", id="not-utf8"),
+        pytest.param(b"[1, 2]", id="array"),
+        pytest.param(b'"completed"', id="string"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b"[" * 5000, id="deep-nesting"),
+        pytest.param(orjson.dumps({"message": "ok", "data": job()}), id="success-missing"),
+        pytest.param(answer(job(), success="true"), id="success-string"),
+        pytest.param(answer(job(), success=1), id="success-int"),
+        pytest.param(answer(), id="data-missing"),
+        pytest.param(answer(None), id="data-null"),
+        pytest.param(answer([job()]), id="data-list"),
+        pytest.param(answer(job(status=_MISSING)), id="status-missing"),
+        pytest.param(answer(job(status=1)), id="status-int"),
+        pytest.param(answer(job(status=None)), id="status-null"),
+        pytest.param(answer(job(results=[RESULT, "name@company.com"])), id="result-not-object"),
+        pytest.param(answer(job(results=[RESULT, None])), id="result-null"),
+        pytest.param(answer(job(results={"0": RESULT})), id="results-object"),
+        pytest.param(answer(job(results=_MISSING)), id="results-missing"),
+        pytest.param(answer(job(total=_MISSING)), id="total-missing"),
+        pytest.param(answer(job(total="2")), id="total-string"),
+        pytest.param(answer(job(total=True, results=[RESULT])), id="total-bool"),
+        pytest.param(answer(job(total=-1)), id="total-negative"),
+        pytest.param(answer(job(total=2.0)), id="total-float"),
+    ],
+)
+def test_malformed_answers_are_unavailable(body: bytes) -> None:
+    with pytest.raises(Check365Unavailable, match="malformed answer") as caught:
+        classify(body)
+    assert caught.value.retry_after is None
+
+
+@pytest.mark.parametrize("other", ["J-43", "", None, 42, "j-42"])
+def test_answer_for_another_job_is_unavailable(other: Any) -> None:
+    with pytest.raises(Check365Unavailable, match="another job"):
+        classify(answer(job(jobId=other)))
+
+
+# --- success: false ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("Job not found", "job_not_found"),
+        ("The job does not exist", "job_not_found"),
+        ("No such job: J-42", "job_not_found"),
+        ("UNKNOWN JOB", "job_not_found"),
+        ("Job not found for this API key", "job_not_found"),
+        ("Resource does not exist", "job_not_found"),
+        ("Invalid API key", "unauthorized"),
+        ("API key not found", "unauthorized"),
+        ("apikey missing", "unauthorized"),
+        ("Unauthorized", "unauthorized"),
+        ("unauthorised request", "unauthorized"),
+        ("Forbidden", "unauthorized"),
+        ("invalid key", "unauthorized"),
+    ],
+)
+def test_success_false_with_permanent_message_is_rejected(message: str, reason: str) -> None:
+    with pytest.raises(Check365Rejected) as caught:
+        classify(answer(success=False, message=message))
+    assert caught.value.reason == reason
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("message", ["Internal error, try again", "", None, 17, "Rate limit exceeded"])
+def test_success_false_with_other_message_is_unavailable(message: Any) -> None:
+    with pytest.raises(Check365Unavailable, match="success=false"):
+        classify(answer(job(), success=False, message=message))
+
+
+# --- HTTP status codes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status_code", "reason"),
+    [
+        (401, "unauthorized"),
+        (403, "unauthorized"),
+        (404, "job_not_found"),
+        (400, "bad_request"),
+        (422, "bad_request"),
+        (405, "bad_request"),
+        (409, "bad_request"),
+        (418, "bad_request"),
+        (499, "bad_request"),
+    ],
+)
+def test_client_errors_are_rejected(status_code: int, reason: str) -> None:
+    with pytest.raises(Check365Rejected) as caught:
+        fetch(respond(answer(job()), status_code))
+    assert caught.value.reason == reason
+    assert str(status_code) in str(caught.value)
+
+
+def test_client_error_quotes_check365_message() -> None:
+    body = answer(success=False, message="Invalid API key")
+    with pytest.raises(Check365Rejected, match="HTTP 401: Invalid API key"):
+        classify(body, status_code=401)
+
+
+@pytest.mark.parametrize("status_code", [408, 425, 500, 502, 503, 504, 599])
+def test_server_errors_are_unavailable(status_code: int) -> None:
+    with pytest.raises(Check365Unavailable, match=str(status_code)) as caught:
+        fetch(respond(b"oops", status_code))
+    assert caught.value.retry_after is None
+
+
+@pytest.mark.parametrize("status_code", [300, 301, 302, 303, 304, 307, 308])
+def test_redirects_are_unavailable(status_code: int) -> None:
+    with pytest.raises(Check365Unavailable, match="unexpected redirect"):
+        classify(answer(job()), status_code=status_code, headers={"location": "https://x.test/"})
+
+
+@pytest.mark.parametrize("status_code", [0, 100, 199, 600, 999])
+def test_nonsense_status_codes_are_unavailable(status_code: int) -> None:
+    with pytest.raises(Check365Unavailable, match="unexpected status"):
+        classify(answer(job()), status_code=status_code)
+
+
+def test_429_is_throttled_with_retry_after_seconds() -> None:
+    with pytest.raises(Check365Throttled) as caught:
+        fetch(respond(b"slow down", 429, {"Retry-After": "120"}))
+    assert caught.value.retry_after == 120.0
+
+
+def test_429_without_retry_after() -> None:
+    with pytest.raises(Check365Throttled) as caught:
+        classify(b"", status_code=429)
+    assert caught.value.retry_after is None
+
+
+def test_503_with_retry_after_http_date() -> None:
+    # A far-future date is clamped, which keeps the test free of clock arithmetic.
+    when = format_datetime(datetime(2999, 1, 1, tzinfo=UTC), usegmt=True)
+    with pytest.raises(Check365Unavailable) as caught:
+        fetch(respond(b"", 503, {"Retry-After": when}))
+    assert caught.value.retry_after == 3600.0
+
+
+def test_retry_after_header_name_is_case_insensitive() -> None:
+    with pytest.raises(Check365Throttled) as caught:
+        classify(b"", status_code=429, headers={"RETRY-AFTER": "7"})
+    assert caught.value.retry_after == 7.0
+
+
+def test_retry_after_is_ignored_on_rejections() -> None:
+    with pytest.raises(Check365Rejected) as caught:
+        classify(b"", status_code=401, headers={"Retry-After": "7"})
+    assert not isinstance(caught.value, RetryableError)
+
+
+# --- parse_retry_after ----------------------------------------------------------------------
+
+NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("120", 120.0),
+        (" 120 ", 120.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        ("3600", 3600.0),
+        ("99999999", 3600.0),
+        ("9" * 90, 3600.0),
+        ("Thu, 26 Nov 2026 12:00:30 GMT", 30.0),
+        ("Thu, 26 Nov 2026 12:00:30 -0000", 30.0),
+        ("Thu, 26 Nov 2026 13:00:30 +0100", 30.0),
+        ("Thu, 26 Nov 2026 11:00:00 GMT", 0.0),
+        ("Fri, 27 Nov 2026 12:00:00 GMT", 3600.0),
+        (None, None),
+        ("", None),
+        ("   ", None),
+        ("soon", None),
+        ("-5", None),
+        ("1e3", None),
+        ("inf", None),
+        ("nan", None),
+        ("12 seconds", None),
+        ("Thu, 99 Nov 2026 12:00:30 GMT", None),
+        ("9" * 500, None),
+        ("\u0663\u0660", None),
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value, NOW) == expected
+
+
+# --- transport failures -----------------------------------------------------------------------
+
+
+def _raising(exc_type: type[httpx.RequestError]) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        # httpx puts the URL, key included, into its own messages: mimic that.
+        raise exc_type(f"failed: {request.url}", request=request)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "exc_type",
+    [
+        httpx.ConnectError,
+        httpx.ConnectTimeout,
+        httpx.ReadTimeout,
+        httpx.WriteTimeout,
+        httpx.PoolTimeout,
+        httpx.ReadError,
+        httpx.RemoteProtocolError,
+        httpx.ProxyError,
+        httpx.DecodingError,
+    ],
+)
+def test_transport_failures_are_unavailable(exc_type: type[httpx.RequestError]) -> None:
+    with pytest.raises(Check365Unavailable) as caught:
+        fetch(_raising(exc_type))
+    assert exc_type.__name__ in str(caught.value)
+    assert caught.value.retry_after is None
+
+
+# --- secrecy ----------------------------------------------------------------------------------
+
+
+def _error_paths() -> list[Any]:
+    echo = f"bad key {API_KEY} for https://api.test/?api_key={API_KEY}"
+    return [
+        pytest.param(_raising(httpx.ReadTimeout), id="timeout"),
+        pytest.param(_raising(httpx.ConnectError), id="connection-refused"),
+        pytest.param(_raising(httpx.RemoteProtocolError), id="dropped"),
+        pytest.param(respond(answer(success=False, message=echo), 500), id="500"),
+        pytest.param(respond(answer(success=False, message=echo), 401), id="401"),
+        pytest.param(respond(answer(success=False, message=echo), 404), id="404"),
+        pytest.param(respond(answer(success=False, message=echo), 429), id="429"),
+        pytest.param(respond(answer(success=False, message=echo)), id="success-false-key"),
+        pytest.param(respond(answer(success=False, message="oops " + echo)), id="success-false"),
+        pytest.param(respond(orjson.dumps({"success": True, "echo": echo})[:-3]), id="malformed"),
+        pytest.param(respond(answer(message=echo)), id="data-missing"),
+        pytest.param(respond(b"", 302, {"location": f"https://x.test/?api_key={API_KEY}"}), id="302"),
+    ]
+
+
+@pytest.mark.parametrize("handler", _error_paths())
+def test_errors_never_reveal_the_api_key(handler: Handler) -> None:
+    with pytest.raises((Check365Unavailable, Check365Rejected, Check365Throttled)) as caught:
+        fetch(handler)
+    exc = caught.value
+    rendered = [str(exc), repr(exc), "".join(traceback.format_exception(exc))]
+    assert all(API_KEY not in text for text in rendered)
+    assert all("/api/validation/bulk-status" not in text for text in rendered)
+    assert exc.__cause__ is None
+    assert exc.__context__ is None or exc.__suppress_context__
+
+
+def test_error_messages_bound_the_quoted_check365_message() -> None:
+    with pytest.raises(Check365Unavailable) as caught:
+        fetch(respond(answer(success=False, message="x" * 100_000)))
+    assert "x" * 200 in str(caught.value)
+    assert "x" * 201 not in str(caught.value)
+
+
+def test_key_is_redacted_before_truncation() -> None:
+    # Truncating first would keep the key's first characters at the cut.
+    message = "x" * 190 + API_KEY
+    with pytest.raises(Check365Unavailable) as caught:
+        fetch(respond(answer(success=False, message=message)))
+    assert API_KEY[:8] not in str(caught.value)
+
+
+def test_failed_message_redacts_the_api_key() -> None:
+    outcome = fetch(respond(answer(job(status="failed"), message=f"key {API_KEY} is over quota")))
+    assert outcome == Failed(status="failed", message="key [redacted] is over quota")
+
+
+def test_classify_response_redacts_what_it_is_told() -> None:
+    body = answer(success=False, message="token s3cr3t refused")
+    with pytest.raises(Check365Unavailable) as caught:
+        classify_response(200, {}, body, JOB_ID, redact=["s3cr3t", ""])
+    assert "s3cr3t" not in str(caught.value)

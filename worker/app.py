@@ -1,0 +1,32 @@
+"""The Celery app. ``celery -A worker worker|beat`` loads it through ``worker.app``.
+
+A bad setting stops the process here with one line naming the variable, before
+Celery prints anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from celery import Celery
+
+from config.celery import celery_config
+from config.settings import Settings, load_settings
+from worker.errors import SettingsError
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings(role="worker")
+    except SettingsError as exc:
+        print(f"check365-worker: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(2) from None
+
+
+settings = _settings()
+app = Celery("check365")
+app.config_from_object(celery_config(settings))
+app.conf.update(include=["worker.tasks"])
+
+import worker.signals  # noqa: E402,F401 - connects logging and context signals
+import worker.tasks  # noqa: E402,F401 - registers the tasks

@@ -1,0 +1,193 @@
+"""Delivering one webhook event: an attempt, its classification, the retry schedule.
+
+``deliver_once`` is a plain function of a context; the task module turns its result
+into a countdown (short delays) or leaves the event to the sweep (delays too long
+to wait for inside the broker's visibility timeout).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+import structlog
+
+from config.settings import Settings
+from worker.check365 import USER_AGENT, parse_retry_after
+from worker.context import Context
+from worker.errors import DeliveryFailed, UnsafeCallbackURL
+from worker.signing import webhook_headers
+from worker.urls import Resolver, pin_callback
+
+log = structlog.get_logger("check365.delivery")
+
+# Beyond this a server-given Retry-After is not trusted further.
+MAX_RETRY_AFTER_S = 3600.0
+# Positive jitter only: a retry never comes before the configured delay.
+JITTER = 0.1
+
+
+@dataclass(frozen=True)
+class Attempt:
+    ok: bool
+    status_code: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    gone: bool = False
+    unsafe: bool = False
+    duration_s: float = 0.0
+
+    def describe(self) -> str:
+        if self.error:
+            return self.error
+        return f"HTTP {self.status_code}"
+
+
+@dataclass(frozen=True)
+class Delivered:
+    webhook_id: str
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    webhook_id: str
+    token: str
+    delay: float
+    countdown: bool
+
+
+@dataclass(frozen=True)
+class DeadLettered:
+    webhook_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    webhook_id: str
+    reason: str
+
+
+DeliveryResult = Delivered | RetryLater | DeadLettered | Skipped
+
+
+def send_attempt(
+    client: httpx.Client,
+    settings: Settings,
+    *,
+    url: str,
+    webhook_id: str,
+    body: bytes,
+    now: float,
+    resolver: Resolver,
+) -> Attempt:
+    """POST one signed attempt to the address that was checked, and classify the answer."""
+    started = time.monotonic()
+    try:
+        target = pin_callback(
+            url,
+            allow_http=settings.webhook_allow_http,
+            allow_private=settings.webhook_allow_private_networks,
+            resolver=resolver,
+        )
+    except UnsafeCallbackURL as exc:
+        return Attempt(ok=False, error=str(exc), unsafe=True)
+    except DeliveryFailed as exc:
+        return Attempt(ok=False, error=str(exc), duration_s=time.monotonic() - started)
+
+    headers = webhook_headers(settings.webhook_secrets, webhook_id, int(now), body, USER_AGENT)
+    headers["Host"] = target.host_header
+    extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
+    try:
+        response = client.post(target.url, content=body, headers=headers, extensions=extensions)
+    except httpx.TimeoutException:
+        return Attempt(ok=False, error="timeout", duration_s=time.monotonic() - started)
+    except httpx.HTTPError as exc:
+        return Attempt(ok=False, error=f"connection error ({type(exc).__name__})",
+                       duration_s=time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    code = response.status_code
+    if 200 <= code < 300:
+        return Attempt(ok=True, status_code=code, duration_s=elapsed)
+    if code == 410:
+        return Attempt(ok=False, status_code=code, gone=True, duration_s=elapsed)
+    retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
+    error = f"HTTP {code} (redirect not followed)" if 300 <= code < 400 else None
+    return Attempt(ok=False, status_code=code, error=error, retry_after=retry_after, duration_s=elapsed)
+
+
+def countdown_limit(settings: Settings) -> float:
+    """The longest delay that may wait as a countdown message in the broker."""
+    return min(settings.poll_max_delay_s, settings.broker_visibility_timeout_s / 2)
+
+
+def retry_delay(tries: int, settings: Settings, retry_after: float | None, jitter: float) -> float | None:
+    """Delay before the next attempt after ``tries`` failed ones, or None when exhausted.
+
+    ``jitter`` is a number in [0, 1) drawn by the caller.
+    """
+    delays = settings.webhook_retry_delays_s
+    if tries > len(delays):
+        return None
+    delay = delays[tries - 1] * (1 + JITTER * jitter)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
+    return delay
+
+
+def _iso(now: float) -> str:
+    return datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
+    settings = ctx.settings
+    now = ctx.clock()
+    lease = 2 * settings.webhook_timeout_s + 10
+    claimed = ctx.outbox.claim(webhook_id, token, now + lease)
+    if claimed is None:
+        return Skipped(webhook_id, "stale_token")
+    event, body, holder = claimed
+    bound = log.bind(webhook_id=webhook_id, job_id=event.job_id, event_type=event.type,
+                     part=f"{event.part_index}/{event.part_count}")
+
+    attempt = send_attempt(
+        ctx.webhooks, settings, url=event.callback_url, webhook_id=webhook_id, body=body, now=now,
+        resolver=ctx.resolver,
+    )
+    tries = event.tries + 1
+    ctx.outbox.record_attempt(webhook_id, {
+        "attempt": len(event.attempts) + 1,
+        "at": _iso(now),
+        "ok": attempt.ok,
+        "status_code": attempt.status_code,
+        "error": attempt.error,
+        "duration_ms": round(attempt.duration_s * 1000, 1),
+        "replay": event.replays,
+    })
+    done = ctx.clock()
+    if attempt.ok:
+        ctx.outbox.mark_delivered(webhook_id, holder, done, tries)
+        bound.info("webhook_delivered", status_code=attempt.status_code, attempt=tries,
+                   latency_ms=round(attempt.duration_s * 1000, 1))
+        return Delivered(webhook_id)
+    if attempt.gone or attempt.unsafe:
+        reason = "gone" if attempt.gone else attempt.describe()
+        ctx.outbox.dead_letter(webhook_id, holder, done, tries, reason)
+        bound.warning("webhook_dead_lettered", reason=reason, attempt=tries)
+        return DeadLettered(webhook_id, reason)
+
+    delay = retry_delay(tries, settings, attempt.retry_after, ctx.rng.random())
+    if delay is None:
+        reason = f"retries exhausted: {attempt.describe()}"
+        ctx.outbox.dead_letter(webhook_id, holder, done, tries, reason)
+        bound.warning("webhook_dead_lettered", reason=reason, attempt=tries)
+        return DeadLettered(webhook_id, reason)
+    countdown = delay <= countdown_limit(settings)
+    if not ctx.outbox.retry_later(webhook_id, holder, done + delay, armed=countdown, tries=tries,
+                                  last_error=attempt.describe()):
+        return Skipped(webhook_id, "lost_claim")
+    bound.warning("webhook_failed", error=attempt.describe(), attempt=tries, retry_in_s=round(delay, 3),
+                  retry_after_s=attempt.retry_after)
+    return RetryLater(webhook_id, holder, delay, countdown)

@@ -1,0 +1,92 @@
+"""The one exception hierarchy of check365-worker.
+
+    Check365WorkerError
+    ├── SettingsError            a setting is missing or breaks its rule (start-up stops)
+    ├── InvalidWatchRequest      enqueue kwargs break the contract (nothing is enqueued)
+    ├── RetryableError           try again later; ``retry_after`` is a server-given delay
+    │   ├── Check365Unavailable  5xx, timeout, connection error, garbage, success:false
+    │   ├── Check365Throttled    429 from Check365, or the pool-wide rate limit
+    │   └── DeliveryFailed       the receiver did not answer 2xx
+    └── PermanentError           trying again cannot help
+        ├── Check365Rejected     job not found, key refused, request refused (``reason``)
+        ├── UnsafeCallbackURL    the callback URL breaks the SSRF or scheme rules
+        ├── DeliveryGone         the receiver answered 410 Gone
+        └── InvalidSignature     a webhook fails Standard Webhooks verification
+
+Messages never contain the API key, a webhook secret or a full Check365 URL:
+callers may log ``str(exc)`` freely.
+"""
+
+from __future__ import annotations
+
+
+class Check365WorkerError(Exception):
+    """Base class of every error raised on purpose by check365-worker."""
+
+
+class SettingsError(Check365WorkerError):
+    def __init__(self, variable: str, rule: str) -> None:
+        self.variable = variable
+        self.rule = rule
+        super().__init__(f"{variable} {rule}")
+
+
+class InvalidWatchRequest(Check365WorkerError, ValueError):
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {rule}")
+
+
+class RetryableError(Check365WorkerError):
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class Check365Unavailable(RetryableError):
+    pass
+
+
+class Check365Throttled(RetryableError):
+    pass
+
+
+class DeliveryFailed(RetryableError):
+    def __init__(
+        self, message: str, *, status_code: int | None = None, retry_after: float | None = None
+    ) -> None:
+        self.status_code = status_code
+        super().__init__(message, retry_after=retry_after)
+
+
+class PermanentError(Check365WorkerError):
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class Check365Rejected(PermanentError):
+    """reason is one of ``job_not_found``, ``unauthorized``, ``bad_request``."""
+
+
+class UnsafeCallbackURL(PermanentError, InvalidWatchRequest):
+    """Both permanent (at delivery) and an invalid request (at enqueue)."""
+
+    def __init__(self, rule: str) -> None:
+        self.reason = "unsafe_callback_url"
+        self.field = "callback_url"
+        self.rule = rule
+        Exception.__init__(self, f"callback_url: {rule}")
+
+
+class DeliveryGone(PermanentError):
+    def __init__(self) -> None:
+        super().__init__("gone", "the receiver answered 410 Gone")
+
+
+class InvalidSignature(PermanentError):
+    """Raised by ``worker.signing.verify``; the message says which check failed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_signature", message)

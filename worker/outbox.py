@@ -1,0 +1,168 @@
+"""Webhook events in Redis: pending deliveries, their attempts, and dead letters.
+
+An event is a durable item (see ``worker.store``) whose body is kept in its own
+key, as the exact bytes that are signed and sent. Dead letters stay until they
+are replayed: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from worker.events import Event
+from worker.store import ACTIVE, PREFIX, DurableSet, fmt, new_token, text
+
+KIND = "event"
+DEAD_KEY = f"{PREFIX}dead"
+DELIVERED = "delivered"
+DEAD = "dead"
+
+# KEYS: event hash, due:events, dead zset; ARGV: new token, now, id
+_REPLAY = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'dead' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'active', 'token', ARGV[1], 'due', ARGV[2], 'armed', '1', 'tries', '0')
+redis.call('HINCRBY', KEYS[1], 'replays', 1)
+redis.call('PERSIST', KEYS[1])
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    webhook_id: str
+    watch_id: str
+    job_id: str
+    type: str
+    callback_url: str
+    state: str
+    tries: int
+    due: float
+    part_index: int
+    part_count: int
+    created_at: float
+    replays: int = 0
+    last_error: str | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str], attempts: list[dict[str, Any]]) -> StoredEvent:
+        return cls(
+            webhook_id=h["webhook_id"],
+            watch_id=h.get("watch_id", ""),
+            job_id=h.get("job_id", ""),
+            type=h.get("type", ""),
+            callback_url=h.get("callback_url", ""),
+            state=h.get("state", ""),
+            tries=int(h.get("tries") or 0),
+            due=float(h.get("due") or 0),
+            part_index=int(h.get("part_index") or 1),
+            part_count=int(h.get("part_count") or 1),
+            created_at=float(h.get("created_at") or 0),
+            replays=int(h.get("replays") or 0),
+            last_error=h.get("last_error") or None,
+            attempts=attempts,
+        )
+
+
+class Outbox:
+    def __init__(self, client: redis.Redis, *, state_ttl_s: float) -> None:
+        self.redis = client
+        self.items = DurableSet(client, KIND)
+        self.state_ttl_s = state_ttl_s
+        self._replay = client.register_script(_REPLAY)
+
+    def body_key(self, webhook_id: str) -> str:
+        return f"{PREFIX}event_body:{webhook_id}"
+
+    def attempts_key(self, webhook_id: str) -> str:
+        return f"{PREFIX}event_attempts:{webhook_id}"
+
+    def fields_for(self, event: Event, *, watch_id: str = "", job_id: str = "", callback_url: str = "",
+                   now: float = 0.0) -> dict[str, str]:
+        """The hash fields an event starts with (the finish script adds state and token)."""
+        return {
+            "webhook_id": event.webhook_id,
+            "type": event.type,
+            "part_index": str(event.part_index),
+            "part_count": str(event.part_count),
+            "tries": "0",
+            "watch_id": watch_id,
+            "job_id": job_id,
+            "callback_url": callback_url,
+            "created_at": fmt(now),
+        }
+
+    def get(self, webhook_id: str) -> StoredEvent | None:
+        h = self.items.load(webhook_id)
+        if not h or "webhook_id" not in h:
+            return None
+        return StoredEvent.from_hash(h, self.attempts(webhook_id))
+
+    def body(self, webhook_id: str) -> bytes | None:
+        raw = self.redis.get(self.body_key(webhook_id))
+        return bytes(raw) if raw is not None else None
+
+    def attempts(self, webhook_id: str) -> list[dict[str, Any]]:
+        out = []
+        for raw in self.redis.lrange(self.attempts_key(webhook_id), 0, -1):
+            try:
+                item = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(item, dict):
+                out.append(item)
+        return out
+
+    def claim(self, webhook_id: str, token: str, lease_until: float) -> tuple[StoredEvent, bytes, str] | None:
+        holder = self.items.claim(webhook_id, token, lease_until)
+        if holder is None:
+            return None
+        event = self.get(webhook_id)
+        body = self.body(webhook_id)
+        if event is None or body is None:
+            return None
+        return event, body, holder
+
+    def record_attempt(self, webhook_id: str, attempt: dict[str, Any]) -> None:
+        self.redis.rpush(self.attempts_key(webhook_id), json.dumps(attempt, separators=(",", ":")))
+
+    def retry_later(self, webhook_id: str, holder: str, due: float, *, armed: bool, tries: int,
+                    last_error: str) -> bool:
+        return self.items.schedule(
+            webhook_id, holder, due, armed=armed, fields={"tries": str(tries), "last_error": last_error}
+        )
+
+    def mark_delivered(self, webhook_id: str, holder: str, now: float, tries: int) -> bool:
+        ok = self.items.close(
+            webhook_id, holder, DELIVERED, ttl_s=self.state_ttl_s,
+            fields={"delivered_at": fmt(now), "tries": str(tries), "last_error": ""},
+        )
+        if ok:
+            for key in (self.body_key(webhook_id), self.attempts_key(webhook_id)):
+                self.redis.expire(key, int(self.state_ttl_s))
+        return ok
+
+    def dead_letter(self, webhook_id: str, holder: str, now: float, tries: int, reason: str) -> bool:
+        return self.items.close(
+            webhook_id, holder, DEAD, into=(DEAD_KEY, now),
+            fields={"dead_at": fmt(now), "tries": str(tries), "last_error": reason},
+        )
+
+    def dead_letters(self, limit: int = 1000) -> list[str]:
+        return [str(text(m)) for m in self.redis.zrange(DEAD_KEY, 0, limit - 1)]
+
+    def replay(self, webhook_id: str, now: float) -> str | None:
+        """Move a dead letter back to delivery; return the token its message must carry."""
+        token = new_token()
+        ok = self._replay(keys=[self.items.key(webhook_id), self.items.due_key, DEAD_KEY],
+                          args=[token, fmt(now), webhook_id])
+        return token if ok else None
+
+    def is_active(self, webhook_id: str) -> bool:
+        return text(self.redis.hget(self.items.key(webhook_id), "state")) == ACTIVE

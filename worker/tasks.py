@@ -1,0 +1,113 @@
+"""Thin Celery tasks: validate the message, call a plain function, translate its result.
+
+Every message is validated here, at the boundary: a message that breaks the contract
+(from a foreign producer) is logged with its reason and dropped, never retried and
+never allowed to crash the worker.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import structlog
+
+from config.celery import DELIVER_TASK, SWEEP_TASK, WATCH_TASK
+from worker.app import app, settings
+from worker.context import process_context
+from worker.delivery import DeadLettered, Delivered, RetryLater, deliver_once
+from worker.enqueue import WatchRequest, validate_watch_request
+from worker.errors import InvalidWatchRequest
+from worker.polling import Dropped, Finished, Reschedule, poll_once, start_watch
+from worker.sweep import sweep
+
+log = structlog.get_logger("check365.tasks")
+
+_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def _reject(event: str, reason: str, **fields: Any) -> None:
+    log.warning(event, reason=reason[:300], **fields)
+
+
+def _send_poll(request: WatchRequest, watch_id: str, token: str, delay: float) -> None:
+    kwargs = {**request.kwargs(), "watch_id": watch_id, "token": token}
+    watch_bulk_job.apply_async(kwargs=kwargs, countdown=delay, queue=settings.queue)
+
+
+def send_delivery(webhook_id: str, token: str, delay: float = 0.0) -> None:
+    deliver_webhook.apply_async(
+        kwargs={"webhook_id": webhook_id, "token": token}, countdown=delay or None, queue=settings.queue
+    )
+
+
+@app.task(name=WATCH_TASK, bind=True, max_retries=None, ignore_result=True)
+def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
+    """Start a watch, or run its next poll. Returns a short word for tests and Flower."""
+    if args:
+        _reject("watch_rejected", "positional arguments are not accepted; send kwargs")
+        return "rejected"
+    try:
+        request = validate_watch_request(
+            kwargs,
+            allow_http=settings.webhook_allow_http,
+            allow_private=settings.webhook_allow_private_networks,
+            allow_internal=True,
+        )
+    except InvalidWatchRequest as exc:
+        _reject("watch_rejected", str(exc))
+        return "rejected"
+    watch_id, token = kwargs.get("watch_id"), kwargs.get("token")
+    ctx = process_context(settings)
+    if watch_id is None and token is None:
+        result = start_watch(ctx, request)
+    elif isinstance(watch_id, str) and isinstance(token, str) and _ID.fullmatch(watch_id) and _ID.fullmatch(token):
+        structlog.contextvars.bind_contextvars(watch_id=watch_id)
+        result = poll_once(ctx, watch_id, token)
+    else:
+        _reject("watch_rejected", "watch_id and token must both be short identifiers")
+        return "rejected"
+
+    if isinstance(result, Reschedule):
+        _send_poll(request, result.watch_id, result.token, result.delay)
+        return "scheduled"
+    if isinstance(result, Finished):
+        for webhook_id, event_token in result.deliveries:
+            send_delivery(webhook_id, event_token)
+        return result.outcome
+    assert isinstance(result, Dropped)  # noqa: S101 - exhaustive over StepResult
+    log.debug("watch_message_dropped", reason=result.reason, watch_id=result.watch_id)
+    return result.reason
+
+
+@app.task(name=DELIVER_TASK, bind=True, max_retries=None, ignore_result=True)
+def deliver_webhook(self: Any, *args: Any, **kwargs: Any) -> str:
+    webhook_id, token = kwargs.get("webhook_id"), kwargs.get("token")
+    if args or set(kwargs) != {"webhook_id", "token"} or not all(
+        isinstance(v, str) and _ID.fullmatch(v) for v in (webhook_id, token)
+    ):
+        _reject("delivery_rejected", "expects exactly the kwargs webhook_id and token, as short identifiers")
+        return "rejected"
+    assert isinstance(webhook_id, str) and isinstance(token, str)  # noqa: S101 - checked just above
+    structlog.contextvars.bind_contextvars(webhook_id=webhook_id)
+    result = deliver_once(process_context(settings), webhook_id, token)
+    if isinstance(result, RetryLater):
+        if result.countdown:
+            send_delivery(webhook_id, result.token, result.delay)
+        return "retry"
+    if isinstance(result, Delivered):
+        return "delivered"
+    if isinstance(result, DeadLettered):
+        return "dead"
+    return result.reason
+
+
+@app.task(name=SWEEP_TASK, ignore_result=True)
+def sweep_task() -> str:
+    watches, events = sweep(process_context(settings))
+    for item in watches:
+        request = WatchRequest(item.watch.job_id, item.watch.callback_url, item.watch.metadata)
+        _send_poll(request, item.watch.watch_id, item.token, 0.0)
+    for event in events:
+        send_delivery(event.webhook_id, event.token)
+    return f"rearmed {len(watches)} watches, {len(events)} events"

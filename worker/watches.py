@@ -1,0 +1,248 @@
+"""Watch state in Redis: create and deduplicate, claim, advance, finish, re-arm.
+
+A watch lives as the hash ``check365:watch:{watch_id}``; ``check365:active:{digest}``
+maps the (job_id, callback_url) pair to its active watch, so enqueueing the same pair
+again while it is active starts nothing new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from worker.events import Event
+from worker.outbox import Outbox
+from worker.schedule import Observation, observations_from_json
+from worker.store import ACTIVE, PREFIX, DurableSet, fmt, new_token, text
+
+KIND = "watch"
+
+# KEYS: active key, watch hash, due zset, job index
+# ARGV: watch_id, due, ttl, then field/value pairs
+_CREATE = """
+local existing = redis.call('GET', KEYS[1])
+if existing then
+  if redis.call('HGET', ARGV[4] .. existing, 'state') == 'active' then return existing end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+return ''
+"""
+
+# Finishing a watch and creating its events is one atomic step, so an outcome can
+# never exist without the events that announce it.
+# KEYS: watch hash, due:watches, active key, due:events
+# ARGV: holder, now, outcome, ttl, prefix, watch_id, n, polls, then per event: id, token, body, fields-json
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+local prefix = ARGV[5]
+local ids = {}
+local n = tonumber(ARGV[7])
+for i = 0, n - 1 do
+  local base = 9 + i * 4
+  local id = ARGV[base]
+  local ekey = prefix .. 'event:' .. id
+  if redis.call('EXISTS', ekey) == 0 then
+    local f = cjson.decode(ARGV[base + 3])
+    for k, v in pairs(f) do redis.call('HSET', ekey, k, v) end
+    redis.call('HSET', ekey, 'token', ARGV[base + 1], 'state', 'active', 'due', ARGV[2], 'armed', '1')
+    redis.call('SET', prefix .. 'event_body:' .. id, ARGV[base + 2])
+    redis.call('ZADD', KEYS[4], ARGV[2], id)
+  end
+  table.insert(ids, id)
+end
+redis.call('HSET', KEYS[1], 'state', 'finished', 'token', '', 'outcome', ARGV[3],
+           'finished_at', ARGV[2], 'events', cjson.encode(ids), 'polls', ARGV[8])
+redis.call('ZREM', KEYS[2], ARGV[6])
+if redis.call('GET', KEYS[3]) == ARGV[6] then redis.call('DEL', KEYS[3]) end
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])))
+return 1
+"""
+
+
+def active_key(job_id: str, callback_url: str) -> str:
+    digest = hashlib.sha256(f"{job_id}\x00{callback_url}".encode()).hexdigest()[:32]
+    return f"{PREFIX}active:{digest}"
+
+
+def job_index_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def _float(value: str | None, default: float = 0.0) -> float:
+    try:
+        out = float(value) if value not in (None, "") else default  # type: ignore[arg-type]
+    except ValueError:
+        return default
+    return out if math.isfinite(out) else default
+
+
+@dataclass(frozen=True)
+class Watch:
+    watch_id: str
+    job_id: str
+    callback_url: str
+    metadata: dict[str, Any] | None
+    started_at: float
+    deadline: float
+    state: str
+    polls: int = 0
+    failures: int = 0
+    last_status: str | None = None
+    last_progress: float | None = None
+    due: float = 0.0
+    outcome: str | None = None
+    finished_at: float | None = None
+    history: list[Observation] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Watch:
+        metadata = json.loads(h["metadata"]) if h.get("metadata") else None
+        progress = h.get("last_progress")
+        return cls(
+            watch_id=h["watch_id"],
+            job_id=h["job_id"],
+            callback_url=h["callback_url"],
+            metadata=metadata if isinstance(metadata, dict) else None,
+            started_at=_float(h.get("started_at")),
+            deadline=_float(h.get("deadline")),
+            state=h.get("state", ""),
+            polls=int(_float(h.get("polls"))),
+            failures=int(_float(h.get("failures"))),
+            last_status=h.get("last_status") or None,
+            last_progress=_float(progress) if progress else None,
+            due=_float(h.get("due")),
+            outcome=h.get("outcome") or None,
+            finished_at=_float(h.get("finished_at")) if h.get("finished_at") else None,
+            history=observations_from_json(json.loads(h.get("history") or "[]")),
+            events=list(json.loads(h.get("events") or "[]")),
+        )
+
+
+class WatchStore:
+    def __init__(self, client: redis.Redis, *, state_ttl_s: float) -> None:
+        self.redis = client
+        self.items = DurableSet(client, KIND)
+        self.state_ttl_s = state_ttl_s
+        self._create = client.register_script(_CREATE)
+        self._finish = client.register_script(_FINISH)
+
+    def create(
+        self,
+        *,
+        watch_id: str,
+        job_id: str,
+        callback_url: str,
+        metadata: dict[str, Any] | None,
+        now: float,
+        first_poll_at: float,
+        deadline: float,
+    ) -> tuple[str, str | None]:
+        """Create a watch unless one is active for the pair.
+
+        Returns (watch_id, token): the token of the first poll's message for a new
+        watch, or the existing watch's id and None for a duplicate.
+        """
+        token = new_token()
+        fields = {
+            "watch_id": watch_id,
+            "job_id": job_id,
+            "callback_url": callback_url,
+            "metadata": json.dumps(metadata, separators=(",", ":")) if metadata is not None else "",
+            "started_at": fmt(now),
+            "deadline": fmt(deadline),
+            "state": ACTIVE,
+            "token": token,
+            "due": fmt(first_poll_at),
+            "armed": "1",
+            "polls": "0",
+            "failures": "0",
+        }
+        flat: list[str] = []
+        for k, v in fields.items():
+            flat += [k, v]
+        existing = self._create(
+            keys=[
+                active_key(job_id, callback_url),
+                self.items.key(watch_id),
+                self.items.due_key,
+                job_index_key(job_id),
+            ],
+            args=[watch_id, fmt(first_poll_at), str(int(self.state_ttl_s + (deadline - now))), f"{PREFIX}watch:", *flat],
+        )
+        existing_id = text(existing)
+        if existing_id:
+            return existing_id, None
+        return watch_id, token
+
+    def get(self, watch_id: str) -> Watch | None:
+        h = self.items.load(watch_id)
+        return Watch.from_hash(h) if h and "watch_id" in h else None
+
+    def claim(self, watch_id: str, token: str, lease_until: float) -> tuple[Watch, str] | None:
+        holder = self.items.claim(watch_id, token, lease_until)
+        if holder is None:
+            return None
+        watch = self.get(watch_id)
+        return (watch, holder) if watch else None
+
+    def advance(self, watch_id: str, holder: str, due: float, fields: dict[str, str]) -> bool:
+        return self.items.schedule(watch_id, holder, due, armed=True, fields=fields)
+
+    def finish(
+        self, watch: Watch, holder: str, outcome: str, events: list[Event], *, outbox: Outbox, now: float
+    ) -> list[tuple[str, str]] | None:
+        """Record the outcome and create its events; return (webhook_id, token) pairs to dispatch."""
+        args: list[str] = [
+            holder, fmt(now), outcome, fmt(self.state_ttl_s), PREFIX, watch.watch_id, str(len(events)),
+            str(watch.polls),
+        ]
+        tokens: list[tuple[str, str]] = []
+        for event in events:
+            token = new_token()
+            tokens.append((event.webhook_id, token))
+            args += [event.webhook_id, token, event.body.decode("utf-8"), json.dumps(outbox.fields_for(
+                event, watch_id=watch.watch_id, job_id=watch.job_id, callback_url=watch.callback_url, now=now
+            ))]
+        ok = self._finish(
+            keys=[
+                self.items.key(watch.watch_id),
+                self.items.due_key,
+                active_key(watch.job_id, watch.callback_url),
+                outbox.items.due_key,
+            ],
+            args=args,
+        )
+        return tokens if ok else None
+
+    def cancel(self, watch_id: str) -> bool:
+        """Stop a watch without an event: an operator's decision, not an outcome of the job."""
+        watch = self.get(watch_id)
+        if watch is None or watch.state != ACTIVE:
+            return False
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.items.key(watch_id), mapping={"state": "cancelled", "token": "", "outcome": "cancelled"})
+            pipe.zrem(self.items.due_key, watch_id)
+            pipe.expire(self.items.key(watch_id), int(self.state_ttl_s))
+            pipe.execute()
+        if text(self.redis.get(active_key(watch.job_id, watch.callback_url))) == watch_id:
+            self.redis.delete(active_key(watch.job_id, watch.callback_url))
+        return True
+
+    def for_job(self, job_id: str) -> list[Watch]:
+        ids = sorted(str(text(m)) for m in self.redis.smembers(job_index_key(job_id)))
+        watches = [w for w in (self.get(i) for i in ids) if w is not None]
+        return sorted(watches, key=lambda w: w.started_at)
+
+    def active_ids(self, limit: int = 1000) -> list[str]:
+        return [str(text(m)) for m in self.redis.zrange(self.items.due_key, 0, limit - 1)]
