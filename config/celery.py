@@ -8,8 +8,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from kombu import Queue
-
 from config.settings import Settings
 
 WATCH_TASK = "check365.watch_bulk_job"
@@ -39,7 +37,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": settings.queue,
-        "task_queues": [Queue(settings.queue)],
         "task_routes": {"check365.*": {"queue": settings.queue}},
         "task_create_missing_queues": True,
         # Hung connections must not pin a slot forever; the HTTP timeouts are far shorter.

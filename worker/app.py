@@ -19,7 +19,7 @@ def _settings() -> Settings:
     try:
         return load_settings(role="worker")
     except SettingsError as exc:
-        print(f"check365-worker: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"check365-worker: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -28,5 +28,5 @@ app = Celery("check365")
 app.config_from_object(celery_config(settings))
 app.conf.update(include=["worker.tasks"])
 
-import worker.signals  # noqa: E402,F401 - connects logging and context signals
+import worker.signals  # noqa: E402 - connects logging and context signals
 import worker.tasks  # noqa: E402,F401 - registers the tasks

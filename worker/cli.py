@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     if args.metadata is not None:
         try:
             metadata = json.loads(args.metadata)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise InvalidWatchRequest("metadata", f"is not valid JSON ({exc.msg})") from None
     task_id = enqueue_watch(args.job_id, args.callback_url, metadata, settings=_settings())
     if args.json:
@@ -229,9 +230,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 headers[name.strip()] = value.strip()
     with open(args.body, "rb") as fh:
         body = fh.read()
-    now = time.time() if args.check_time else float(headers.get("webhook-timestamp", time.time()) or 0)
+    lowered = {k.lower(): v for k, v in headers.items()}
+    try:
+        # Without --check-time a saved request is judged as of its own timestamp.
+        now = time.time() if args.check_time else float(lowered.get("webhook-timestamp") or time.time())
+    except ValueError:
+        now = time.time()
     try:
         verify(secrets, headers, body, now=now)
+    except ValueError as exc:  # a malformed secret
+        raise SettingsError("WEBHOOK_SECRET", f"is not usable: {exc}") from None
     except InvalidSignature as exc:
         print(f"invalid: {exc}")
         return 1
@@ -249,8 +257,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.fault_rate > 0:
         faults = FaultPlan(rate=args.fault_rate, kinds=tuple(args.fault_kinds.split(",")), seed=args.seed,
                            slow_s=args.slow_s, retry_after_s=args.retry_after_s)
-    print(f"Check365 simulator on http://{args.host}:{args.port} (api key from --api-key)", flush=True)
-    serve_forever(args.api_key, args.host, args.port, faults)
+    # The key may come from the environment so that it stays off the command line.
+    api_key = args.api_key or _settings().api_key or "demo-key"
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Containers stop with SIGTERM: shut down as cleanly as on Ctrl-C.
+    signal.signal(signal.SIGTERM, interrupt)
+    serve_forever(api_key, args.host, args.port, faults,
+                  on_ready=lambda url: print(f"Check365 simulator on {url}", flush=True))
     return 0
 
 
@@ -320,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="serve a local Check365 simulator")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8365)
-    p.add_argument("--api-key", default="demo-key")
+    p.add_argument("--api-key", help="the key it accepts (default: CHECK365_API_KEY, else demo-key)")
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--fault-kinds", default="5xx,429,slow,malformed,success_false,truncated,drop")
     p.add_argument("--seed", type=int, default=1)

@@ -8,6 +8,7 @@ process that uses them, and again after a fork.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 import random
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ class Context:
     watches: WatchStore
     outbox: Outbox
     check365: httpx.Client
-    webhooks: httpx.Client
+    webhooks: WebhookClients
     limiter: RateLimiter
     clock: Clock
     rng: random.Random
@@ -51,8 +52,44 @@ def make_webhook_client(settings: Settings, transport: httpx.BaseTransport | Non
         # A redirect is a failed attempt: following it would send signed results to
         # an address nobody checked.
         follow_redirects=False,
+        # A proxy from the environment would resolve the host itself and undo the
+        # address pinning that defeats DNS rebinding.
+        trust_env=False,
         transport=transport,
     )
+
+
+class WebhookClients:
+    """One webhook client per TLS server name.
+
+    Requests go to the checked IP address, and httpx pools connections by address:
+    a connection whose certificate was verified for one name must never carry a
+    request for another name served from the same address.
+    """
+
+    MAX_CLIENTS = 64
+
+    def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
+        self._settings = settings
+        self._transport = transport
+        self._clients: OrderedDict[str | None, httpx.Client] = OrderedDict()
+
+    def for_server_name(self, server_name: str | None) -> httpx.Client:
+        client = self._clients.get(server_name)
+        if client is None:
+            client = make_webhook_client(self._settings, self._transport)
+            self._clients[server_name] = client
+            if len(self._clients) > self.MAX_CLIENTS:
+                _, oldest = self._clients.popitem(last=False)
+                oldest.close()
+        else:
+            self._clients.move_to_end(server_name)
+        return client
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -81,7 +118,7 @@ def build_context(
         watches=WatchStore(client, state_ttl_s=settings.state_ttl_s),
         outbox=Outbox(client, state_ttl_s=settings.state_ttl_s),
         check365=make_client(settings, transport=check365_transport),
-        webhooks=make_webhook_client(settings, transport=webhook_transport),
+        webhooks=WebhookClients(settings, transport=webhook_transport),
         limiter=RateLimiter(client, settings.check365_max_rps),
         clock=clock,
         rng=rng or random.Random(),

@@ -16,7 +16,7 @@ import structlog
 
 from config.settings import Settings
 from worker.check365 import USER_AGENT, parse_retry_after
-from worker.context import Context
+from worker.context import Context, WebhookClients
 from worker.errors import DeliveryFailed, UnsafeCallbackURL
 from worker.signing import webhook_headers
 from worker.urls import Resolver, pin_callback
@@ -74,7 +74,7 @@ DeliveryResult = Delivered | RetryLater | DeadLettered | Skipped
 
 
 def send_attempt(
-    client: httpx.Client,
+    clients: WebhookClients,
     settings: Settings,
     *,
     url: str,
@@ -101,6 +101,7 @@ def send_attempt(
     headers["Host"] = target.host_header
     extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
     try:
+        client = clients.for_server_name(target.sni_hostname)
         response = client.post(target.url, content=body, headers=headers, extensions=extensions)
     except httpx.TimeoutException:
         return Attempt(ok=False, error="timeout", duration_s=time.monotonic() - started)

@@ -9,6 +9,7 @@ every verified webhook; and stops everything it started.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -50,7 +51,7 @@ def _secret() -> str:
 
 def _bar(progress: float | None, width: int = 20) -> str:
     value = 0.0 if progress is None else max(0.0, min(100.0, progress))
-    filled = int(round(value / 100 * width))
+    filled = round(value / 100 * width)
     return "#" * filled + "." * (width - filled)
 
 
@@ -68,10 +69,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(15)
     except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(5)
 
 

@@ -22,7 +22,8 @@ def _settings_check() -> tuple[Check, Settings | None]:
         settings = load_settings(role="worker")
     except SettingsError as exc:
         return Check("settings", False, str(exc)), None
-    return Check("settings", True, f"queue {settings.queue}, {len(settings.webhook_secrets)} webhook secret(s)"), settings
+    detail = f"queue {settings.queue}, {len(settings.webhook_secrets)} webhook secret(s)"
+    return Check("settings", True, detail), settings
 
 
 def _redis_check(settings: Settings) -> tuple[Check, Check]:
@@ -37,7 +38,7 @@ def _redis_check(settings: Settings) -> tuple[Check, Check]:
         skew = time.time() - (seconds + micros / 1e6)
         info = client.info("persistence")
         aof = "AOF on" if info.get("aof_enabled") else "AOF off (a restart loses queued work)"
-    except Exception as exc:  # noqa: BLE001 - any failure here is the finding
+    except Exception as exc:
         return Check("redis", False, f"unreachable: {type(exc).__name__}"), Check("clock", False, "no Redis")
     finally:
         client.close()

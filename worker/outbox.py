@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from worker.events import Event
-from worker.store import ACTIVE, PREFIX, DurableSet, fmt, new_token, text
+from worker.store import ACTIVE, PREFIX, DurableSet, fmt, members, new_token, text
 
 KIND = "event"
 DEAD_KEY = f"{PREFIX}dead"
@@ -106,7 +106,7 @@ class Outbox:
 
     def body(self, webhook_id: str) -> bytes | None:
         raw = self.redis.get(self.body_key(webhook_id))
-        return bytes(raw) if raw is not None else None
+        return raw if isinstance(raw, bytes) else None
 
     def attempts(self, webhook_id: str) -> list[dict[str, Any]]:
         out = []
@@ -155,7 +155,7 @@ class Outbox:
         )
 
     def dead_letters(self, limit: int = 1000) -> list[str]:
-        return [str(text(m)) for m in self.redis.zrange(DEAD_KEY, 0, limit - 1)]
+        return members(self.redis.zrange(DEAD_KEY, 0, limit - 1))
 
     def replay(self, webhook_id: str, now: float) -> str | None:
         """Move a dead letter back to delivery; return the token its message must carry."""

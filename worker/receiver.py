@@ -1,7 +1,7 @@
 """A local webhook receiver for the demo and the tests.
 
 It records every POST, checks its Standard Webhooks signature with the reference
-``standardwebhooks`` library (not with this project's own signing code, so that a
+``standardwebhooks`` package (not with this project's own signing code, so that a
 signing bug cannot hide itself), and answers what the test scripted: failures,
 redirects, 429 with Retry-After, 410 Gone.
 
@@ -201,8 +201,7 @@ class Receiver:
     def _control_script(self, payload: Mapping[str, Any]) -> None:
         path = str(payload["path"])
         responses = [
-            r if isinstance(r, int) else (r[0], r[1] if len(r) > 1 else {})
-            for r in payload.get("responses", [])
+            r if isinstance(r, int) else (r[0], r[1] if len(r) > 1 else {}) for r in payload.get("responses", [])
         ]
         self.script(path, responses)
         default = payload.get("default")

@@ -57,6 +57,8 @@ _FLOOR_S = 1.0
 # Without a rate, the next gap is this fraction of the time since progress last
 # moved: gaps then grow by 1.5x per poll, reaching max_delay quickly.
 _GROWTH = 0.5
+_GROWTH_UNSTARTED = 1.0
+_STALL_LAG = 0.1
 # Near a predicted completion, polls are this fraction of initial_delay apart:
 # the detection lag is then no worse than a fixed initial_delay interval.
 _SCAN_FRACTION = 0.8
@@ -68,12 +70,12 @@ _AIM_LATE_S = 0.25
 _MARGIN_Z = 1.65
 # Relative uncertainty of a rate measured from a single observation: with
 # nothing to compare it to, assume it may be this far off.
-_PRIOR_RATE_ERROR = 0.1
+_PRIOR_SCATTER_PP = 0.5
+_PRIOR_DOF = 1.0
 # Progress differences below this (percentage points) count as no change.
 _FLAT_EPS = 1e-6
-# A flat run counts as a stall once the rate predicts more than this many
-# percentage points of progress over it (stepwise jobs pause between steps).
-_STALL_PP = 3.0
+_FAST_CAP = 3.0
+_MAX_SCAN_POLLS = 10.0
 
 
 @dataclass(frozen=True)
@@ -239,52 +241,64 @@ def _plan(
     floor: float,
 ) -> float:
     start = started_at - now  # <= 0, on the same axis as the points
-    growth = max(initial_delay, _GROWTH * -start)
-    if not points:
-        return growth
-
-    # Where progress last moved: the start of the trailing run of equal readings.
-    last = points[-1][1]
-    run_start = len(points) - 1
-    while run_start > 0 and abs(points[run_start - 1][1] - last) <= _FLAT_EPS:
-        run_start -= 1
-    moved_at = points[run_start - 1][0] if run_start > 0 else start
-    if last <= _FLAT_EPS:
-        # Nothing processed yet: the job may still be queued at Check365.
-        return growth
-
-    fit_points = points
-    if len(points) - run_start == len(points) or len(points) < 2:
-        # A single level seen so far: the start of the watch is the only other
-        # reference, assuming the job began processing when it was enqueued.
-        if start < points[0][0]:
-            fit_points = [(start, 0.0), *points]
-    estimate = _fit(fit_points)
-    stall_growth = max(initial_delay, _GROWTH * -moved_at)
-    if estimate is None:
-        return stall_growth
-    rate, position, spread, rate_error = estimate
-    flat_for = -points[run_start][0]
-    if run_start < len(points) - 1 and rate * flat_for > _STALL_PP:
-        return stall_growth
-
-    remaining = max(100.0 - max(position, last), 0.0) / rate
-    sigma = math.hypot(spread / rate, remaining * rate_error)
-    aim = remaining - _MARGIN_Z * sigma
     scan = max(_SCAN_FRACTION * initial_delay, floor)
+    growth = max(initial_delay, _GROWTH_UNSTARTED * -start)
+    if not points or max(p for _, p in points) <= _FLAT_EPS:
+        return growth
+    pts = points
+    if start < points[0][0] - 1e-6:
+        pts = [(start, 0.0), *points]
+
+    last = pts[-1][1]
+    k = len(pts) - 1
+    while k > 0 and abs(pts[k - 1][1] - last) <= _FLAT_EPS:
+        k -= 1
+    flat = k < len(pts) - 1
+    moved_at = pts[k - 1][0] if k > 0 else start
+
+    fit = _fit(pts)
+    if fit is None:
+        return max(scan, _GROWTH * -moved_at)
+    rate, position, sigma_p, t_mean, sxx, n = fit
+    monotone = all(b[1] >= a[1] - _FLAT_EPS for a, b in zip(pts, pts[1:], strict=False))
+    fast = rate
+    if monotone:
+        for (ta, pa), (tb, pb) in zip(pts, pts[1:], strict=False):
+            if tb - ta > 1e-6:
+                fast = max(fast, (pb - pa) / (tb - ta))
+        fast = min(fast, _FAST_CAP * rate)
+        position = max(position, last)
+    remaining = max(100.0 - position, 0.0) / rate
+    dof = n - 2
+    scatter = math.sqrt((dof * sigma_p**2 + _PRIOR_DOF * _PRIOR_SCATTER_PP**2) / (dof + _PRIOR_DOF))
+    sigma_t = scatter * math.sqrt(1 / n + (remaining - t_mean) ** 2 / sxx) / rate
+    fast_remaining = max(100.0 - position, 0.0) / fast
+    aim = min(remaining - _MARGIN_Z * sigma_t, fast_remaining)
+    # In the endgame the poll budget caps how finely an uncertain window is scanned.
+    step = max(scan, 2 * _MARGIN_Z * sigma_t / _MAX_SCAN_POLLS) if aim < scan else scan
+
+    if flat:
+        idle = -moved_at
+        idle_gap = max(step, _GROWTH * idle)
+        resume_gap = max((100.0 - last) / fast + step, _STALL_LAG * idle)
+        return min(idle_gap, resume_gap, max_delay)
+
     if aim > max_delay:
         return max_delay
-    if aim > scan:
-        return aim + (_AIM_LATE_S if sigma == 0 else 0.0)
-    return max(floor, min(scan, remaining + _AIM_LATE_S))
+    if aim >= step:
+        return aim + _AIM_LATE_S
+    return max(floor, min(step, remaining + _AIM_LATE_S))
 
 
-def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float, float] | None:
-    """Robust line through the points: (rate, position now, spread, relative rate error).
+def _fit(
+    points: list[tuple[float, float]],
+) -> tuple[float, float, float, float, float, int] | None:
+    """Robust line through the points.
 
-    Theil-Sen (median of pairwise slopes) shrugs off a backwards or stale
-    reading that would drag a least-squares line. ``spread`` is the scatter of
-    the readings around the line in percentage points.
+    Returns (rate, position now, scatter in percentage points or None when too
+    few points, mean time, sum of squared time deviations, count). Theil-Sen
+    (median of pairwise slopes) shrugs off a backwards or stale reading that
+    would drag a least-squares line.
     """
     slopes: list[float] = []
     for i, (ti, pi) in enumerate(points):
@@ -297,16 +311,15 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float, float]
     if not (rate > 0 and math.isfinite(rate)):
         return None
     position = _median([p - rate * t for t, p in points])
-    residuals = [p - (position + rate * t) for t, p in points]
     n = len(points)
-    if n <= 2:
-        return rate, position, 0.0, _PRIOR_RATE_ERROR
-    spread = 1.4826 * _median([abs(r) for r in residuals])
     times = [t for t, _ in points]
-    mean_t = sum(times) / n
-    t_spread = math.sqrt(sum((t - mean_t) ** 2 for t in times) / n)
-    rate_error = spread / (rate * t_spread * math.sqrt(n)) if t_spread > 0 else _PRIOR_RATE_ERROR
-    return rate, position, spread, rate_error
+    t_mean = sum(times) / n
+    sxx = sum((t - t_mean) ** 2 for t in times)
+    if n <= 2 or sxx <= 0:
+        return rate, position, 0.0, t_mean, max(sxx, 1e-9), n
+    residuals = [p - (position + rate * t) for t, p in points]
+    sigma = math.sqrt(sum(r * r for r in residuals) / (n - 2))
+    return rate, position, sigma, t_mean, sxx, n
 
 
 def _median(values: list[float]) -> float:

@@ -64,8 +64,7 @@ def sign(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> st
     """The ``webhook-signature`` value: one ``v1,<base64>`` entry per secret, space-separated."""
     content = _signed_content(msg_id, timestamp, body)
     return " ".join(
-        f"{SIGNATURE_VERSION},{base64.b64encode(_digest(key, content)).decode('ascii')}"
-        for key in _keys(secrets)
+        f"{SIGNATURE_VERSION},{base64.b64encode(_digest(key, content)).decode('ascii')}" for key in _keys(secrets)
     )
 
 
@@ -145,9 +144,7 @@ def verify(
         raise InvalidSignature("webhook-timestamp is not a whole number of unix seconds")
     timestamp = int(raw_ts)
     if timestamp < now - tolerance_s:
-        raise InvalidSignature(
-            f"webhook-timestamp is too old: {now - timestamp:.0f}s ago, tolerance {tolerance_s:g}s"
-        )
+        raise InvalidSignature(f"webhook-timestamp is too old: {now - timestamp:.0f}s ago, tolerance {tolerance_s:g}s")
     if timestamp > now + tolerance_s:
         raise InvalidSignature(
             f"webhook-timestamp is too new: {timestamp - now:.0f}s ahead, tolerance {tolerance_s:g}s"
@@ -162,6 +159,4 @@ def verify(
         expected = _digest(key, content)
         if any(hmac.compare_digest(expected, candidate) for candidate in received):
             return
-    raise InvalidSignature(
-        "no v1 signature matches any secret (wrong secret, or the body, id or timestamp changed)"
-    )
+    raise InvalidSignature("no v1 signature matches any secret (wrong secret, or the body, id or timestamp changed)")

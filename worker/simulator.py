@@ -7,7 +7,7 @@ inside HTTP 200, short result lists, dropped connections). It records every
 status request so that tests can check the pool's request rate and its respect
 of Retry-After across processes.
 
-Only the standard library and orjson are used, so the simulator runs anywhere the
+Only built-in modules and orjson are used, so the simulator runs anywhere the
 package is installed, without Celery or Redis.
 
 Control surface for tests that run the worker in other processes (unauthenticated;
@@ -142,9 +142,7 @@ class LocalHTTPServer(ThreadingHTTPServer):
         self._connections_lock = threading.Lock()
         super().__init__(address, handler)
 
-    def process_request_thread(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
-    ) -> None:
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         sock = request if isinstance(request, socket.socket) else request[1]
         with self._connections_lock:
             self._connections.add(sock)
@@ -287,7 +285,7 @@ class _View:
     results: Literal["none", "full"]
 
 
-def view_job(job: SimJob, now: float) -> _View:
+def _view_job(job: SimJob, now: float) -> _View:
     """What Check365 says about ``job`` at time ``now`` (before any short-list effect)."""
     elapsed = max(0.0, now - job.created_at)
     fraction = 1.0 if job.duration_s == 0 else elapsed / job.duration_s
@@ -654,9 +652,7 @@ class Simulator:
                 return _Answer(200, self._fault_rng.choice(_MALFORMED_BODIES)), fault
         return _CANNED_FAULTS[fault], fault
 
-    def _answer_normally(
-        self, api_key: str, job_id: str, now: float, *, truncate: bool
-    ) -> tuple[_Answer, str | None]:
+    def _answer_normally(self, api_key: str, job_id: str, now: float, *, truncate: bool) -> tuple[_Answer, str | None]:
         """The documented answer; ``truncate`` asks for a short list if the job is completed."""
         if api_key != self._api_key:
             return _Answer(401, orjson.dumps({"success": False, "message": "Invalid API key"})), None
@@ -667,7 +663,7 @@ class Simulator:
             if job is None:
                 return _Answer(404, orjson.dumps({"success": False, "message": "Job not found"})), None
             bodies = self._bodies[job_id]
-            view = view_job(job, now)
+            view = _view_job(job, now)
             short = False
             if view.results == "full" and job.size > 0:
                 if truncate:

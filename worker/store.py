@@ -87,6 +87,11 @@ def text(value: bytes | str | None) -> str | None:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+def members(raw: Any) -> list[str]:
+    """Decode a list reply of member names."""
+    return [str(text(m)) for m in raw]
+
+
 def decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:
     return {str(text(k)): str(text(v)) for k, v in raw.items()}
 
@@ -146,8 +151,7 @@ class DurableSet:
 
     def overdue(self, now: float, limit: int) -> list[str]:
         """Members due by now (the rearm script applies the grace of armed ones)."""
-        members = self.redis.zrangebyscore(self.due_key, "-inf", fmt(now), start=0, num=limit)
-        return [str(text(m)) for m in members]
+        return members(self.redis.zrangebyscore(self.due_key, "-inf", fmt(now), start=0, num=limit))
 
     def rearm(self, item_id: str, now: float, grace_s: float) -> str | None:
         """Give an item whose message is overdue a fresh token; the caller sends it."""

@@ -18,7 +18,7 @@ from worker.context import process_context
 from worker.delivery import DeadLettered, Delivered, RetryLater, deliver_once
 from worker.enqueue import WatchRequest, validate_watch_request
 from worker.errors import InvalidWatchRequest
-from worker.polling import Dropped, Finished, Reschedule, poll_once, start_watch
+from worker.polling import Dropped, Finished, Reschedule, StepResult, poll_once, start_watch
 from worker.sweep import sweep
 
 log = structlog.get_logger("check365.tasks")
@@ -59,6 +59,7 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
         return "rejected"
     watch_id, token = kwargs.get("watch_id"), kwargs.get("token")
     ctx = process_context(settings)
+    result: StepResult
     if watch_id is None and token is None:
         result = start_watch(ctx, request)
     elif isinstance(watch_id, str) and isinstance(token, str) and _ID.fullmatch(watch_id) and _ID.fullmatch(token):

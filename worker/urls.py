@@ -246,9 +246,7 @@ def _parse(url: object, *, allow_http: bool, allow_private: bool) -> _Parsed:
 
     host, bracketed, port = _split_authority(parts.netloc)
     host = host.lower()
-    ip: IPAddress | None = (
-        _check_ipv6_literal(host) if bracketed else _check_name(host, allow_private=allow_private)
-    )
+    ip: IPAddress | None = _check_ipv6_literal(host) if bracketed else _check_name(host, allow_private=allow_private)
     if ip is not None and not allow_private:
         reason = non_public_reason(ip)
         if reason is not None:

@@ -18,7 +18,7 @@ import redis
 from worker.events import Event
 from worker.outbox import Outbox
 from worker.schedule import Observation, observations_from_json
-from worker.store import ACTIVE, PREFIX, DurableSet, fmt, new_token, text
+from worker.store import ACTIVE, PREFIX, DurableSet, fmt, members, new_token, text
 
 KIND = "watch"
 
@@ -80,7 +80,7 @@ def job_index_key(job_id: str) -> str:
 
 def _float(value: str | None, default: float = 0.0) -> float:
     try:
-        out = float(value) if value not in (None, "") else default  # type: ignore[arg-type]
+        out = float(value) if value else default
     except ValueError:
         return default
     return out if math.isfinite(out) else default
@@ -178,7 +178,9 @@ class WatchStore:
                 self.items.due_key,
                 job_index_key(job_id),
             ],
-            args=[watch_id, fmt(first_poll_at), str(int(self.state_ttl_s + (deadline - now))), f"{PREFIX}watch:", *flat],
+            args=[
+                watch_id, fmt(first_poll_at), str(int(self.state_ttl_s + (deadline - now))), f"{PREFIX}watch:", *flat,
+            ],
         )
         existing_id = text(existing)
         if existing_id:
@@ -240,9 +242,9 @@ class WatchStore:
         return True
 
     def for_job(self, job_id: str) -> list[Watch]:
-        ids = sorted(str(text(m)) for m in self.redis.smembers(job_index_key(job_id)))
+        ids = sorted(members(self.redis.smembers(job_index_key(job_id))))
         watches = [w for w in (self.get(i) for i in ids) if w is not None]
         return sorted(watches, key=lambda w: w.started_at)
 
     def active_ids(self, limit: int = 1000) -> list[str]:
-        return [str(text(m)) for m in self.redis.zrange(self.items.due_key, 0, limit - 1)]
+        return members(self.redis.zrange(self.items.due_key, 0, limit - 1))

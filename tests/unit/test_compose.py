@@ -385,7 +385,9 @@ def test_simulator_serves_the_api_for_the_demo(full_config: Config) -> None:
     assert command[:2] == ["check365-worker", "simulate"]
     assert command[command.index("--port") + 1] == "8365"
     assert command[command.index("--host") + 1] == "0.0.0.0"
-    assert command[command.index("--api-key") + 1] == REQUIRED_SECRETS["CHECK365_API_KEY"]
+    # The key reaches it through the environment, never the command line.
+    assert "--api-key" not in command
+    assert simulator["environment"]["CHECK365_API_KEY"] == REQUIRED_SECRETS["CHECK365_API_KEY"]
     assert all(port.get("host_ip") == "127.0.0.1" for port in simulator.get("ports", []))
 
 

@@ -185,9 +185,7 @@ def test_fail_reports_a_failed_status_inside_a_successful_answer(
     assert body["data"]["results"] == []
 
 
-def test_never_stays_processing_with_stalled_progress(
-    sim: Simulator, client: httpx.Client, clock: FakeClock
-) -> None:
+def test_never_stays_processing_with_stalled_progress(sim: Simulator, client: httpx.Client, clock: FakeClock) -> None:
     sim.add_job("J-n", size=4, duration_s=2, behaviour="never")
     clock.advance(1)
     assert data(client, "J-n")["progress"] == 50
@@ -265,9 +263,7 @@ def test_5xx_fault_is_a_503_with_a_json_error(sim: Simulator, client: httpx.Clie
 
 
 @pytest.mark.parametrize(("retry_after", "header"), [(2.0, "2"), (0.5, "0.5"), (30, "30")])
-def test_429_fault_carries_retry_after(
-    sim: Simulator, client: httpx.Client, retry_after: float, header: str
-) -> None:
+def test_429_fault_carries_retry_after(sim: Simulator, client: httpx.Client, retry_after: float, header: str) -> None:
     sim.set_faults(always("429", retry_after_s=retry_after))
     response = status(client, "sim-1-1s")
     assert response.status_code == 429
@@ -497,12 +493,8 @@ def test_a_100000_result_job_is_served(sim: Simulator, client: httpx.Client) -> 
 # --------------------------------------------------------------------------- control surface and lifecycle
 
 
-def test_control_surface_registers_jobs_and_faults_and_reports(
-    client: httpx.Client, clock: FakeClock
-) -> None:
-    created = client.post(
-        "/_sim/jobs", json={"job_id": "J-c", "size": 3, "duration_s": 1, "behaviour": "fail"}
-    )
+def test_control_surface_registers_jobs_and_faults_and_reports(client: httpx.Client, clock: FakeClock) -> None:
+    created = client.post("/_sim/jobs", json={"job_id": "J-c", "size": 3, "duration_s": 1, "behaviour": "fail"})
     assert created.status_code == 201
     assert created.json()["behaviour"] == "fail"
     clock.advance(1)

@@ -126,9 +126,7 @@ def test_scoped_ipv6_is_not_public() -> None:
 
 @given(st.ip_addresses())
 def test_never_more_permissive_than_the_standard_library(ip: Any) -> None:
-    embeds_v4 = ip.version == 6 and (
-        ip.ipv4_mapped or ip.sixtofour or ip in ipaddress.IPv6Network("64:ff9b::/96")
-    )
+    embeds_v4 = ip.version == 6 and (ip.ipv4_mapped or ip.sixtofour or ip in ipaddress.IPv6Network("64:ff9b::/96"))
     if is_public_address(ip) and not embeds_v4:
         assert ip.is_global
 
@@ -275,9 +273,7 @@ def test_pinned_target_fields(url: str, answers: list[str], expected: PinnedTarg
 
 
 def test_ip_literal_is_pinned_without_dns_or_sni() -> None:
-    target = pin_callback(
-        "https://[2606:4700::1111]:8443/h", allow_http=False, allow_private=False, resolver=no_dns
-    )
+    target = pin_callback("https://[2606:4700::1111]:8443/h", allow_http=False, allow_private=False, resolver=no_dns)
     assert target == PinnedTarget(
         url="https://[2606:4700::1111]:8443/h",
         host_header="[2606:4700::1111]:8443",
@@ -286,7 +282,9 @@ def test_ip_literal_is_pinned_without_dns_or_sni() -> None:
     )
 
 
-@pytest.mark.parametrize(("url", "port"), [(HOOK, 443), ("http://h.example.com/x", 80), ("https://h.example.com:8443/", 8443)])
+@pytest.mark.parametrize(
+    ("url", "port"), [(HOOK, 443), ("http://h.example.com/x", 80), ("https://h.example.com:8443/", 8443)]
+)
 def test_resolver_is_asked_for_the_effective_port(url: str, port: int) -> None:
     asked: list[int] = []
 
@@ -314,9 +312,7 @@ def test_an_answer_that_is_not_an_address_is_refused() -> None:
 
 
 def test_scoped_answers_are_skipped_as_connect_targets() -> None:
-    target = pin_callback(
-        HOOK, allow_http=False, allow_private=True, resolver=answer("fe80::1%eth0", "10.0.0.5")
-    )
+    target = pin_callback(HOOK, allow_http=False, allow_private=True, resolver=answer("fe80::1%eth0", "10.0.0.5"))
     assert target.address == "10.0.0.5"
     with pytest.raises(UnsafeCallbackURL, match="scoped"):
         pin_callback(HOOK, allow_http=False, allow_private=True, resolver=answer("fe80::1%eth0"))
@@ -412,7 +408,7 @@ def test_malformed_url_is_refused(url: str, rule: str) -> None:
     ],
 )
 def test_local_names_need_allow_private(url: str) -> None:
-    with pytest.raises(UnsafeCallbackURL, match="local name|fully qualified"):
+    with pytest.raises(UnsafeCallbackURL, match=r"local name|fully qualified"):
         validate_callback_url(url, allow_http=False, allow_private=False)
     assert validate_callback_url(url, allow_http=False, allow_private=True) == url
 
@@ -495,9 +491,7 @@ anything = st.one_of(
 
 
 @given(value=anything, allow_http=st.booleans(), allow_private=st.booleans())
-def test_validate_raises_nothing_but_unsafe_callback_url(
-    value: object, allow_http: bool, allow_private: bool
-) -> None:
+def test_validate_raises_nothing_but_unsafe_callback_url(value: object, allow_http: bool, allow_private: bool) -> None:
     try:
         result = validate_callback_url(value, allow_http=allow_http, allow_private=allow_private)
     except UnsafeCallbackURL:
@@ -591,10 +585,28 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=rebind.test",
-         "-addext", "subjectAltName=DNS:rebind.test"],
-        check=True, capture_output=True,
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rebind.test",
+            "-addext",
+            "subjectAltName=DNS:rebind.test",
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -614,7 +626,9 @@ def test_http_request_to_pinned_address_carries_the_original_host(http_server: _
     assert target.url == f"http://127.0.0.1:{port}/hook"
     with httpx.Client(trust_env=False) as client:
         response = client.post(
-            target.url, content=b"{}", headers={"Host": target.host_header},
+            target.url,
+            content=b"{}",
+            headers={"Host": target.host_header},
             extensions={"sni_hostname": target.sni_hostname},
         )
     assert response.status_code == 204
@@ -631,7 +645,9 @@ def test_https_to_pinned_address_verifies_the_original_name(
     trust = ssl.create_default_context(cafile=str(certificate[0]))
     with httpx.Client(verify=trust, trust_env=False) as client:
         response = client.post(
-            target.url, content=b"{}", headers={"Host": target.host_header},
+            target.url,
+            content=b"{}",
+            headers={"Host": target.host_header},
             extensions={"sni_hostname": target.sni_hostname},
         )
         assert response.status_code == 204
