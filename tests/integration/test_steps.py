@@ -1,0 +1,343 @@
+"""The plain step functions against a real Redis, with Check365 and the receiver
+injected as httpx.MockTransport and time as a fake clock: no Celery involved."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from config.settings import Settings, load_settings
+from worker.context import Context, build_context
+from worker.delivery import DeadLettered, Delivered, RetryLater, Skipped, deliver_once
+from worker.enqueue import WatchRequest
+from worker.localredis import LocalRedis
+from worker.polling import Dropped, Finished, Reschedule, poll_once, start_watch
+from worker.ratelimit import BLOCKED_KEY
+from worker.sweep import sweep
+
+pytestmark = pytest.mark.integration
+
+SECRET = "whsec_" + base64.b64encode(b"s" * 24).decode()
+API_KEY = "step-test-key"
+CALLBACK = "https://hooks.example.com/check365"
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[LocalRedis]:
+    with LocalRedis() as server:
+        yield server
+
+
+def make_settings(redis_url: str, **overrides: str) -> Settings:
+    env = {
+        "CHECK365_API_KEY": API_KEY,
+        "WEBHOOK_SECRET": SECRET,
+        "CHECK365_BASE_URL": "https://api.check365.test",
+        "REDIS_URL": redis_url,
+        "POLL_INITIAL_DELAY_S": "5",
+        "POLL_MAX_DELAY_S": "60",
+        "WATCH_TIMEOUT_S": "3600",
+        "WEBHOOK_RETRY_DELAYS_S": "5,300,1800",
+        "WEBHOOK_MAX_RESULTS_PER_PART": "2",
+        "CHECK365_MAX_RPS": "1000",
+        **overrides,
+    }
+    return load_settings(env)
+
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class World:
+    """One context with scripted Check365 answers and a recording receiver."""
+
+    def __init__(self, redis_url: str, **overrides: str) -> None:
+        self.clock = Clock()
+        self.check365_answers: list[httpx.Response] = []
+        self.receiver_answers: list[httpx.Response] = []
+        self.check365_requests: list[httpx.Request] = []
+        self.receiver_requests: list[httpx.Request] = []
+        self.settings = make_settings(redis_url, **overrides)
+        self.ctx: Context = build_context(
+            self.settings,
+            check365_transport=httpx.MockTransport(self._check365),
+            webhook_transport=httpx.MockTransport(self._receiver),
+            clock=self.clock,
+            resolver=lambda host, port: ["93.184.216.34"],
+            rng=random.Random(7),
+        )
+        self.ctx.redis.flushdb()
+
+    def _check365(self, request: httpx.Request) -> httpx.Response:
+        self.check365_requests.append(request)
+        return self.check365_answers.pop(0)
+
+    def _receiver(self, request: httpx.Request) -> httpx.Response:
+        self.receiver_requests.append(request)
+        return self.receiver_answers.pop(0) if self.receiver_answers else httpx.Response(200)
+
+    def start(self, job_id: str = "J-1", metadata: dict[str, Any] | None = None) -> Reschedule:
+        result = start_watch(self.ctx, WatchRequest(job_id, CALLBACK, metadata))
+        assert isinstance(result, Reschedule)
+        return result
+
+
+def status(state: str, progress: int = 0, results: list[dict[str, Any]] | None = None,
+           total: int = 3) -> httpx.Response:
+    data: dict[str, Any] = {"jobId": "J-1", "status": state, "creditsUsed": 1, "progress": progress,
+                            "total": total, "results": results or []}
+    return httpx.Response(200, json={"success": True, "message": "ok", "data": data})
+
+
+RESULTS = [
+    {"email": f"u{i}@company.com", "emailProvider": "google_workspace", "emailType": "professional",
+     "status": "valid", "safeToSend": True, "risk": "low", "isRole": False, "statusReason": "accepted_email"}
+    for i in range(3)
+]
+
+
+@pytest.fixture
+def world(redis_server: LocalRedis) -> Iterator[World]:
+    w = World(redis_server.url)
+    yield w
+    w.ctx.close()
+
+
+def test_duplicate_start_converges_on_one_watch(world: World) -> None:
+    first = world.start()
+    second = start_watch(world.ctx, WatchRequest("J-1", CALLBACK, None))
+    assert isinstance(second, Dropped)
+    assert second.reason == "duplicate"
+    assert second.watch_id == first.watch_id
+    # Another callback for the same job is another watch.
+    other = start_watch(world.ctx, WatchRequest("J-1", CALLBACK + "/b", None))
+    assert isinstance(other, Reschedule)
+    assert other.watch_id != first.watch_id
+
+
+def test_running_polls_reschedule_within_bounds_and_record_state(world: World) -> None:
+    step = world.start()
+    assert step.delay == 5
+    world.clock.advance(step.delay)
+    world.check365_answers.append(status("processing", 10))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Reschedule)
+    assert 0 < result.delay <= world.settings.poll_max_delay_s
+    request = world.check365_requests[0]
+    assert request.url.params["job_id"] == "J-1"
+    assert request.url.params["api_key"] == API_KEY
+    watch = world.ctx.watches.get(step.watch_id)
+    assert watch is not None
+    assert (watch.polls, watch.last_status, watch.last_progress) == (1, "processing", 10.0)
+    # The message that was just consumed can never run again.
+    assert isinstance(poll_once(world.ctx, step.watch_id, step.token), Dropped)
+
+
+def test_completion_splits_results_into_parts_with_metadata(world: World) -> None:
+    step = world.start(metadata={"order": 17})
+    world.check365_answers.append(status("completed", 100, RESULTS))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Finished)
+    assert result.outcome == "completed"
+    assert len(result.deliveries) == 2  # 3 results, 2 per part
+    bodies = [json.loads(world.ctx.outbox.body(wid) or b"") for wid, _ in result.deliveries]
+    assert [b["data"]["part"] for b in bodies] == [{"index": 1, "count": 2}, {"index": 2, "count": 2}]
+    assert [r for b in bodies for r in b["data"]["results"]] == RESULTS
+    assert all(b["data"]["metadata"] == {"order": 17} for b in bodies)
+    assert all(b["data"]["creditsUsed"] == 1 and b["data"]["total"] == 3 for b in bodies)
+    watch = world.ctx.watches.get(step.watch_id)
+    assert watch is not None
+    assert (watch.state, watch.outcome) == ("finished", "completed")
+
+
+def test_completed_with_missing_results_is_polled_again_shortly(world: World) -> None:
+    step = world.start()
+    world.check365_answers.append(status("completed", 100, RESULTS[:2]))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Reschedule)
+    assert result.delay <= world.settings.poll_initial_delay_s
+
+
+def test_unknown_job_fails_the_watch_with_job_not_found(world: World) -> None:
+    step = world.start()
+    world.check365_answers.append(httpx.Response(404, json={"success": False, "message": "Job not found"}))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Finished)
+    assert result.outcome == "failed"
+    body = json.loads(world.ctx.outbox.body(result.deliveries[0][0]) or b"")
+    assert body["type"] == "bulk_validation.failed"
+    assert body["data"]["reason"] == "job_not_found"
+
+
+def test_retry_after_blocks_the_whole_pool(world: World) -> None:
+    step = world.start()
+    world.check365_answers.append(httpx.Response(429, headers={"Retry-After": "30"}))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Reschedule)
+    assert result.delay >= 30
+    assert world.ctx.redis.exists(BLOCKED_KEY)
+    # Any other watch is now held back without a request.
+    other = world.start("J-2")
+    held = poll_once(world.ctx, other.watch_id, other.token)
+    assert isinstance(held, Reschedule)
+    assert len(world.check365_requests) == 1
+
+
+def test_deadline_ends_the_watch_with_the_last_status(world: World) -> None:
+    step = world.start()
+    world.check365_answers.append(status("processing", 40))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Reschedule)
+    world.clock.advance(world.settings.watch_timeout_s + 1)
+    final = poll_once(world.ctx, step.watch_id, result.token)
+    assert isinstance(final, Finished)
+    assert final.outcome == "timed_out"
+    body = json.loads(world.ctx.outbox.body(final.deliveries[0][0]) or b"")
+    assert body["data"] == {"jobId": "J-1", "reason": "timed_out", "status": "processing", "progress": 40,
+                            "metadata": None}
+
+
+def finish_one(world: World) -> tuple[str, str]:
+    step = world.start()
+    world.check365_answers.append(status("failed", 50))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Finished)
+    return result.deliveries[0]
+
+
+def test_delivery_is_signed_verifiable_and_marked_delivered(world: World) -> None:
+    webhook_id, token = finish_one(world)
+    assert isinstance(deliver_once(world.ctx, webhook_id, token), Delivered)
+    sent = world.receiver_requests[0]
+    # The connection goes to the checked address; the Host header keeps the name.
+    assert sent.url.host == "93.184.216.34"
+    assert sent.headers["host"] == "hooks.example.com"
+    assert sent.headers["webhook-id"] == webhook_id
+    assert sent.content == world.ctx.outbox.body(webhook_id)
+    assert sent.headers["user-agent"].startswith("check365-worker/")
+    # standardwebhooks' verify() checks freshness against the real clock, and this
+    # clock is fake: compare with its own signature for the same timestamp instead.
+    stamp = datetime.fromtimestamp(int(sent.headers["webhook-timestamp"]), tz=UTC)
+    assert sent.headers["webhook-signature"] == Webhook(SECRET).sign(webhook_id, stamp, sent.content.decode())
+    event = world.ctx.outbox.get(webhook_id)
+    assert event is not None
+    assert event.state == "delivered"
+
+
+def test_failed_attempts_retry_with_the_same_id_and_fresh_timestamps(world: World) -> None:
+    webhook_id, token = finish_one(world)
+    world.receiver_answers += [httpx.Response(503), httpx.Response(200)]
+    first = deliver_once(world.ctx, webhook_id, token)
+    assert isinstance(first, RetryLater)
+    assert 5 <= first.delay <= 5.5
+    assert first.countdown
+    world.clock.advance(first.delay)
+    assert isinstance(deliver_once(world.ctx, webhook_id, first.token), Delivered)
+    a, b = world.receiver_requests
+    assert a.headers["webhook-id"] == b.headers["webhook-id"] == webhook_id
+    assert int(b.headers["webhook-timestamp"]) > int(a.headers["webhook-timestamp"])
+    event = world.ctx.outbox.get(webhook_id)
+    assert event is not None
+    assert [x["status_code"] for x in event.attempts] == [503, 200]
+
+
+def test_retry_after_from_the_receiver_is_honoured(world: World) -> None:
+    webhook_id, token = finish_one(world)
+    world.receiver_answers.append(httpx.Response(503, headers={"Retry-After": "120"}))
+    result = deliver_once(world.ctx, webhook_id, token)
+    assert isinstance(result, RetryLater)
+    assert result.delay >= 120
+
+
+def test_long_delays_wait_for_the_sweep_not_in_the_broker(world: World) -> None:
+    webhook_id, token = finish_one(world)
+    world.receiver_answers += [httpx.Response(500), httpx.Response(500)]
+    first = deliver_once(world.ctx, webhook_id, token)
+    assert isinstance(first, RetryLater)
+    world.clock.advance(first.delay)
+    second = deliver_once(world.ctx, webhook_id, first.token)
+    assert isinstance(second, RetryLater)
+    assert second.delay >= 300
+    assert not second.countdown  # longer than POLL_MAX_DELAY_S: no countdown message
+    _, events = sweep(world.ctx)
+    assert events == []  # not due yet
+    world.clock.advance(second.delay)
+    _, events = sweep(world.ctx)
+    assert [e.webhook_id for e in events] == [webhook_id]
+    # The sweep's fresh token replaces the one the retry was scheduled with.
+    assert isinstance(deliver_once(world.ctx, webhook_id, second.token), Skipped)
+    assert isinstance(deliver_once(world.ctx, webhook_id, events[0].token), Delivered)
+
+
+def test_gone_dead_letters_at_once_and_replay_keeps_the_id(world: World) -> None:
+    webhook_id, token = finish_one(world)
+    world.receiver_answers.append(httpx.Response(410))
+    result = deliver_once(world.ctx, webhook_id, token)
+    assert isinstance(result, DeadLettered)
+    assert result.reason == "gone"
+    assert world.ctx.outbox.dead_letters() == [webhook_id]
+    replay_token = world.ctx.outbox.replay(webhook_id, world.clock())
+    assert replay_token is not None
+    assert isinstance(deliver_once(world.ctx, webhook_id, replay_token), Delivered)
+    assert world.receiver_requests[-1].headers["webhook-id"] == webhook_id
+    assert world.ctx.outbox.dead_letters() == []
+
+
+def test_exhausted_retries_are_dead_lettered_with_every_attempt(world: World) -> None:
+    webhook_id, token = finish_one(world)
+    world.receiver_answers += [httpx.Response(500)] * 4
+    result: Any = deliver_once(world.ctx, webhook_id, token)
+    while isinstance(result, RetryLater):
+        world.clock.advance(result.delay)
+        if not result.countdown:
+            _, events = sweep(world.ctx)
+            result = deliver_once(world.ctx, webhook_id, events[0].token)
+        else:
+            result = deliver_once(world.ctx, webhook_id, result.token)
+    assert isinstance(result, DeadLettered)
+    event = world.ctx.outbox.get(webhook_id)
+    assert event is not None
+    assert event.state == "dead"
+    assert len(event.attempts) == 1 + len(world.settings.webhook_retry_delays_s)
+
+
+def test_a_callback_resolving_to_a_private_address_is_never_contacted(world: World) -> None:
+    world.ctx.resolver = lambda host, port: ["10.0.0.8"]
+    webhook_id, token = finish_one(world)
+    result = deliver_once(world.ctx, webhook_id, token)
+    assert isinstance(result, DeadLettered)
+    assert "private" in result.reason
+    assert world.receiver_requests == []
+
+
+def test_sweep_rearms_a_poll_whose_message_was_lost(world: World) -> None:
+    step = world.start()
+    world.clock.advance(step.delay + world.settings.rearm_grace_s - 1)
+    watches, _ = sweep(world.ctx)
+    assert watches == []  # still within the grace of an armed countdown
+    world.clock.advance(2)
+    watches, _ = sweep(world.ctx)
+    assert [w.watch.watch_id for w in watches] == [step.watch_id]
+    # The lost original, should it reappear, is stale; the re-armed one runs.
+    world.check365_answers.append(status("processing", 5))
+    assert isinstance(poll_once(world.ctx, step.watch_id, step.token), Dropped)
+    assert isinstance(poll_once(world.ctx, step.watch_id, watches[0].token), Reschedule)
