@@ -150,8 +150,11 @@ def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
     if claimed is None:
         return Skipped(webhook_id, "stale_token")
     event, body, holder = claimed
-    bound = log.bind(webhook_id=webhook_id, job_id=event.job_id, event_type=event.type,
-                     part=f"{event.part_index}/{event.part_count}")
+    # Every line of this step names the job, the event and which attempt it is.
+    structlog.contextvars.bind_contextvars(
+        job_id=event.job_id, webhook_id=webhook_id, attempt=len(event.attempts) + 1
+    )
+    bound = log.bind(event_type=event.type, part=f"{event.part_index}/{event.part_count}")
 
     attempt = send_attempt(
         ctx.webhooks, settings, url=event.callback_url, webhook_id=webhook_id, body=body, now=now,

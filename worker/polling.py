@@ -112,6 +112,8 @@ def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
     if claimed is None:
         return Dropped("stale_token", watch_id)
     watch, holder = claimed
+    # Every line of this step names the job and which poll it is.
+    structlog.contextvars.bind_contextvars(job_id=watch.job_id, watch_id=watch_id, attempt=watch.polls + 1)
 
     if now >= watch.deadline:
         event = timed_out_event(

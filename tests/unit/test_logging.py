@@ -1,0 +1,107 @@
+"""One redacting pipeline for our logs, Celery's and httpx's."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from config.logging import Redactor, configure_logging
+from config.settings import load_settings
+
+SECRET = "whsec_" + base64.b64encode(b"q" * 24).decode()
+API_KEY = "live-key-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+def configured(fmt: str = "json", level: str = "debug") -> io.StringIO:
+    stream = io.StringIO()
+    settings = load_settings({"CHECK365_API_KEY": API_KEY, "WEBHOOK_SECRET": SECRET,
+                              "LOG_FORMAT": fmt, "LOG_LEVEL": level})
+    configure_logging(settings, stream=stream)
+    return stream
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+def test_structlog_lines_are_json_with_bound_context() -> None:
+    stream = configured()
+    structlog.contextvars.bind_contextvars(job_id="J-1", task_id="t-1", attempt=2)
+    structlog.get_logger("check365.test").info("poll_done", status="processing", progress=40)
+    [line] = lines(stream)
+    assert line["event"] == "poll_done"
+    assert (line["job_id"], line["task_id"], line["attempt"]) == ("J-1", "t-1", 2)
+    assert line["level"] == "info"
+    assert "timestamp" in line
+
+
+def test_stdlib_loggers_go_through_the_same_pipeline() -> None:
+    stream = configured()
+    structlog.contextvars.bind_contextvars(job_id="J-2")
+    logging.getLogger("celery.worker.strategy").warning("Received task: %s", "check365.watch_bulk_job")
+    [line] = lines(stream)
+    assert line["event"] == "Received task: check365.watch_bulk_job"
+    assert line["logger"] == "celery.worker.strategy"
+    assert line["job_id"] == "J-2"
+
+
+def test_secrets_are_scrubbed_wherever_they_appear() -> None:
+    stream = configured()
+    log = structlog.get_logger("check365.test")
+    log.info("poll_failed", url=f"https://api.check365.io/x?api_key={API_KEY}&job_id=J", note=SECRET)
+    logging.getLogger("httpx").warning("HTTP Request: GET https://h/x?job_id=J&api_key=%s", "other-key-xyz")
+    try:
+        raise RuntimeError(f"boom with {API_KEY}")
+    except RuntimeError:
+        log.exception("poll_crashed")
+    text = stream.getvalue()
+    assert API_KEY not in text
+    assert SECRET not in text
+    assert SECRET.removeprefix("whsec_") not in text
+    assert "other-key-xyz" not in text
+    assert text.count("***") >= 4
+
+
+def test_httpx_request_lines_are_quiet_at_info() -> None:
+    stream = configured(level="info")
+    logging.getLogger("httpx").info("HTTP Request: GET https://h/?api_key=k")
+    assert stream.getvalue() == ""
+
+
+def test_console_format_is_readable_text() -> None:
+    stream = configured(fmt="console")
+    structlog.get_logger("check365.test").info("watch_enqueued", job_id="J-3")
+    text = stream.getvalue()
+    assert "watch_enqueued" in text
+    assert "J-3" in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+def test_auto_format_is_json_off_a_terminal() -> None:
+    stream = configured(fmt="auto")
+    structlog.get_logger("check365.test").info("watch_enqueued")
+    assert lines(stream)[0]["event"] == "watch_enqueued"
+
+
+def test_redactor_leaves_ordinary_text_alone() -> None:
+    redactor = Redactor([API_KEY])
+    assert redactor.scrub("job J-1 completed") == "job J-1 completed"
+    assert redactor.scrub(f"a{API_KEY}b") == "a***b"
