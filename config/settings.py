@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -54,6 +55,8 @@ class Settings:
     log_format: LogFormat = "auto"
     log_level: str = "INFO"
     metrics_port: int = 0
+    # All interfaces by default: a scraper reaches the worker from outside its container.
+    metrics_addr: str = "0.0.0.0"  # noqa: S104
 
     @property
     def status_url(self) -> str:
@@ -210,9 +213,18 @@ def load_settings(environ: Mapping[str, str] | None = None, *, role: Role = "wor
             d.log_level,
         ),
         metrics_port=get("METRICS_PORT", lambda n, r: _parse_int(n, r, minimum=0), d.metrics_port),
+        metrics_addr=get("METRICS_ADDR", _parse_address, d.metrics_addr),
     )
     _check_relations(settings)
     return settings
+
+
+def _parse_address(name: str, raw: str) -> str:
+    try:
+        ipaddress.ip_address(raw)
+    except ValueError:
+        raise SettingsError(name, f"must be an IP address to listen on, got {raw!r}") from None
+    return raw
 
 
 def _parse_queue(name: str, raw: str) -> str:

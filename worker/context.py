@@ -8,9 +8,9 @@ process that uses them, and again after a fork.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import httpx

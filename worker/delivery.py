@@ -15,6 +15,7 @@ import httpx
 import structlog
 
 from config.settings import Settings
+from worker import metrics
 from worker.check365 import USER_AGENT, parse_retry_after
 from worker.context import Context, WebhookClients
 from worker.errors import DeliveryFailed, UnsafeCallbackURL
@@ -160,6 +161,7 @@ def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
         ctx.webhooks, settings, url=event.callback_url, webhook_id=webhook_id, body=body, now=now,
         resolver=ctx.resolver,
     )
+    metrics.delivery_attempt(attempt.duration_s, sent=not attempt.unsafe)
     tries = event.tries + 1
     ctx.outbox.record_attempt(webhook_id, {
         "attempt": len(event.attempts) + 1,
@@ -173,12 +175,14 @@ def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
     done = ctx.clock()
     if attempt.ok:
         ctx.outbox.mark_delivered(webhook_id, holder, done, tries)
+        metrics.delivery("delivered")
         bound.info("webhook_delivered", status_code=attempt.status_code, attempt=tries,
                    latency_ms=round(attempt.duration_s * 1000, 1))
         return Delivered(webhook_id)
     if attempt.gone or attempt.unsafe:
         reason = "gone" if attempt.gone else attempt.describe()
         ctx.outbox.dead_letter(webhook_id, holder, done, tries, reason)
+        metrics.dead_lettered("gone" if attempt.gone else "unsafe_callback")
         bound.warning("webhook_dead_lettered", reason=reason, attempt=tries)
         return DeadLettered(webhook_id, reason)
 
@@ -186,12 +190,14 @@ def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
     if delay is None:
         reason = f"retries exhausted: {attempt.describe()}"
         ctx.outbox.dead_letter(webhook_id, holder, done, tries, reason)
+        metrics.dead_lettered("retries_exhausted")
         bound.warning("webhook_dead_lettered", reason=reason, attempt=tries)
         return DeadLettered(webhook_id, reason)
     countdown = delay <= countdown_limit(settings)
     if not ctx.outbox.retry_later(webhook_id, holder, done + delay, armed=countdown, tries=tries,
                                   last_error=attempt.describe()):
         return Skipped(webhook_id, "lost_claim")
+    metrics.delivery("failed")
     bound.warning("webhook_failed", error=attempt.describe(), attempt=tries, retry_in_s=round(delay, 3),
                   retry_after_s=attempt.retry_after)
     return RetryLater(webhook_id, holder, delay, countdown)

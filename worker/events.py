@@ -39,6 +39,7 @@ def _body(event_type: str, now: float, data: dict[str, Any]) -> bytes:
 
 def completed_events(
     watch_id: str,
+    job_id: str,
     data: dict[str, Any],
     metadata: dict[str, Any] | None,
     *,
@@ -51,6 +52,8 @@ def completed_events(
     events = []
     for index in range(1, count + 1):
         part_data = dict(data)
+        # Receivers key on jobId: supply it should Check365 ever leave it out.
+        part_data.setdefault("jobId", job_id)
         part_data["results"] = results[(index - 1) * per_part : index * per_part]
         part_data["part"] = {"index": index, "count": count}
         part_data["metadata"] = metadata

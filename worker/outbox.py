@@ -73,7 +73,7 @@ class StoredEvent:
 class Outbox:
     def __init__(self, client: redis.Redis, *, state_ttl_s: float) -> None:
         self.redis = client
-        self.items = DurableSet(client, KIND)
+        self.items = DurableSet(client, KIND, "events")
         self.state_ttl_s = state_ttl_s
         self._replay = client.register_script(_REPLAY)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from worker import check365
+from worker import check365, metrics
 from worker.context import Context
 from worker.enqueue import WatchRequest
 from worker.errors import Check365Rejected, Check365Throttled, RetryableError
@@ -79,6 +79,7 @@ def start_watch(ctx: Context, request: WatchRequest) -> Reschedule | Dropped:
         log.info("watch_duplicate", watch_id=watch_id)
         return Dropped("duplicate", watch_id)
     log.info("watch_enqueued", watch_id=watch_id, first_poll_in_s=round(delay, 3))
+    metrics.watch_started()
     return Reschedule(watch_id, token, delay)
 
 
@@ -92,6 +93,7 @@ def _finish(ctx: Context, watch: Watch, holder: str, outcome: str, events: list[
     deliveries = ctx.watches.finish(watch, holder, outcome, events, outbox=ctx.outbox, now=now)
     if deliveries is None:
         return Dropped("lost_claim", watch.watch_id)
+    metrics.watch_finished(outcome)
     log.info(
         f"watch_{outcome}", watch_id=watch.watch_id, polls=watch.polls, events=len(events),
         duration_s=round(now - watch.started_at, 3),
@@ -126,15 +128,19 @@ def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
     if wait > 0:
         delay = min(wait, settings.poll_max_delay_s, max(watch.deadline - now, 0.001))
         log.debug("poll_throttled", watch_id=watch_id, wait_s=round(wait, 3))
+        metrics.poll("throttled")
         return _reschedule(ctx, watch, holder, delay, {})
 
     try:
-        outcome = check365.fetch_status(ctx.check365, settings, watch.job_id)
+        with metrics.check365_request():
+            outcome = check365.fetch_status(ctx.check365, settings, watch.job_id)
     except Check365Rejected as exc:
+        metrics.poll("rejected")
         log.warning("poll_rejected", watch_id=watch_id, reason=exc.reason, error=str(exc))
         event = failed_event(watch_id, watch.job_id, exc.reason, str(exc), watch.metadata, now=ctx.clock())
         return _finish(ctx, watch, holder, "failed", [event])
     except RetryableError as exc:
+        metrics.poll("transient")
         if exc.retry_after:
             ctx.limiter.block(exc.retry_after)
         failures = watch.failures + 1
@@ -153,16 +159,20 @@ def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
     polls = watch.polls + 1
     if isinstance(outcome, check365.Completed):
         log.info("poll_done", watch_id=watch_id, status="completed", progress=100, polls=polls)
+        metrics.poll("completed")
+        metrics.detection_lag(now - (watch.history[-1].at if watch.history else watch.started_at))
         events = completed_events(
-            watch_id, outcome.data, watch.metadata, per_part=settings.webhook_max_results_per_part, now=now
+            watch_id, watch.job_id, outcome.data, watch.metadata, per_part=settings.webhook_max_results_per_part, now=now
         )
         return _finish(ctx, _with_polls(watch, polls), holder, "completed", events)
     if isinstance(outcome, check365.Failed):
         log.info("poll_done", watch_id=watch_id, status=outcome.status, polls=polls)
+        metrics.poll("failed")
         message = outcome.message or f"Check365 reports the job as {outcome.status}"
         event = failed_event(watch_id, watch.job_id, "job_failed", message, watch.metadata, now=now)
         return _finish(ctx, _with_polls(watch, polls), holder, "failed", [event])
 
+    metrics.poll("incomplete" if isinstance(outcome, check365.Incomplete) else "running")
     history = [*watch.history, Observation(at=now, progress=outcome.progress)][-HISTORY_LIMIT:]
     if isinstance(outcome, check365.Incomplete):
         delay = incomplete_results_delay(settings.poll_initial_delay_s)

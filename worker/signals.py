@@ -8,7 +8,10 @@ import structlog
 from celery import signals
 
 from config.logging import configure_logging
+from worker import metrics
 from worker.app import settings
+
+metrics.connect_worker_signals(settings)
 
 
 @signals.setup_logging.connect

@@ -99,10 +99,10 @@ def decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:
 class DurableSet:
     """The claim/schedule/close/rearm protocol over one kind of item."""
 
-    def __init__(self, client: redis.Redis, kind: str) -> None:
+    def __init__(self, client: redis.Redis, kind: str, plural: str) -> None:
         self.redis = client
         self.kind = kind
-        self.due_key = f"{PREFIX}due:{kind}s"
+        self.due_key = f"{PREFIX}due:{plural}"
         self._claim = client.register_script(_CLAIM)
         self._schedule = client.register_script(_SCHEDULE)
         self._close = client.register_script(_CLOSE)

@@ -132,7 +132,7 @@ class Watch:
 class WatchStore:
     def __init__(self, client: redis.Redis, *, state_ttl_s: float) -> None:
         self.redis = client
-        self.items = DurableSet(client, KIND)
+        self.items = DurableSet(client, KIND, "watches")
         self.state_ttl_s = state_ttl_s
         self._create = client.register_script(_CREATE)
         self._finish = client.register_script(_FINISH)

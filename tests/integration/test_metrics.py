@@ -1,0 +1,176 @@
+"""The Prometheus endpoint of a real prefork worker, scraped over HTTP.
+
+Tasks run in pool children while the endpoint is served by the worker's main
+process, which never runs a task: every non-zero counter seen here was summed
+across processes by the multiprocess collector.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.cluster import Cluster, WorkerProcess
+from tests.support.schemas import assert_events_valid
+from worker.localredis import free_port
+
+pytestmark = pytest.mark.integration
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+COMPLETED_JOBS = ("M-ok-1", "M-ok-2")
+FAILING_JOB = "M-fail"
+GONE_JOB = "M-gone"  # completes, but its receiver answers 410 Gone
+SLOW_JOB = "M-slow"  # still running when the counters are checked; cancelled at the end
+
+
+def scrape(url: str) -> Samples:
+    response = httpx.get(url, timeout=5)
+    response.raise_for_status()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def total(samples: Samples, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def scrape_until(url: str, condition: Callable[[Samples], bool], timeout: float = 20.0) -> Samples:
+    deadline = time.monotonic() + timeout
+    last: Samples | str = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            last = scrape(url)
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        else:
+            if condition(last):
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"the metrics never met the condition within {timeout:g} s; last scrape: {last}")
+
+
+def wait_for_events(worker: WorkerProcess, wanted: dict[str, int], timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Wait until the worker has logged each event name at least as often as wanted.
+
+    Every metric of a step is recorded before the step's final log line, so once
+    these lines are written the counters they stand for are in the files.
+    """
+
+    def enough(_: str) -> bool:
+        names = [r.get("event") for r in worker.log_records()]
+        return all(names.count(name) >= count for name, count in wanted.items())
+
+    worker.wait_for_log(enough, timeout)
+    return worker.log_records()
+
+
+def test_metrics_sum_every_pool_process_and_read_pool_gauges_from_redis(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    with Cluster(tmp_path) as cluster:
+        worker = cluster.start_worker("metrics", concurrency=2, env_overrides={"METRICS_PORT": str(port), "METRICS_ADDR": "127.0.0.1"})
+
+        # Before any task: the endpoint answers, every labelled series exists at zero,
+        # and the gauges come from Redis.
+        idle = scrape(url)
+        assert value(idle, "check365_redis_up") == 1
+        assert value(idle, "check365_watches_active") == 0
+        assert value(idle, "check365_polls_total", outcome="completed") == 0
+        assert value(idle, "check365_deliveries_total", outcome="dead_lettered") == 0
+
+        for job_id in COMPLETED_JOBS:
+            cluster.sim.add_job(job_id, size=3, duration_s=0.5)
+        cluster.sim.add_job(FAILING_JOB, size=4, duration_s=0.5, behaviour="fail")
+        cluster.sim.add_job(GONE_JOB, size=2, duration_s=0.5)
+        cluster.sim.add_job(SLOW_JOB, size=2, duration_s=600)
+        cluster.receiver.script(f"/hooks/{FAILING_JOB}", [500])  # one failed attempt, then 200
+        cluster.receiver.default(f"/hooks/{GONE_JOB}", 410)
+        for job_id in (*COMPLETED_JOBS, FAILING_JOB, GONE_JOB, SLOW_JOB):
+            cluster.enqueue(job_id, f"/hooks/{job_id}")
+
+        # While the watches run.
+        running = scrape_until(url, lambda s: (value(s, "check365_watches_active") or 0) >= 1
+                               and total(s, "check365_polls_total") > 0)
+        assert 1 <= (value(running, "check365_watches_active") or 0) <= 5
+        assert value(running, "check365_deliveries_pending") is not None
+        assert value(running, "check365_dead_letters_stored") is not None
+
+        records = wait_for_events(worker, {
+            "watch_completed": 3, "watch_failed": 1, "webhook_delivered": 3, "webhook_failed": 1,
+            "webhook_dead_lettered": 1,
+        })
+        assert all(r.verified for r in cluster.receiver.received())
+        assert_events_valid(cluster.receiver.received())
+        after = scrape(url)
+
+        assert value(after, "check365_watches_started_total") == 5
+        assert value(after, "check365_watch_outcomes_total", outcome="completed") == 3
+        assert value(after, "check365_watch_outcomes_total", outcome="failed") == 1
+        assert value(after, "check365_watch_outcomes_total", outcome="timed_out") == 0
+        assert value(after, "check365_polls_total", outcome="completed") == 3
+        assert value(after, "check365_polls_total", outcome="failed") == 1
+        assert (value(after, "check365_polls_total", outcome="running") or 0) >= 1
+        assert value(after, "check365_polls_total", outcome="rejected") == 0
+        assert value(after, "check365_detection_lag_seconds_count") == 3
+        assert (value(after, "check365_detection_lag_seconds_sum") or 0) > 0
+        assert value(after, "check365_deliveries_total", outcome="delivered") == 3
+        assert value(after, "check365_deliveries_total", outcome="failed") == 1
+        assert value(after, "check365_deliveries_total", outcome="dead_lettered") == 1
+        assert value(after, "check365_dead_letters_total", reason="gone") == 1
+        assert value(after, "check365_dead_letters_total", reason="retries_exhausted") == 0
+        assert value(after, "check365_delivery_seconds_count") == 5  # 3 delivered, 1 failed, 1 gone
+        # Pool-wide state from Redis: the slow job is still watched, the gone event is kept.
+        assert value(after, "check365_watches_active") == 1
+        assert value(after, "check365_deliveries_pending") == 0
+        assert value(after, "check365_dead_letters_stored") == 1
+
+        (slow,) = cluster.watch_state(SLOW_JOB)
+        assert cluster.watches().cancel(slow.watch_id)
+        # Every request is timed, whatever its outcome; a poll that was under way when
+        # the watch was cancelled may still be counted, so wait for the two to agree.
+        final = scrape_until(url, lambda s: value(s, "check365_watches_active") == 0 and (
+            value(s, "check365_request_seconds_count")
+            == total(s, "check365_polls_total") - (value(s, "check365_polls_total", outcome="throttled") or 0)
+        ))
+        assert value(final, "check365_request_seconds_count") == len(cluster.sim.requests())
+
+        (started,) = [r for r in records if r.get("event") == "metrics_started"]
+        directory = Path(started["directory"])
+        assert started["port"] == port
+        # The main process wrote the zeroed series; pool children wrote what they counted.
+        writers = {path.stem.rsplit("_", 1)[1] for path in directory.glob("counter_*.db")}
+        assert str(worker.pid) in writers
+        assert len(writers) >= 2, f"only {writers} wrote counters"
+
+        assert worker.stop() == 0
+        # A warm shutdown stops the endpoint and removes the directory of this run.
+        assert not directory.exists()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url, timeout=2)
+
+
+def test_metrics_port_in_use_stops_the_worker_with_a_clear_message(tmp_path: Path) -> None:
+    with socket.socket() as taken, Cluster(tmp_path) as cluster:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = cluster.start_worker(
+            "metrics-conflict", concurrency=1, env_overrides={"METRICS_PORT": str(port), "METRICS_ADDR": "127.0.0.1"}, wait=False
+        )
+        assert worker.wait_exit(30) != 0
+        assert f"METRICS_PORT {port} cannot be served" in worker.log_text()
