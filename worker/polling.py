@@ -162,7 +162,8 @@ def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
         metrics.poll("completed")
         metrics.detection_lag(now - (watch.history[-1].at if watch.history else watch.started_at))
         events = completed_events(
-            watch_id, watch.job_id, outcome.data, watch.metadata, per_part=settings.webhook_max_results_per_part, now=now
+            watch_id, watch.job_id, outcome.data, watch.metadata,
+            per_part=settings.webhook_max_results_per_part, now=now,
         )
         return _finish(ctx, _with_polls(watch, polls), holder, "completed", events)
     if isinstance(outcome, check365.Failed):

@@ -1,21 +1,34 @@
 """When to poll a Check365 job next: pure functions of the observed history.
 
 Nothing here reads a clock, Redis or Celery: the caller passes ``now`` and the
-recent observations it keeps in the watch state, and turns the returned delay
-into a countdown.
+recent observations it keeps in the watch state (``remember``,
+``observations_to_json`` and ``observations_from_json``), and turns the
+returned delay into a countdown.
 
 Poll gaps (``next_poll_delay``)
-    The first poll comes ``initial_delay`` after the watch starts. Afterwards
-    the progress rate seen in the recent observations predicts when the job
-    completes, and the next poll is aimed just after that moment; a job that
-    is far from done is polled every ``max_delay`` so that the estimate keeps
-    improving. When the prediction is uncertain (noisy or stepwise progress),
-    the poll is aimed early by the uncertainty and the predicted moment is
-    then scanned at short gaps, because a poll that comes too early costs one
-    request while one that comes too late delays the webhook. Without a
-    usable rate (no progress reported yet, or progress stalled) the gaps grow
-    geometrically from the last time progress moved. Every gap stays within
-    ``(0, max_delay]`` and never passes the watch deadline.
+    The first poll comes ``initial_delay`` after the watch starts. From then
+    on a robust line (Theil-Sen) through the recent readings, with the start
+    of the watch as a reading of 0 %, predicts when the job reaches 100 %.
+    Time between equal readings is cut out first, so that a pause does not
+    slow down the predicted pace once the job runs again.
+
+    The next poll is aimed just after the predicted completion, moved earlier
+    by the uncertainty of the prediction (the scatter of the readings around
+    the line and the length of the extrapolation) and by the fastest recent
+    pace: a poll that comes too early costs one request, one that comes too
+    late delays the webhook. A completion more than ``max_delay`` away is
+    approached in ``max_delay`` steps, each refining the estimate. Once within
+    the uncertainty, the predicted moment is scanned ``initial_delay`` apart,
+    or wider when the uncertainty is very wide.
+
+    Before any progress shows, the gaps double from ``initial_delay``. While
+    progress stands still they grow by half each poll, but not beyond the
+    moment a resumed job could finish, until the pause has lasted four times
+    that long. Every gap lies within ``(0, max_delay]`` and ends at the watch
+    deadline at the latest.
+
+    ``benchmarks/polling.py`` measures the schedule against a fixed interval,
+    plain doubling and the fewest polls possible.
 
 Transient failures (``transient_delay``)
     Exponential backoff with jitter, honouring a server-given ``Retry-After``.
@@ -23,11 +36,13 @@ Transient failures (``transient_delay``)
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "HISTORY_LIMIT",
@@ -42,7 +57,7 @@ __all__ = [
 ]
 
 # Eight points give a rate estimate that resists one or two bad readings while
-# the JSON kept per watch stays around 300 bytes.
+# the JSON kept per watch stays around 200 bytes.
 HISTORY_LIMIT = 8
 
 # A Retry-After beyond an hour is more likely a misconfigured proxy than a
@@ -54,28 +69,51 @@ RETRY_AFTER_CAP_S = 3600.0
 _MIN_DELAY_S = 0.01
 # Polls are never closer than min(initial_delay, this), whatever the estimate says.
 _FLOOR_S = 1.0
-# Without a rate, the next gap is this fraction of the time since progress last
-# moved: gaps then grow by 1.5x per poll, reaching max_delay quickly.
-_GROWTH = 0.5
-_GROWTH_UNSTARTED = 1.0
-_STALL_LAG = 0.1
-# Near a predicted completion, polls are this fraction of initial_delay apart:
-# the detection lag is then no worse than a fixed initial_delay interval.
-_SCAN_FRACTION = 0.8
-# Polls are aimed this long after the predicted completion, so that a job
-# finishing exactly on its trend is seen completed on the first try.
+# Near a predicted completion, polls are this fraction of initial_delay apart,
+# so that the detection lag there is no worse than a fixed initial_delay interval.
+_SCAN_FRACTION = 1.0
+# Polls are aimed this long after a predicted completion, so that a job that
+# finishes exactly on its trend is seen completed at the first try.
 _AIM_LATE_S = 0.25
-# How many standard deviations of the predicted completion time the aim is
-# moved earlier before scanning.
-_MARGIN_Z = 1.65
-# Relative uncertainty of a rate measured from a single observation: with
-# nothing to compare it to, assume it may be this far off.
+# Until any progress shows, the gap is this fraction of the time since the
+# start (x2 per poll): the job may still be queued, and its length is unknown.
+_GROWTH_UNSTARTED = 1.0
+# While progress stands still, the gap is this fraction of the time since it
+# last moved (x1.5 per poll): a pause may end any time, a dead job never.
+_GROWTH_STALLED = 0.5
+# ...but no longer than the time a resumed job needs to finish plus a scan
+# step, until the pause has lasted 1/this of the gap: a long pause is unlikely
+# to end exactly now, and a job frozen near 100 % must not be polled forever.
+_STALL_LAG = 0.25
+# The aim is moved earlier by this many standard errors of the predicted
+# completion time: early costs one poll, late costs lag.
+_MARGIN_Z = 0.75
+# One-sided 95 % Student t quantiles for 1..7 degrees of freedom, relative to
+# the normal one, widen the margin so that 3 or 4 points do not look as
+# certain as 9.
+_T95 = (6.31, 2.92, 2.35, 2.13, 2.02, 1.94, 1.89)
+_Z95 = 1.645
+# Scatter (percentage points) assumed for a single reading, which has nothing
+# to be compared with: integer rounding alone is worth half a point.
 _PRIOR_SCATTER_PP = 0.5
-_PRIOR_DOF = 1.0
+# How much faster than the fitted rate the recent pace may be trusted to be.
+# The pace between two readings is what a job resumed after a pause or in a
+# fast phase will keep, but on noisy readings it overshoots.
+_FAST_CAP = 3.0
+# An uncertain completion is scanned with at most about this many polls per
+# two standard errors: beyond that the gaps widen rather than the polls multiply.
+_SCAN_POLLS = 13.0
+# From this many points on, the scatter is estimated from the median residual,
+# so that one stale reading does not inflate it.
+_ROBUST_MIN_POINTS = 5
 # Progress differences below this (percentage points) count as no change.
 _FLAT_EPS = 1e-6
-_FAST_CAP = 3.0
-_MAX_SCAN_POLLS = 10.0
+# A rate that would need more than ~30 years to finish is no rate at all, and
+# keeping it would only overflow the arithmetic.
+_MIN_RATE = 100.0 / 1e9
+# Readings (and watch starts) older than this are corrupt state: no watch
+# lasts four months.
+_MAX_AGE_S = 1e7
 
 
 @dataclass(frozen=True)
@@ -158,9 +196,10 @@ def next_poll_delay(
         raise ValueError("now must be a finite number of seconds")
     if not math.isfinite(started_at) or started_at > now:
         started_at = now
+    started_at = max(started_at, now - _MAX_AGE_S)
     floor = max(min(initial_delay, _FLOOR_S), _MIN_DELAY_S)
     points = _usable_points(history, now)
-    delay = _plan(points, now, started_at, initial_delay, max_delay, floor)
+    delay = _plan(points, started_at - now, initial_delay, max_delay, floor)
     if not math.isnan(deadline):
         delay = min(delay, deadline - now)
     return min(max(delay, _MIN_DELAY_S), max_delay)
@@ -221,105 +260,132 @@ def _usable_points(history: Sequence[Observation], now: float) -> list[tuple[flo
         at, progress = obs.at, obs.progress
         if progress is None or not (_is_number(at) and _is_number(progress)):
             continue
-        if not (math.isfinite(at) and math.isfinite(progress)) or not 0 <= progress <= 100:
+        if not (math.isfinite(at) and math.isfinite(progress)) or progress < 0:
             continue
         # Another worker's clock may run slightly ahead; anything further in the
         # future is corrupt state and would turn every rate upside down.
-        if at > now + 1.0:
+        if at > now + 1.0 or at < now - _MAX_AGE_S:
             continue
-        points.append((min(at - now, 0.0), float(progress)))
+        # A percentage computed from racing counters may overshoot a little.
+        points.append((min(at - now, 0.0), min(float(progress), 100.0)))
     points.sort(key=lambda p: p[0])
     return points[-HISTORY_LIMIT:]
 
 
 def _plan(
-    points: list[tuple[float, float]],
-    now: float,
-    started_at: float,
-    initial_delay: float,
-    max_delay: float,
-    floor: float,
+    points: list[tuple[float, float]], start: float, initial_delay: float, max_delay: float, floor: float
 ) -> float:
-    start = started_at - now  # <= 0, on the same axis as the points
+    """The delay before clamping; ``start`` and the points' times are relative to now."""
     scan = max(_SCAN_FRACTION * initial_delay, floor)
-    growth = max(initial_delay, _GROWTH_UNSTARTED * -start)
     if not points or max(p for _, p in points) <= _FLAT_EPS:
-        return growth
-    pts = points
-    if start < points[0][0] - 1e-6:
-        pts = [(start, 0.0), *points]
+        return max(initial_delay, _GROWTH_UNSTARTED * -start)
+    # The watch usually starts when the job is created: (start, 0) is one more
+    # reading, and the only other one after the first poll.
+    pts = [(start, 0.0), *points] if start < points[0][0] else points
 
+    # pts[run:] is the trailing run of equal readings: two or more mean a pause.
     last = pts[-1][1]
-    k = len(pts) - 1
-    while k > 0 and abs(pts[k - 1][1] - last) <= _FLAT_EPS:
-        k -= 1
-    flat = k < len(pts) - 1
-    moved_at = pts[k - 1][0] if k > 0 else start
+    run = len(pts) - 1
+    while run > 0 and abs(pts[run - 1][1] - last) <= _FLAT_EPS:
+        run -= 1
+    # Progress last moved just before its best reading was first seen.
+    best = max(p for _, p in pts)
+    first_best = next(i for i, (_, p) in enumerate(pts) if p >= best - _FLAT_EPS)
+    idle = -(pts[first_best - 1][0] if first_best > 0 else start)
+    active = _active_axis(pts)
+    line = _fit(active)
+    if line is None:
+        return max(scan, _GROWTH_STALLED * idle)
+    rate, position, scatter, t_mean, sxx, n = line
 
-    fit = _fit(pts)
-    if fit is None:
-        return max(scan, _GROWTH * -moved_at)
-    rate, position, sigma_p, t_mean, sxx, n = fit
-    monotone = all(b[1] >= a[1] - _FLAT_EPS for a, b in zip(pts, pts[1:], strict=False))
     fast = rate
-    if monotone:
-        for (ta, pa), (tb, pb) in zip(pts, pts[1:], strict=False):
+    if all(b[1] >= a[1] - _FLAT_EPS for a, b in itertools.pairwise(pts)):
+        # Readings that never go backwards are taken at face value.
+        position = max(position, last)
+        for (ta, pa), (tb, pb) in itertools.pairwise(active):
             if tb - ta > 1e-6:
                 fast = max(fast, (pb - pa) / (tb - ta))
         fast = min(fast, _FAST_CAP * rate)
-        position = max(position, last)
-    remaining = max(100.0 - position, 0.0) / rate
+    left = max(100.0 - position, 0.0)
+    remaining = left / rate
+
+    if run < len(pts) - 1:
+        # Stalled (or between two steps of a stepwise job).
+        stalled_gap = max(scan, _GROWTH_STALLED * idle)
+        resume_gap = max((100.0 - last) / fast + scan, _STALL_LAG * idle)
+        return min(stalled_gap, resume_gap)
+
     dof = n - 2
-    scatter = math.sqrt((dof * sigma_p**2 + _PRIOR_DOF * _PRIOR_SCATTER_PP**2) / (dof + _PRIOR_DOF))
-    sigma_t = scatter * math.sqrt(1 / n + (remaining - t_mean) ** 2 / sxx) / rate
-    fast_remaining = max(100.0 - position, 0.0) / fast
-    aim = min(remaining - _MARGIN_Z * sigma_t, fast_remaining)
-    # In the endgame the poll budget caps how finely an uncertain window is scanned.
-    step = max(scan, 2 * _MARGIN_Z * sigma_t / _MAX_SCAN_POLLS) if aim < scan else scan
-
-    if flat:
-        idle = -moved_at
-        idle_gap = max(step, _GROWTH * idle)
-        resume_gap = max((100.0 - last) / fast + step, _STALL_LAG * idle)
-        return min(idle_gap, resume_gap, max_delay)
-
+    if dof <= 0:
+        scatter, z = _PRIOR_SCATTER_PP, _MARGIN_Z
+    else:
+        z = _MARGIN_Z * max(_T95[min(dof, len(_T95)) - 1] / _Z95, 1.0)
+    # Standard error of the time at which the line reaches 100 %.
+    sigma = scatter * math.sqrt(1 / n + (remaining - t_mean) ** 2 / sxx) / rate
+    # The earlier of the cautious estimate and the recent pace: too early costs
+    # one poll, too late costs lag.
+    aim = min(remaining - z * sigma, left / fast)
     if aim > max_delay:
+        # Far away: the polls on the way there refine the estimate.
         return max_delay
-    if aim >= step:
+    if aim >= scan:
         return aim + _AIM_LATE_S
+    # Within the uncertainty of the prediction: scan it.
+    step = max(scan, 2 * sigma / _SCAN_POLLS)
     return max(floor, min(step, remaining + _AIM_LATE_S))
 
 
-def _fit(
-    points: list[tuple[float, float]],
-) -> tuple[float, float, float, float, float, int] | None:
-    """Robust line through the points.
+def _active_axis(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points with the time between equal readings cut out, ``now`` staying at 0.
 
-    Returns (rate, position now, scatter in percentage points or None when too
-    few points, mean time, sum of squared time deviations, count). Theil-Sen
-    (median of pairwise slopes) shrugs off a backwards or stale reading that
+    A pause does not change how fast the job works once it runs again: rates
+    are measured on this axis.
+    """
+    cut = 0.0
+    out: list[tuple[float, float]] = []
+    for i in range(len(points) - 1, -1, -1):
+        t, p = points[i]
+        out.append((t + cut, p))
+        if i and abs(p - points[i - 1][1]) <= _FLAT_EPS:
+            cut += t - points[i - 1][0]
+    out.reverse()
+    return out
+
+
+class _Line(NamedTuple):
+    rate: float  # percentage points per second, > 0
+    position: float  # progress now (time 0)
+    scatter: float  # of the readings around the line, percentage points
+    t_mean: float
+    sxx: float  # sum of squared deviations of the times from t_mean
+    n: int
+
+
+def _fit(points: list[tuple[float, float]]) -> _Line | None:
+    """Theil-Sen line through the points, or None without a positive rate.
+
+    The median of pairwise slopes shrugs off a backwards or stale reading that
     would drag a least-squares line.
     """
-    slopes: list[float] = []
-    for i, (ti, pi) in enumerate(points):
-        for tj, pj in points[i + 1 :]:
-            if tj - ti > 1e-6:
-                slopes.append((pj - pi) / (tj - ti))
+    slopes = [
+        (pj - pi) / (tj - ti) for i, (ti, pi) in enumerate(points) for tj, pj in points[i + 1 :] if tj - ti > 1e-6
+    ]
     if not slopes:
         return None
     rate = _median(slopes)
-    if not (rate > 0 and math.isfinite(rate)):
+    if not rate > _MIN_RATE:
         return None
     position = _median([p - rate * t for t, p in points])
     n = len(points)
-    times = [t for t, _ in points]
-    t_mean = sum(times) / n
-    sxx = sum((t - t_mean) ** 2 for t in times)
-    if n <= 2 or sxx <= 0:
-        return rate, position, 0.0, t_mean, max(sxx, 1e-9), n
+    t_mean = sum(t for t, _ in points) / n
+    sxx = max(sum((t - t_mean) ** 2 for t, _ in points), 1e-9)
+    if n <= 2:
+        return _Line(rate, position, 0.0, t_mean, sxx, n)
     residuals = [p - (position + rate * t) for t, p in points]
-    sigma = math.sqrt(sum(r * r for r in residuals) / (n - 2))
-    return rate, position, sigma, t_mean, sxx, n
+    scatter = math.sqrt(sum(r * r for r in residuals) / (n - 2))
+    if n >= _ROBUST_MIN_POINTS:
+        scatter = min(scatter, 1.4826 * _median([abs(r) for r in residuals]) * n / (n - 2))
+    return _Line(rate, position, scatter, t_mean, sxx, n)
 
 
 def _median(values: list[float]) -> float:

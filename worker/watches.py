@@ -124,7 +124,7 @@ class Watch:
             due=_float(h.get("due")),
             outcome=h.get("outcome") or None,
             finished_at=_float(h.get("finished_at")) if h.get("finished_at") else None,
-            history=observations_from_json(json.loads(h.get("history") or "[]")),
+            history=observations_from_json(h.get("history") or "[]"),
             events=list(json.loads(h.get("events") or "[]")),
         )
 
