@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
 
 from config.celery import DELIVER_TASK
 from config.settings import Settings, load_settings
@@ -149,12 +153,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def _replay(settings: Settings, outbox: Any, webhook_id: str) -> bool:
     from worker.enqueue import client_app
 
+    event = outbox.get(webhook_id)
     token = outbox.replay(webhook_id, time.time())
     if token is None:
         return False
-    client_app(settings).send_task(
-        DELIVER_TASK, kwargs={"webhook_id": webhook_id, "token": token}, queue=settings.queue
-    )
+    queue = (event.queue if event else "") or settings.queue
+    client_app(settings).send_task(DELIVER_TASK, kwargs={"webhook_id": webhook_id, "token": token}, queue=queue)
     return True
 
 
@@ -362,8 +366,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Check365WorkerError as exc:
         print(f"check365-worker: {exc}", file=sys.stderr)
         return 1
+    except (KombuOperationalError, RedisError, OSError) as exc:
+        # Never print the URL: it may carry the Redis password.
+        print(f"check365-worker: cannot reach Redis: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return re.sub(r"rediss?://\S+", "<REDIS_URL>", text)[:200]
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from config.celery import WATCH_TASK
 from config.settings import Settings, load_settings
 from worker.errors import InvalidWatchRequest
@@ -81,6 +83,12 @@ def validate_metadata(metadata: object) -> dict[str, Any] | None:
         raise InvalidWatchRequest("metadata", "keys must be strings")
     _reject_non_finite(metadata)
     parsed: dict[str, Any] = json.loads(encoded)
+    try:
+        # Events are serialised with orjson, whose integers are 64-bit: refuse here
+        # what could not be echoed later.
+        orjson.dumps(parsed)
+    except TypeError:
+        raise InvalidWatchRequest("metadata", "integers must fit in 64 bits") from None
     return parsed
 
 

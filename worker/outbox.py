@@ -48,6 +48,7 @@ class StoredEvent:
     created_at: float
     replays: int = 0
     last_error: str | None = None
+    queue: str = ""
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
@@ -66,6 +67,7 @@ class StoredEvent:
             created_at=float(h.get("created_at") or 0),
             replays=int(h.get("replays") or 0),
             last_error=h.get("last_error") or None,
+            queue=h.get("queue", ""),
             attempts=attempts,
         )
 
@@ -84,7 +86,7 @@ class Outbox:
         return f"{PREFIX}event_attempts:{webhook_id}"
 
     def fields_for(self, event: Event, *, watch_id: str = "", job_id: str = "", callback_url: str = "",
-                   now: float = 0.0) -> dict[str, str]:
+                   now: float = 0.0, queue: str = "") -> dict[str, str]:
         """The hash fields an event starts with (the finish script adds state and token)."""
         return {
             "webhook_id": event.webhook_id,
@@ -96,6 +98,7 @@ class Outbox:
             "job_id": job_id,
             "callback_url": callback_url,
             "created_at": fmt(now),
+            "queue": queue,
         }
 
     def get(self, webhook_id: str) -> StoredEvent | None:

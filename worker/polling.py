@@ -63,7 +63,7 @@ def new_watch_id() -> str:
     return "w_" + secrets.token_hex(10)
 
 
-def start_watch(ctx: Context, request: WatchRequest) -> Reschedule | Dropped:
+def start_watch(ctx: Context, request: WatchRequest, queue: str = "") -> Reschedule | Dropped:
     now = ctx.clock()
     delay = ctx.settings.poll_initial_delay_s
     watch_id, token = ctx.watches.create(
@@ -74,6 +74,7 @@ def start_watch(ctx: Context, request: WatchRequest) -> Reschedule | Dropped:
         now=now,
         first_poll_at=now + delay,
         deadline=now + ctx.settings.watch_timeout_s,
+        queue=queue or ctx.settings.queue,
     )
     if token is None:
         log.info("watch_duplicate", watch_id=watch_id)

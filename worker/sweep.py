@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import structlog
 
 from worker.context import Context
+from worker.store import text
 from worker.watches import Watch
 
 log = structlog.get_logger("check365.sweep")
@@ -32,6 +33,7 @@ class RearmedWatch:
 class RearmedEvent:
     webhook_id: str
     token: str
+    queue: str
 
 
 def sweep(ctx: Context, *, batch: int = BATCH) -> tuple[list[RearmedWatch], list[RearmedEvent]]:
@@ -47,7 +49,8 @@ def sweep(ctx: Context, *, batch: int = BATCH) -> tuple[list[RearmedWatch], list
     for webhook_id in ctx.outbox.items.overdue(now, batch):
         token = ctx.outbox.items.rearm(webhook_id, now, grace)
         if token:
-            events.append(RearmedEvent(webhook_id, token))
+            queue = text(ctx.redis.hget(ctx.outbox.items.key(webhook_id), "queue"))
+            events.append(RearmedEvent(webhook_id, token, queue or ctx.settings.queue))
     if watches or events:
         log.info("sweep_rearmed", watches=len(watches), events=len(events))
     return watches, events

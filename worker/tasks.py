@@ -30,14 +30,21 @@ def _reject(event: str, reason: str, **fields: Any) -> None:
     log.warning(event, reason=reason[:300], **fields)
 
 
-def _send_poll(request: WatchRequest, watch_id: str, token: str, delay: float) -> None:
+def _queue_of(task: Any) -> str:
+    """The queue this message came on: follow-ups stay on it."""
+    delivery = getattr(task.request, "delivery_info", None) or {}
+    routing_key = delivery.get("routing_key")
+    return routing_key if isinstance(routing_key, str) and routing_key else settings.queue
+
+
+def _send_poll(request: WatchRequest, watch_id: str, token: str, delay: float, queue: str) -> None:
     kwargs = {**request.kwargs(), "watch_id": watch_id, "token": token}
-    watch_bulk_job.apply_async(kwargs=kwargs, countdown=delay, queue=settings.queue)
+    watch_bulk_job.apply_async(kwargs=kwargs, countdown=delay, queue=queue)
 
 
-def send_delivery(webhook_id: str, token: str, delay: float = 0.0) -> None:
+def send_delivery(webhook_id: str, token: str, queue: str, delay: float = 0.0) -> None:
     deliver_webhook.apply_async(
-        kwargs={"webhook_id": webhook_id, "token": token}, countdown=delay or None, queue=settings.queue
+        kwargs={"webhook_id": webhook_id, "token": token}, countdown=delay or None, queue=queue
     )
 
 
@@ -61,7 +68,7 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
     ctx = process_context(settings)
     result: StepResult
     if watch_id is None and token is None:
-        result = start_watch(ctx, request)
+        result = start_watch(ctx, request, _queue_of(self))
     elif isinstance(watch_id, str) and isinstance(token, str) and _ID.fullmatch(watch_id) and _ID.fullmatch(token):
         structlog.contextvars.bind_contextvars(watch_id=watch_id)
         result = poll_once(ctx, watch_id, token)
@@ -70,11 +77,11 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
         return "rejected"
 
     if isinstance(result, Reschedule):
-        _send_poll(request, result.watch_id, result.token, result.delay)
+        _send_poll(request, result.watch_id, result.token, result.delay, _queue_of(self))
         return "scheduled"
     if isinstance(result, Finished):
         for webhook_id, event_token in result.deliveries:
-            send_delivery(webhook_id, event_token)
+            send_delivery(webhook_id, event_token, _queue_of(self))
         return result.outcome
     assert isinstance(result, Dropped)  # noqa: S101 - exhaustive over StepResult
     log.debug("watch_message_dropped", reason=result.reason, watch_id=result.watch_id)
@@ -94,7 +101,7 @@ def deliver_webhook(self: Any, *args: Any, **kwargs: Any) -> str:
     result = deliver_once(process_context(settings), webhook_id, token)
     if isinstance(result, RetryLater):
         if result.countdown:
-            send_delivery(webhook_id, result.token, result.delay)
+            send_delivery(webhook_id, result.token, _queue_of(self), result.delay)
         return "retry"
     if isinstance(result, Delivered):
         return "delivered"
@@ -108,7 +115,7 @@ def sweep_task() -> str:
     watches, events = sweep(process_context(settings))
     for item in watches:
         request = WatchRequest(item.watch.job_id, item.watch.callback_url, item.watch.metadata)
-        _send_poll(request, item.watch.watch_id, item.token, 0.0)
+        _send_poll(request, item.watch.watch_id, item.token, 0.0, item.watch.queue or settings.queue)
     for event in events:
-        send_delivery(event.webhook_id, event.token)
+        send_delivery(event.webhook_id, event.token, event.queue)
     return f"rearmed {len(watches)} watches, {len(events)} events"

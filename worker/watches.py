@@ -104,6 +104,7 @@ class Watch:
     finished_at: float | None = None
     history: list[Observation] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    queue: str = ""
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Watch:
@@ -126,6 +127,7 @@ class Watch:
             finished_at=_float(h.get("finished_at")) if h.get("finished_at") else None,
             history=observations_from_json(h.get("history") or "[]"),
             events=list(json.loads(h.get("events") or "[]")),
+            queue=h.get("queue", ""),
         )
 
 
@@ -147,6 +149,7 @@ class WatchStore:
         now: float,
         first_poll_at: float,
         deadline: float,
+        queue: str = "",
     ) -> tuple[str, str | None]:
         """Create a watch unless one is active for the pair.
 
@@ -167,6 +170,8 @@ class WatchStore:
             "armed": "1",
             "polls": "0",
             "failures": "0",
+            # The queue its messages travel on, so that the sweep re-arms it there.
+            "queue": queue,
         }
         flat: list[str] = []
         for k, v in fields.items():
@@ -214,7 +219,8 @@ class WatchStore:
             token = new_token()
             tokens.append((event.webhook_id, token))
             args += [event.webhook_id, token, event.body.decode("utf-8"), json.dumps(outbox.fields_for(
-                event, watch_id=watch.watch_id, job_id=watch.job_id, callback_url=watch.callback_url, now=now
+                event, watch_id=watch.watch_id, job_id=watch.job_id, callback_url=watch.callback_url, now=now,
+                queue=watch.queue,
             ))]
         ok = self._finish(
             keys=[

@@ -83,7 +83,9 @@ def test_metrics_sum_every_pool_process_and_read_pool_gauges_from_redis(tmp_path
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     with Cluster(tmp_path) as cluster:
-        worker = cluster.start_worker("metrics", concurrency=2, env_overrides={"METRICS_PORT": str(port), "METRICS_ADDR": "127.0.0.1"})
+        worker = cluster.start_worker(
+            "metrics", concurrency=2, env_overrides={"METRICS_PORT": str(port), "METRICS_ADDR": "127.0.0.1"}
+        )
 
         # Before any task: the endpoint answers, every labelled series exists at zero,
         # and the gauges come from Redis.
@@ -104,16 +106,23 @@ def test_metrics_sum_every_pool_process_and_read_pool_gauges_from_redis(tmp_path
             cluster.enqueue(job_id, f"/hooks/{job_id}")
 
         # While the watches run.
-        running = scrape_until(url, lambda s: (value(s, "check365_watches_active") or 0) >= 1
-                               and total(s, "check365_polls_total") > 0)
+        running = scrape_until(
+            url, lambda s: (value(s, "check365_watches_active") or 0) >= 1 and total(s, "check365_polls_total") > 0
+        )
         assert 1 <= (value(running, "check365_watches_active") or 0) <= 5
         assert value(running, "check365_deliveries_pending") is not None
         assert value(running, "check365_dead_letters_stored") is not None
 
-        records = wait_for_events(worker, {
-            "watch_completed": 3, "watch_failed": 1, "webhook_delivered": 3, "webhook_failed": 1,
-            "webhook_dead_lettered": 1,
-        })
+        records = wait_for_events(
+            worker,
+            {
+                "watch_completed": 3,
+                "watch_failed": 1,
+                "webhook_delivered": 3,
+                "webhook_failed": 1,
+                "webhook_dead_lettered": 1,
+            },
+        )
         assert all(r.verified for r in cluster.receiver.received())
         assert_events_valid(cluster.receiver.received())
         after = scrape(url)
@@ -143,10 +152,16 @@ def test_metrics_sum_every_pool_process_and_read_pool_gauges_from_redis(tmp_path
         assert cluster.watches().cancel(slow.watch_id)
         # Every request is timed, whatever its outcome; a poll that was under way when
         # the watch was cancelled may still be counted, so wait for the two to agree.
-        final = scrape_until(url, lambda s: value(s, "check365_watches_active") == 0 and (
-            value(s, "check365_request_seconds_count")
-            == total(s, "check365_polls_total") - (value(s, "check365_polls_total", outcome="throttled") or 0)
-        ))
+        final = scrape_until(
+            url,
+            lambda s: (
+                value(s, "check365_watches_active") == 0
+                and (
+                    value(s, "check365_request_seconds_count")
+                    == total(s, "check365_polls_total") - (value(s, "check365_polls_total", outcome="throttled") or 0)
+                )
+            ),
+        )
         assert value(final, "check365_request_seconds_count") == len(cluster.sim.requests())
 
         (started,) = [r for r in records if r.get("event") == "metrics_started"]
@@ -170,7 +185,10 @@ def test_metrics_port_in_use_stops_the_worker_with_a_clear_message(tmp_path: Pat
         taken.listen()
         port = taken.getsockname()[1]
         worker = cluster.start_worker(
-            "metrics-conflict", concurrency=1, env_overrides={"METRICS_PORT": str(port), "METRICS_ADDR": "127.0.0.1"}, wait=False
+            "metrics-conflict",
+            concurrency=1,
+            env_overrides={"METRICS_PORT": str(port), "METRICS_ADDR": "127.0.0.1"},
+            wait=False,
         )
         assert worker.wait_exit(30) != 0
         assert f"METRICS_PORT {port} cannot be served" in worker.log_text()

@@ -1,0 +1,239 @@
+"""The API key and the webhook secret reach no log line and no Redis value, not even at debug level.
+
+A system of its own runs a completion, a refused API key and a delivery that fails
+once, with LOG_LEVEL=debug. Then every log line of its worker and beat processes,
+every command Redis received while it ran (MONITOR), and every value left in Redis
+(kombu's queued and unacked messages decoded from their base64 envelope) are
+searched for each secret, plain and base64-encoded at any alignment.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from tests.support.cluster import Cluster, WorkerProcess, new_api_key, wait_until
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 25.0
+WRONG_KEY_QUEUE = "it-secrets-wrong-key"
+
+
+def base64_forms(secret: str) -> list[bytes]:
+    """What ``secret`` looks like inside any base64 text, whatever bytes precede it.
+
+    Base64 encodes 3 bytes as 4 characters, so the text depends on the secret's offset
+    modulo 3; the characters that mix in neighbouring bytes are cut off.
+    """
+    raw = secret.encode()
+    forms = []
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw)
+        whole = (offset + len(raw)) // 3 * 4  # characters of complete 3-byte groups
+        forms.append(encoded[(4 * offset + 2) // 3 : whole])
+    return forms
+
+
+def leaks(blob: bytes, secrets: dict[str, str]) -> list[str]:
+    """The names of the secrets that ``blob`` contains, plainly or base64-encoded."""
+    found = []
+    for name, value in secrets.items():
+        if value.encode() in blob or any(form in blob for form in base64_forms(value)):
+            found.append(name)
+    return found
+
+
+def decoded_messages(value: bytes) -> list[bytes]:
+    """The bodies of any kombu messages in ``value``: they are stored base64-encoded in JSON."""
+    bodies: list[bytes] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            body = node.get("body")
+            if isinstance(body, str) and node.get("properties", {}).get("body_encoding") == "base64":
+                with contextlib.suppress(binascii.Error, ValueError):
+                    bodies.append(base64.b64decode(body))
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    with contextlib.suppress(ValueError):
+        walk(json.loads(value))
+    return bodies
+
+
+def _bytes(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def redis_values(client: redis.Redis) -> list[tuple[str, bytes]]:
+    """(key, value) for every value of every key, whatever its type."""
+    out: list[tuple[str, bytes]] = []
+    for raw_key in client.scan_iter(count=1000):
+        key = _bytes(raw_key).decode("utf-8", "replace")
+        kind = _bytes(client.type(raw_key)).decode()
+        values: list[object] = [raw_key]
+        if kind == "string":
+            values.append(client.get(raw_key))
+        elif kind == "hash":
+            for field, value in client.hgetall(raw_key).items():
+                values += [field, value]
+        elif kind == "list":
+            values += client.lrange(raw_key, 0, -1)
+        elif kind == "set":
+            values += list(client.smembers(raw_key))
+        elif kind == "zset":
+            values += list(client.zrange(raw_key, 0, -1))
+        elif kind == "stream":
+            for _, entry in client.xrange(raw_key) or []:
+                values += [item for pair in (entry or {}).items() for item in pair]
+        for item in values:
+            blob = _bytes(item)
+            out.append((key, blob))
+            out += [(f"{key} (decoded message)", body) for body in decoded_messages(blob)]
+    return out
+
+
+class CommandRecorder:
+    """Every command Redis receives while it runs (MONITOR), with its arguments."""
+
+    def __init__(self, url: str) -> None:
+        self._client = redis.Redis.from_url(url)
+        self._monitor = self._client.monitor()  # type: ignore[no-untyped-call]
+        self._monitor.__enter__()
+        self.commands: list[bytes] = []
+        self._thread = threading.Thread(target=self._run, name="redis-monitor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                command = self._monitor.next_command()
+                self.commands.append(str(command.get("command", "")).encode())
+        except (redis.ConnectionError, OSError, ValueError, AttributeError):
+            return  # the connection was closed by stop()
+
+    def stop(self) -> None:
+        self._monitor.connection.disconnect()
+        self._thread.join(5)
+        self._client.close()
+
+
+@pytest.fixture(scope="module")
+def secret_flow() -> Iterator[tuple[Cluster, CommandRecorder, list[WorkerProcess], dict[str, str]]]:
+    """A debug-level system that has run a completion, a refused key and a retried delivery."""
+    with Cluster() as cluster:
+        recorder = CommandRecorder(cluster.redis_url)
+        wrong_key = new_api_key()
+        debug = {"LOG_LEVEL": "debug"}
+        processes = [
+            cluster.start_worker("secrets-worker", concurrency=2, env_overrides=debug, wait=False),
+            cluster.start_worker(
+                "secrets-wrong-key",
+                concurrency=1,
+                queue=WRONG_KEY_QUEUE,
+                env_overrides={**debug, "CHECK365_API_KEY": wrong_key},
+                wait=False,
+            ),
+            cluster.start_beat("secrets-beat", env_overrides=debug, wait=False),
+        ]
+        try:
+            for process in processes:
+                process.wait_ready()
+
+            cluster.sim.add_job("S-done", size=3, duration_s=0.5)
+            cluster.enqueue("S-done", "/hooks/S-done", {"flow": "completion"})
+            cluster.sim.add_job("S-refused", size=3, duration_s=0.0)
+            cluster.enqueue("S-refused", "/hooks/S-refused", CHECK365_QUEUE=WRONG_KEY_QUEUE)
+            cluster.receiver.script("/hooks/S-retried", [500])
+            cluster.sim.add_job("S-retried", size=3, duration_s=0.0)
+            cluster.enqueue("S-retried", "/hooks/S-retried")
+
+            def flows_done(rx: list[Any]) -> bool:
+                paths = [r.path for r in rx if r.status_sent == 200]
+                return all(p in paths for p in ("/hooks/S-done", "/hooks/S-refused", "/hooks/S-retried"))
+
+            cluster.receiver.wait_for(flows_done, TIMEOUT)
+            # The outbox records a delivery just after the receiver answered it.
+            outbox = cluster.outbox()
+            wait_until(
+                lambda: all(
+                    w.events and all((e := outbox.get(i)) is not None and e.state == "delivered" for i in w.events)
+                    for job in ("S-done", "S-refused", "S-retried")
+                    for w in cluster.watch_state(job)
+                ),
+                TIMEOUT,
+                "every event is recorded as delivered",
+            )
+        finally:
+            for process in processes:
+                process.stop()
+            recorder.stop()
+        secrets = {
+            "CHECK365_API_KEY": cluster.api_key,
+            "the refused CHECK365_API_KEY": wrong_key,
+            "WEBHOOK_SECRET": cluster.secret,
+            "WEBHOOK_SECRET's key": cluster.secret.removeprefix("whsec_"),
+        }
+        yield cluster, recorder, processes, secrets
+
+
+def test_the_flow_ran_as_intended(
+    secret_flow: tuple[Cluster, CommandRecorder, list[WorkerProcess], dict[str, str]],
+) -> None:
+    # Without this, a flow that silently did less would make the searches below pass vacuously.
+    cluster, recorder, processes, _ = secret_flow
+    (refused,) = list(cluster.receiver.received("/hooks/S-refused"))
+    assert refused.verified and refused.json()["data"]["reason"] == "unauthorized"
+    retried = cluster.receiver.received("/hooks/S-retried")
+    assert [r.status_sent for r in retried] == [500, 200] and all(r.verified for r in retried)
+    (done,) = cluster.receiver.received("/hooks/S-done")
+    assert done.verified and done.json()["type"] == "bulk_validation.completed"
+    for process in processes:
+        assert any(r.get("level") == "debug" for r in process.log_records()), f"{process.name} logged no debug line"
+    # MONITOR saw the broker messages being published, so the search below covers them.
+    publishes = [c for c in recorder.commands if c.upper().startswith(b"LPUSH CHECK365 ")]
+    assert any(b"check365.watch_bulk_job" in c for c in publishes), "no watch message seen by MONITOR"
+
+
+def test_no_log_line_contains_a_secret(
+    secret_flow: tuple[Cluster, CommandRecorder, list[WorkerProcess], dict[str, str]],
+) -> None:
+    _, _, processes, secrets = secret_flow
+    for process in processes:
+        for number, line in enumerate(process.log_text().splitlines(), start=1):
+            found = leaks(line.encode(), secrets)
+            assert not found, f"{process.name} log line {number} contains {found}"
+
+
+def test_no_redis_command_carried_a_secret(
+    secret_flow: tuple[Cluster, CommandRecorder, list[WorkerProcess], dict[str, str]],
+) -> None:
+    # Covers broker messages that were published and consumed while the flow ran.
+    _, recorder, _, secrets = secret_flow
+    assert recorder.commands
+    for command in recorder.commands:
+        found = leaks(command, secrets)
+        assert not found, f"a Redis command contains {found}: {command[:300]!r}"
+
+
+def test_no_redis_value_contains_a_secret(
+    secret_flow: tuple[Cluster, CommandRecorder, list[WorkerProcess], dict[str, str]],
+) -> None:
+    cluster, _, _, secrets = secret_flow
+    values = redis_values(cluster.redis())
+    assert any(key.startswith("check365:watch:") for key, _ in values), "the watch state should be there"
+    for key, value in values:
+        found = leaks(value, secrets)
+        assert not found, f"Redis key {key} holds {found}"

@@ -1,0 +1,105 @@
+"""A bad setting stops ``celery -A worker worker`` and ``beat`` at once, with one line naming it.
+
+These processes need no running system but Redis for the valid case, so the module
+has a cluster of its own: nothing here can disturb the shared worker's queues.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.cluster import BEAT_READY, WORKER_READY, Cluster, WorkerProcess, quiet_period
+
+pytestmark = pytest.mark.integration
+
+# Generous: the processes exit in well under a second, but CI machines stall.
+EXIT_TIMEOUT = 30.0
+ROLES = ("worker", "beat")
+
+
+@pytest.fixture(scope="module")
+def startup_cluster() -> Iterator[Cluster]:
+    with Cluster() as started:
+        yield started
+
+
+def celery(cluster: Cluster, role: str, name: str, **overrides: str | None) -> WorkerProcess:
+    args = [sys.executable, "-m", "celery", "-A", "worker", role]
+    if role == "worker":
+        args += [
+            "-Q",
+            "it-startup",
+            "--concurrency",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "--hostname",
+            f"{name}@%h",
+        ]
+    else:
+        args += ["--schedule", str(cluster.directory / f"{name}-schedule")]
+    overrides.setdefault("CHECK365_QUEUE", "it-startup")
+    process = WorkerProcess(
+        name, args, cluster.env(**overrides), cluster.directory, WORKER_READY if role == "worker" else BEAT_READY
+    )
+    cluster.processes.append(process)  # stopped by the cluster even if an assertion fails first
+    return process
+
+
+MALFORMED_SECRET = "whsec_" + "not*base64!" + secrets.token_hex(8)
+UNPREFIXED_SECRET = base64.b64encode(secrets.token_bytes(24)).decode()
+SHORT_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(8)).decode()
+
+BAD_SETTINGS = [
+    pytest.param("CHECK365_API_KEY", {"CHECK365_API_KEY": None}, id="missing-api-key"),
+    pytest.param("WEBHOOK_SECRET", {"WEBHOOK_SECRET": None}, id="missing-secret"),
+    pytest.param("WEBHOOK_SECRET", {"WEBHOOK_SECRET": MALFORMED_SECRET}, id="secret-not-base64"),
+    pytest.param("WEBHOOK_SECRET", {"WEBHOOK_SECRET": UNPREFIXED_SECRET}, id="secret-without-prefix"),
+    pytest.param("WEBHOOK_SECRET", {"WEBHOOK_SECRET": SHORT_SECRET}, id="secret-too-short"),
+    pytest.param("POLL_MAX_DELAY_S", {"POLL_MAX_DELAY_S": "abc"}, id="poll-max-delay-not-a-number"),
+    pytest.param(
+        "BROKER_VISIBILITY_TIMEOUT_S",
+        {"POLL_MAX_DELAY_S": "10", "BROKER_VISIBILITY_TIMEOUT_S": "5"},
+        id="visibility-timeout-below-poll-max-delay",
+    ),
+]
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize(("variable", "overrides"), BAD_SETTINGS)
+def test_a_bad_setting_stops_the_process_with_one_line_naming_the_variable(
+    startup_cluster: Cluster, role: str, variable: str, overrides: dict[str, str | None]
+) -> None:
+    process = celery(startup_cluster, role, f"bad-{role}-{secrets.token_hex(3)}", **overrides)
+
+    code = process.wait_exit(EXIT_TIMEOUT)
+
+    assert code != 0
+    stderr_lines = [line for line in process.stderr_text().splitlines() if line.strip()]
+    assert len(stderr_lines) == 1, f"expected one line, got: {stderr_lines}"
+    assert variable in stderr_lines[0]
+    output = process.log_text()
+    env = startup_cluster.env(**overrides)
+    for name in ("CHECK365_API_KEY", "WEBHOOK_SECRET"):
+        value = env.get(name)
+        if value:
+            assert value not in output, f"{name}'s value was printed"
+            assert value.removeprefix("whsec_") not in output, f"{name}'s key was printed"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_valid_settings_start_the_process(startup_cluster: Cluster, role: str) -> None:
+    process = celery(startup_cluster, role, f"good-{role}")
+
+    process.wait_ready(EXIT_TIMEOUT)
+    if role == "beat":
+        # Beat has no "ready" beyond starting: it must send the sweep, then keep running.
+        process.wait_for_log("Sending due task check365-sweep", EXIT_TIMEOUT)
+        quiet_period(2.0)
+    assert process.alive, process.tail()
+    process.stop()
