@@ -1,0 +1,91 @@
+"""The operations CLI against the running system: watches, cancel, doctor, verify."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from tests.support.cluster import Cluster, quiet_period, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_watches_lists_active_watches_and_cancel_stops_one_without_an_event(
+    cluster: Cluster, job_id: str, hook_path: str
+) -> None:
+    cluster.sim.add_job(job_id, size=3, duration_s=3600, behaviour="never")
+    cluster.enqueue(job_id, hook_path)
+    wait_until(lambda: any(w.polls >= 1 for w in cluster.watch_state(job_id)), 30, "a first poll")
+
+    listed = cluster.cli("watches", "--job", job_id, "--json")
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert row["job_id"] == job_id
+    assert row["polls"] >= 1
+    assert row["last_status"] == "processing"
+
+    cancelled = cluster.cli("cancel", job_id, "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert len(json.loads(cancelled.stdout)["cancelled"]) == 1
+    [watch] = cluster.watch_state(job_id)
+    assert watch.state == "cancelled"
+    # No further polls and no event for a cancelled watch.
+    polls_then = len([r for r in cluster.sim.requests() if r.job_id == job_id])
+    quiet_period(3)
+    assert len([r for r in cluster.sim.requests() if r.job_id == job_id]) <= polls_then + 1
+    assert cluster.receiver.received(hook_path) == []
+    assert json.loads(cluster.cli("watches", "--job", job_id, "--json").stdout) == []
+    # Cancelling again finds nothing active.
+    assert cluster.cli("cancel", job_id).returncode == 1
+
+
+def test_doctor_checks_settings_redis_check365_and_clock(cluster: Cluster) -> None:
+    result = cluster.cli("doctor", "--json")
+    report = json.loads(result.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert set(checks) == {"settings", "redis", "clock", "check365"}
+    assert all(c["ok"] for c in checks.values()), report
+    assert result.returncode == 0
+    assert cluster.api_key not in result.stdout
+
+
+def test_doctor_reports_a_refused_key_and_an_unreachable_redis(cluster: Cluster) -> None:
+    refused = cluster.cli("doctor", "--json", env_overrides={"CHECK365_API_KEY": "wrong-key"})
+    assert refused.returncode == 1
+    checks = {c["name"]: c for c in json.loads(refused.stdout)["checks"]}
+    assert checks["check365"] == {"name": "check365", "ok": False, "detail": "the API key is refused"}
+    assert "wrong-key" not in refused.stdout
+
+    down = cluster.cli("doctor", env_overrides={"REDIS_URL": "redis://127.0.0.1:9/0"})
+    assert down.returncode == 1
+    assert "[FAIL] redis: unreachable" in down.stdout
+
+    bad = cluster.cli("doctor", env_overrides={"WEBHOOK_SECRET": "nope"})
+    assert bad.returncode == 1
+    assert "[FAIL] settings: WEBHOOK_SECRET" in bad.stdout
+
+
+def test_verify_checks_a_saved_request(cluster: Cluster, tmp_path: Path) -> None:
+    body = b'{"type":"bulk_validation.failed","data":{}}'
+    stamp = int(time.time())
+
+    signature = Webhook(cluster.secret).sign("msg_1", datetime.fromtimestamp(stamp, tz=UTC), body.decode())
+    headers = tmp_path / "headers.txt"
+    headers.write_text(f"Webhook-Id: msg_1\nWebhook-Timestamp: {stamp}\nWebhook-Signature: {signature}\n")
+    (tmp_path / "body.json").write_bytes(body)
+
+    ok = cluster.cli("verify", "--headers", str(headers), "--body", str(tmp_path / "body.json"),
+                     env_overrides={"WEBHOOK_SECRET": cluster.secret})
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("valid")
+
+    (tmp_path / "body.json").write_bytes(body.replace(b"failed", b"FAILED"))
+    tampered = cluster.cli("verify", "--headers", str(headers), "--body", str(tmp_path / "body.json"),
+                           env_overrides={"WEBHOOK_SECRET": cluster.secret})
+    assert tampered.returncode == 1
+    assert tampered.stdout.startswith("invalid")
