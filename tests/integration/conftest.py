@@ -16,6 +16,7 @@ from collections.abc import Generator, Iterator
 import pytest
 
 from tests.support.cluster import Cluster, WorkerProcess
+from tests.support.schemas import assert_events_valid
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +49,8 @@ def hook_path(job_id: str) -> str:
 
 @pytest.fixture(autouse=True)
 def no_crash_behind_the_scenes(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fail a flow test whose job made a step crash, even if the system recovered and the test passed."""
+    """Fail a flow test whose job made a step crash, even if the system recovered and the test passed,
+    or whose received events do not match their published JSON Schema."""
     names = request.fixturenames
     # A known bug's crash is the xfail's business, not a second failure.
     if "cluster" not in names or "job_id" not in names or request.node.get_closest_marker("xfail"):
@@ -57,9 +59,15 @@ def no_crash_behind_the_scenes(request: pytest.FixtureRequest) -> Iterator[None]
     # Taken before the test: fixtures are torn down before this one's teardown reads them.
     started: Cluster = request.getfixturevalue("cluster")
     job: str = request.getfixturevalue("job_id")
+    path: str | None = request.getfixturevalue("hook_path") if "hook_path" in names else None
     yield
     crashes = started.error_records(job)
     assert not crashes, f"a step crashed: {[(name, r.get('event')) for name, r in crashes][:3]}"
+    # Every event a flow received must match the JSON Schema of its type.
+    if path is not None:
+        received = [r for r in started.receiver.received(path) if r.verified]
+        if received:
+            assert_events_valid(received)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from tests.support.cluster import Cluster, quiet_period, wait_until
+from tests.support.cluster import Cluster, WorkerProcess, quiet_period, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -89,3 +89,22 @@ def test_verify_checks_a_saved_request(cluster: Cluster, tmp_path: Path) -> None
                            env_overrides={"WEBHOOK_SECRET": cluster.secret})
     assert tampered.returncode == 1
     assert tampered.stdout.startswith("invalid")
+
+
+def test_every_step_line_names_the_job_the_task_and_the_attempt(
+    cluster: Cluster, shared_worker: WorkerProcess, job_id: str, hook_path: str
+) -> None:
+    cluster.sim.add_job(job_id, size=2, duration_s=0.5)
+    cluster.enqueue(job_id, hook_path)
+    cluster.receiver.wait_for(lambda rx: any(r.path == hook_path for r in rx), 30)
+    shared_worker.wait_for_record(lambda r: r.get("event") == "webhook_delivered" and r.get("job_id") == job_id, 10)
+    mine = [r for r in shared_worker.log_records() if r.get("job_id") == job_id]
+    events = {r["event"] for r in mine}
+    assert {"watch_enqueued", "poll_done", "watch_completed", "webhook_delivered"} <= events
+    for record in mine:
+        assert record.get("task_id"), record
+    for record in mine:
+        if record["event"] in {"poll_done", "watch_completed", "webhook_delivered"}:
+            assert isinstance(record.get("attempt"), int), record
+    delivered = next(r for r in mine if r["event"] == "webhook_delivered")
+    assert delivered["webhook_id"].startswith("msg_")
