@@ -3,23 +3,36 @@
 An event is a durable item (see ``worker.store``) whose body is kept in its own
 key, as the exact bytes that are signed and sent. Dead letters stay until they
 are replayed: nothing is dropped silently.
+
+Bodies are written before their events exist: a step stages each body under a key
+of its own claim (``stage_bodies``) as soon as it is built, and the script that
+records the watch's outcome moves the staged bodies into place together with the
+events (``WatchStore.finish``). A big job's parts thus never pass through one
+script call, and bodies staged by a step that lost its claim simply expire.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from worker.events import Event
+from worker.events import EventHead
 from worker.store import ACTIVE, PREFIX, DurableSet, fmt, members, new_token, text
 
 KIND = "event"
 DEAD_KEY = f"{PREFIX}dead"
 DELIVERED = "delivered"
 DEAD = "dead"
+# Staged bodies live this long unless the finish script makes them an event's: far
+# longer than any step runs, short enough that a lost step's bodies do not linger.
+STAGED_BODY_TTL_S = 3600
+# Staged bodies are sent to Redis in batches of about this many bytes: few round
+# trips, and never a whole big job's bodies buffered in the client at once.
+_STAGE_BATCH_BYTES = 1 << 20
 
 # KEYS: event hash, due:events, dead zset; ARGV: new token, now, id
 _REPLAY = """
@@ -85,7 +98,29 @@ class Outbox:
     def attempts_key(self, webhook_id: str) -> str:
         return f"{PREFIX}event_attempts:{webhook_id}"
 
-    def fields_for(self, event: Event, *, watch_id: str = "", job_id: str = "", callback_url: str = "",
+    def staged_body_key(self, holder: str, webhook_id: str) -> str:
+        """Where the step holding claim ``holder`` keeps a body until its event exists."""
+        return f"{PREFIX}staged_body:{holder}:{webhook_id}"
+
+    def stage_bodies(self, holder: str, bodies: Iterable[tuple[str, bytes]]) -> None:
+        """Store (webhook_id, body) pairs for the finish script of the step holding ``holder``."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pending = 0
+            for webhook_id, body in bodies:
+                pipe.set(self.staged_body_key(holder, webhook_id), body, ex=STAGED_BODY_TTL_S)
+                pending += len(body)
+                if pending >= _STAGE_BATCH_BYTES:
+                    pipe.execute()
+                    pending = 0
+            pipe.execute()
+
+    def discard_staged(self, holder: str, webhook_ids: Iterable[str]) -> None:
+        """Free the bodies a step staged for events it did not create (they would expire anyway)."""
+        keys = [self.staged_body_key(holder, webhook_id) for webhook_id in webhook_ids]
+        for start in range(0, len(keys), 1000):
+            self.redis.delete(*keys[start : start + 1000])
+
+    def fields_for(self, event: EventHead, *, watch_id: str = "", job_id: str = "", callback_url: str = "",
                    now: float = 0.0, queue: str = "") -> dict[str, str]:
         """The hash fields an event starts with (the finish script adds state and token)."""
         return {

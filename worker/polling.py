@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import structlog
@@ -16,7 +17,7 @@ from worker import check365, metrics
 from worker.context import Context
 from worker.enqueue import WatchRequest
 from worker.errors import Check365Rejected, Check365Throttled, RetryableError
-from worker.events import Event, completed_events, failed_event, timed_out_event
+from worker.events import Event, EventHead, failed_event, iter_completed_events, timed_out_event
 from worker.schedule import (
     HISTORY_LIMIT,
     Observation,
@@ -89,7 +90,9 @@ def _lease_s(ctx: Context) -> float:
     return 2 * ctx.settings.check365_timeout_s + 10
 
 
-def _finish(ctx: Context, watch: Watch, holder: str, outcome: str, events: list[Event]) -> StepResult:
+def _finish(
+    ctx: Context, watch: Watch, holder: str, outcome: str, events: Sequence[Event | EventHead]
+) -> StepResult:
     now = ctx.clock()
     deliveries = ctx.watches.finish(watch, holder, outcome, events, outbox=ctx.outbox, now=now)
     if deliveries is None:
@@ -162,11 +165,8 @@ def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
         log.info("poll_done", watch_id=watch_id, status="completed", progress=100, polls=polls)
         metrics.poll("completed")
         metrics.detection_lag(now - (watch.history[-1].at if watch.history else watch.started_at))
-        events = completed_events(
-            watch_id, watch.job_id, outcome.data, watch.metadata,
-            per_part=settings.webhook_max_results_per_part, now=now,
-        )
-        return _finish(ctx, _with_polls(watch, polls), holder, "completed", events)
+        heads = _stage_completed(ctx, watch, holder, outcome, now)
+        return _finish(ctx, _with_polls(watch, polls), holder, "completed", heads)
     if isinstance(outcome, check365.Failed):
         log.info("poll_done", watch_id=watch_id, status=outcome.status, polls=polls)
         metrics.poll("failed")
@@ -197,6 +197,32 @@ def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
         "last_poll_at": fmt(now),
     }
     return _reschedule(ctx, watch, holder, delay, fields)
+
+
+def _stage_completed(
+    ctx: Context, watch: Watch, holder: str, outcome: check365.Completed, now: float
+) -> list[EventHead]:
+    """Build the parts one at a time and stage each body as soon as it is built.
+
+    Only one part's results and body are held at once, whatever the job's size.
+    Should this fail half-way, the bodies staged so far expire on their own.
+    """
+    heads: list[EventHead] = []
+
+    def bodies() -> Iterator[tuple[str, bytes]]:
+        for event in iter_completed_events(
+            watch.watch_id, watch.job_id, outcome.data, watch.metadata,
+            per_part=ctx.settings.webhook_max_results_per_part, now=now,
+        ):
+            heads.append(event.head)
+            yield event.webhook_id, event.body
+
+    try:
+        ctx.outbox.stage_bodies(holder, bodies())
+    finally:
+        # A big answer's temporary file is not needed once its parts are stored.
+        outcome.close()
+    return heads
 
 
 def _with_polls(watch: Watch, polls: int) -> Watch:

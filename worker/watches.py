@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from worker.events import Event
+from worker.events import Event, EventHead
 from worker.outbox import Outbox
 from worker.schedule import Observation, observations_from_json
 from worker.store import ACTIVE, PREFIX, DurableSet, fmt, members, new_token, text
@@ -38,25 +39,41 @@ return ''
 """
 
 # Finishing a watch and creating its events is one atomic step, so an outcome can
-# never exist without the events that announce it.
+# never exist without the events that announce it. The bodies were staged by the
+# step (see worker.outbox) and are renamed into place here: a big job's bodies never
+# pass through the script's arguments. Every staged body is checked before anything
+# is written, since a script that stopped half-way would keep its writes.
 # KEYS: watch hash, due:watches, active key, due:events
-# ARGV: holder, now, outcome, ttl, prefix, watch_id, n, polls, then per event: id, token, body, fields-json
+# ARGV: holder, now, outcome, ttl, prefix, watch_id, n, polls, staged-body key prefix,
+#       body key prefix, then per event: id, token, fields-json
+# Returns 1 when finished, 0 when the claim was lost, -1 when a staged body is missing.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 local prefix = ARGV[5]
-local ids = {}
 local n = tonumber(ARGV[7])
 for i = 0, n - 1 do
-  local base = 9 + i * 4
+  local id = ARGV[11 + i * 3]
+  if redis.call('EXISTS', prefix .. 'event:' .. id) == 0 and redis.call('EXISTS', ARGV[9] .. id) == 0 then
+    return -1
+  end
+end
+local ids = {}
+for i = 0, n - 1 do
+  local base = 11 + i * 3
   local id = ARGV[base]
   local ekey = prefix .. 'event:' .. id
+  local staged = ARGV[9] .. id
   if redis.call('EXISTS', ekey) == 0 then
-    local f = cjson.decode(ARGV[base + 3])
+    local f = cjson.decode(ARGV[base + 2])
     for k, v in pairs(f) do redis.call('HSET', ekey, k, v) end
     redis.call('HSET', ekey, 'token', ARGV[base + 1], 'state', 'active', 'due', ARGV[2], 'armed', '1')
-    redis.call('SET', prefix .. 'event_body:' .. id, ARGV[base + 2])
+    local body = ARGV[10] .. id
+    redis.call('RENAME', staged, body)
+    redis.call('PERSIST', body)
     redis.call('ZADD', KEYS[4], ARGV[2], id)
+  else
+    redis.call('DEL', staged)
   end
   table.insert(ids, id)
 end
@@ -207,22 +224,36 @@ class WatchStore:
         return self.items.schedule(watch_id, holder, due, armed=True, fields=fields)
 
     def finish(
-        self, watch: Watch, holder: str, outcome: str, events: list[Event], *, outbox: Outbox, now: float
+        self,
+        watch: Watch,
+        holder: str,
+        outcome: str,
+        events: Sequence[Event | EventHead],
+        *,
+        outbox: Outbox,
+        now: float,
     ) -> list[tuple[str, str]] | None:
-        """Record the outcome and create its events; return (webhook_id, token) pairs to dispatch."""
+        """Record the outcome and create its events; return (webhook_id, token) pairs to dispatch.
+
+        An ``Event``'s body is staged here; an ``EventHead``'s must have been staged
+        by the caller with ``outbox.stage_bodies(holder, ...)``. Returns None, and
+        discards the staged bodies, when the claim was lost or a staged body is gone.
+        """
+        outbox.stage_bodies(holder, ((e.webhook_id, e.body) for e in events if isinstance(e, Event)))
         args: list[str] = [
             holder, fmt(now), outcome, fmt(self.state_ttl_s), PREFIX, watch.watch_id, str(len(events)),
-            str(watch.polls),
+            str(watch.polls), outbox.staged_body_key(holder, ""), outbox.body_key(""),
         ]
         tokens: list[tuple[str, str]] = []
         for event in events:
+            head = event.head if isinstance(event, Event) else event
             token = new_token()
-            tokens.append((event.webhook_id, token))
-            args += [event.webhook_id, token, event.body.decode("utf-8"), json.dumps(outbox.fields_for(
-                event, watch_id=watch.watch_id, job_id=watch.job_id, callback_url=watch.callback_url, now=now,
+            tokens.append((head.webhook_id, token))
+            args += [head.webhook_id, token, json.dumps(outbox.fields_for(
+                head, watch_id=watch.watch_id, job_id=watch.job_id, callback_url=watch.callback_url, now=now,
                 queue=watch.queue,
             ))]
-        ok = self._finish(
+        done = self._finish(
             keys=[
                 self.items.key(watch.watch_id),
                 self.items.due_key,
@@ -231,7 +262,10 @@ class WatchStore:
             ],
             args=args,
         )
-        return tokens if ok else None
+        if done != 1:
+            outbox.discard_staged(holder, [webhook_id for webhook_id, _ in tokens])
+            return None
+        return tokens
 
     def cancel(self, watch_id: str) -> bool:
         """Stop a watch without an event: an operator's decision, not an outcome of the job."""

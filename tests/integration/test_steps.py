@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,9 +18,12 @@ from config.settings import Settings, load_settings
 from worker.context import Context, build_context
 from worker.delivery import DeadLettered, Delivered, RetryLater, Skipped, deliver_once
 from worker.enqueue import WatchRequest
+from worker.events import completed_events
 from worker.localredis import LocalRedis
+from worker.outbox import STAGED_BODY_TTL_S
 from worker.polling import Dropped, Finished, Reschedule, poll_once, start_watch
 from worker.ratelimit import BLOCKED_KEY
+from worker.simulator import generate_results
 from worker.sweep import sweep
 
 pytestmark = pytest.mark.integration
@@ -341,3 +344,97 @@ def test_sweep_rearms_a_poll_whose_message_was_lost(world: World) -> None:
     world.check365_answers.append(status("processing", 5))
     assert isinstance(poll_once(world.ctx, step.watch_id, step.token), Dropped)
     assert isinstance(poll_once(world.ctx, step.watch_id, watches[0].token), Reschedule)
+
+
+# --- big answers: parts stored one by one, then created with the outcome -----------------------
+
+
+def completed_body(results: list[dict[str, Any]]) -> bytes:
+    data = {"jobId": "J-1", "status": "completed", "creditsUsed": len(results), "progress": 100,
+            "total": len(results), "results": results}
+    return json.dumps({"success": True, "message": "Job has been completed", "data": data}).encode()
+
+
+def streamed(chunks: Iterable[bytes]) -> httpx.Response:
+    return httpx.Response(200, content=iter(chunks))
+
+
+def keys(world: World, pattern: str) -> list[bytes]:
+    return sorted(world.ctx.redis.scan_iter(f"check365:{pattern}"))
+
+
+@pytest.fixture
+def big_world(redis_server: LocalRedis) -> Iterator[World]:
+    w = World(redis_server.url, WEBHOOK_MAX_RESULTS_PER_PART="500")
+    yield w
+    w.ctx.close()
+
+
+BIG = generate_results("J-1", 2_000)  # about 400 KB: spooled, not parsed whole
+
+
+def test_a_big_answer_is_stored_part_by_part(big_world: World) -> None:
+    world = big_world
+    step = world.start(metadata={"order": 17})
+    body = completed_body(BIG)
+    world.check365_answers.append(streamed(body[i : i + 65_536] for i in range(0, len(body), 65_536)))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Finished)
+    assert len(result.deliveries) == 4
+    bodies = [json.loads(world.ctx.outbox.body(wid) or b"") for wid, _ in result.deliveries]
+    assert [b["data"]["part"] for b in bodies] == [{"index": i, "count": 4} for i in range(1, 5)]
+    assert [r for b in bodies for r in b["data"]["results"]] == BIG
+    assert all(b["data"]["metadata"] == {"order": 17} and b["data"]["total"] == 2_000 for b in bodies)
+    # Moved into place and kept: no staged copy is left, no body expires.
+    assert keys(world, "staged_body:*") == []
+    assert all(world.ctx.redis.ttl(world.ctx.outbox.body_key(wid)) == -1 for wid, _ in result.deliveries)
+    webhook_id, token = result.deliveries[2]
+    assert isinstance(deliver_once(world.ctx, webhook_id, token), Delivered)
+    assert world.receiver_requests[-1].content == world.ctx.outbox.body(webhook_id)
+
+
+def test_a_poll_that_loses_its_claim_leaves_no_outcome_and_no_bodies(big_world: World) -> None:
+    world = big_world
+    step = world.start()
+
+    def stolen_while_reading() -> Iterator[bytes]:
+        # The sweep re-arms the watch (a new token) while this poll reads the answer.
+        world.ctx.redis.hset(f"check365:watch:{step.watch_id}", "token", "re-armed")
+        yield completed_body(BIG)
+
+    world.check365_answers.append(streamed(stolen_while_reading()))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert result == Dropped("lost_claim", step.watch_id)
+    watch = world.ctx.watches.get(step.watch_id)
+    assert watch is not None
+    assert (watch.state, watch.outcome) == ("active", None)
+    assert keys(world, "event:*") == keys(world, "event_body:*") == keys(world, "staged_body:*") == []
+
+
+def test_finishing_needs_every_staged_body_and_writes_nothing_without(world: World) -> None:
+    step = world.start()
+    claimed = world.ctx.watches.claim(step.watch_id, step.token, world.clock() + 60)
+    assert claimed is not None
+    watch, holder = claimed
+    events = completed_events(step.watch_id, "J-1", {"status": "completed", "total": 3, "results": RESULTS}, None,
+                              per_part=1, now=world.clock())
+    world.ctx.outbox.stage_bodies(holder, [(e.webhook_id, e.body) for e in events])
+    staged = world.ctx.outbox.staged_body_key(holder, events[1].webhook_id)
+    assert 0 < world.ctx.redis.ttl(staged) <= STAGED_BODY_TTL_S  # strays expire on their own
+    world.ctx.redis.delete(staged)
+    heads = [e.head for e in events]
+    finish = world.ctx.watches.finish
+    assert finish(watch, holder, "completed", heads, outbox=world.ctx.outbox, now=world.clock()) is None
+    # Nothing was written, and the other staged bodies were let go.
+    assert keys(world, "event:*") == keys(world, "event_body:*") == keys(world, "staged_body:*") == []
+    assert world.ctx.redis.zcard(world.ctx.outbox.items.due_key) == 0
+    again = world.ctx.watches.get(step.watch_id)
+    assert again is not None
+    assert again.state == "active"
+    # With every body staged, the same claim finishes.
+    world.ctx.outbox.stage_bodies(holder, [(e.webhook_id, e.body) for e in events])
+    deliveries = finish(watch, holder, "completed", heads, outbox=world.ctx.outbox, now=world.clock())
+    assert deliveries is not None
+    assert [wid for wid, _ in deliveries] == [e.webhook_id for e in events]
+    assert [world.ctx.outbox.body(e.webhook_id) for e in events] == [e.body for e in events]
+    assert keys(world, "staged_body:*") == []

@@ -117,7 +117,8 @@ def test_arbitrary_kwargs_are_accepted_or_rejected_with_a_reason(kwargs: object)
 def test_cli_enqueue_rejects_garbage_with_a_message_and_sends_nothing(
     job_id: str, url: str, metadata: str | None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    options = [] if metadata is None else ["--metadata", metadata]
+    # The "=" form: a value starting with "-" must not be read as another option.
+    options = [] if metadata is None else [f"--metadata={metadata}"]
     argv = ["enqueue", *options, "--", job_id, url]
     try:
         validate_watch_request(
