@@ -3,14 +3,15 @@
 It records every POST, checks its Standard Webhooks signature with the reference
 ``standardwebhooks`` package (not with this project's own signing code, so that a
 signing bug cannot hide itself), and answers what the test scripted: failures,
-redirects, 429 with Retry-After, 410 Gone.
+redirects, 429 with Retry-After, 410 Gone, and answers that come late (a slow
+receiver: the POST is recorded at once, the answer is sent after the delay).
 
 Control surface for tests that run the worker in other processes (paths under
 ``/_rx/`` are reserved and never recorded):
 
     GET  /_rx/received[?path=/hook]   the recorded POSTs, bodies as text
-    POST /_rx/script                  {"path", "responses": [[status, {headers}] | status, ...],
-                                       "default": status | [status, {headers}] | null}
+    POST /_rx/script                  {"path", "responses": [[status, {headers}, delay_s] | status, ...],
+                                       "default": status | [status, {headers}, delay_s] | null}
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import orjson
 
 from worker.simulator import QuietHandler, ServerThread
 
-Response = int | tuple[int, Mapping[str, str]]
+# A status, optionally with headers, optionally answered only after a delay in seconds.
+Response = int | tuple[int, Mapping[str, str]] | tuple[int, Mapping[str, str], float]
 
 CONTROL_PREFIX = "/_rx/"
 # Webhook bodies are a part of at most WEBHOOK_MAX_RESULTS_PER_PART results; this
@@ -50,6 +52,7 @@ class Received:
     verified: bool
     error: str | None  # why verification failed
     status_sent: int
+    client_port: int = 0  # the sender's TCP port: tells which process sent it
 
     def json(self) -> Any:
         return orjson.loads(self.body)
@@ -63,6 +66,7 @@ class Received:
             "verified": self.verified,
             "error": self.error,
             "status_sent": self.status_sent,
+            "client_port": self.client_port,
         }
 
 
@@ -78,14 +82,24 @@ def _webhook_class() -> Callable[[str], Any]:
     return webhook
 
 
-def _normalise(response: Response) -> tuple[int, dict[str, str]]:
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: dict[str, str]
+    delay_s: float = 0.0
+
+
+def _normalise(response: Response) -> _Answer:
     if isinstance(response, int):
-        status, headers = response, {}
+        status, headers, delay = response, {}, 0.0
     else:
         status, headers = int(response[0]), {str(k): str(v) for k, v in response[1].items()}
+        delay = float(response[2]) if len(response) > 2 else 0.0
     if not 100 <= status <= 599:
         raise ValueError(f"not an HTTP status: {status}")
-    return status, headers
+    if not 0.0 <= delay <= 3600.0:
+        raise ValueError(f"the delay must be between 0 and 3600 seconds, got {delay}")
+    return _Answer(status, headers, delay)
 
 
 class Receiver:
@@ -107,8 +121,9 @@ class Receiver:
         self.on_receive = on_receive
         self._cond = threading.Condition()
         self._received: list[Received] = []
-        self._scripts: dict[str, deque[tuple[int, dict[str, str]]]] = {}
-        self._defaults: dict[str, tuple[int, dict[str, str]]] = {}
+        self._scripts: dict[str, deque[_Answer]] = {}
+        self._defaults: dict[str, _Answer] = {}
+        self._in_flight: list[Received] = []
         self._server = ServerThread(functools.partial(_ReceiverHandler, self), host, port)
 
     # lifecycle
@@ -140,11 +155,16 @@ class Receiver:
         with self._cond:
             self._scripts.setdefault(path, deque()).extend(answers)
 
-    def default(self, path: str, status: int, headers: Mapping[str, str] | None = None) -> None:
-        """The answer on ``path`` once its script has run out (200 unless set)."""
-        answer = _normalise((status, headers or {}))
+    def default(self, path: str, status: int, headers: Mapping[str, str] | None = None, delay_s: float = 0.0) -> None:
+        """The answer on ``path`` once its script has run out (200 at once unless set)."""
+        answer = _normalise((status, headers or {}, delay_s))
         with self._cond:
             self._defaults[path] = answer
+
+    def in_flight(self) -> list[Received]:
+        """POSTs recorded whose answer has not been sent yet (a slow answer is on its way)."""
+        with self._cond:
+            return list(self._in_flight)
 
     def received(self, path: str | None = None) -> list[Received]:
         with self._cond:
@@ -178,16 +198,18 @@ class Receiver:
                 return True, None
         return False, error
 
-    def _record(self, path: str, headers: dict[str, str], body: bytes) -> tuple[Received, dict[str, str]]:
+    def _record(
+        self, path: str, headers: dict[str, str], body: bytes, client_port: int = 0
+    ) -> tuple[Received, _Answer]:
         verified, error = self._verify(body, headers)
         with self._cond:
             queued = self._scripts.get(path)
-            if queued:
-                status, reply_headers = queued.popleft()
-            else:
-                status, reply_headers = self._defaults.get(path, (200, {}))
-            item = Received(time.time(), path, headers, body, verified, error, status)
+            answer = queued.popleft() if queued else self._defaults.get(path, _Answer(200, {}))
+            item = Received(time.time(), path, headers, body, verified, error, answer.status, client_port)
             self._received.append(item)
+            # In flight from the moment the POST is recorded until its answer is sent
+            # (``_answered``), so a test can act while deliveries are under way.
+            self._in_flight.append(item)
             self._cond.notify_all()
         callback = self.on_receive
         if callback is not None:
@@ -196,12 +218,19 @@ class Receiver:
             except Exception:
                 # A broken printing callback must not turn into a failed delivery.
                 _log.exception("on_receive callback failed")
-        return item, reply_headers
+        return item, answer
+
+    def _answered(self, item: Received) -> None:
+        with self._cond:
+            # By identity: two recorded requests may well compare equal.
+            self._in_flight = [r for r in self._in_flight if r is not item]
+            self._cond.notify_all()
 
     def _control_script(self, payload: Mapping[str, Any]) -> None:
         path = str(payload["path"])
-        responses = [
-            r if isinstance(r, int) else (r[0], r[1] if len(r) > 1 else {}) for r in payload.get("responses", [])
+        responses: list[Response] = [
+            r if isinstance(r, int) else (r[0], r[1] if len(r) > 1 else {}, r[2] if len(r) > 2 else 0.0)
+            for r in payload.get("responses", [])
         ]
         self.script(path, responses)
         default = payload.get("default")
@@ -209,7 +238,10 @@ class Receiver:
             if isinstance(default, int):
                 self.default(path, default)
             else:
-                self.default(path, int(default[0]), default[1] if len(default) > 1 else None)
+                self.default(
+                    path, int(default[0]), default[1] if len(default) > 1 else None,
+                    float(default[2]) if len(default) > 2 else 0.0,
+                )
 
 
 def _timeout_message(timeout: float, received: list[Received]) -> str:
@@ -246,8 +278,15 @@ class _ReceiverHandler(QuietHandler):
             self._control(path, body)
             return
         headers = {name.lower(): value for name, value in self.headers.items()}
-        item, reply_headers = self.receiver._record(path, headers, body)
-        self.send_json(item.status_sent, {"status": item.status_sent}, reply_headers)
+        item, answer = self.receiver._record(path, headers, body, int(self.client_address[1]))
+        try:
+            if answer.delay_s:
+                # A slow receiver: the request has arrived and is recorded, the answer
+                # comes late (after a client's timeout, it reaches nobody).
+                time.sleep(answer.delay_s)
+            self.send_json(item.status_sent, {"status": item.status_sent}, answer.headers)
+        finally:
+            self.receiver._answered(item)
 
     def _control(self, path: str, body: bytes) -> None:
         if path != CONTROL_PREFIX + "script":

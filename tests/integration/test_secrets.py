@@ -1,10 +1,15 @@
 """The API key and the webhook secret reach no log line and no Redis value, not even at debug level.
 
-A system of its own runs a completion, a refused API key and a delivery that fails
-once, with LOG_LEVEL=debug. Then every log line of its worker and beat processes,
-every command Redis received while it ran (MONITOR), and every value left in Redis
-(kombu's queued and unacked messages decoded from their base64 envelope) are
-searched for each secret, plain and base64-encoded at any alignment.
+A system of its own runs, with LOG_LEVEL=debug, a completion, a refused API key and a
+delivery that fails once, and failures whose exceptions carry the request (the API key
+travels in the query string): Check365 dropping connections, answering too slowly,
+garbage, 5xx and 429, Check365 unreachable until the watch times out, a receiver that
+answers too slowly, one that refuses connections and one that fails until the event is
+dead-lettered. Then every log line of its worker and beat processes, every command Redis
+received while it ran (MONITOR), every value left in Redis (kombu's queued and unacked
+messages decoded from their base64 envelope, the dead-letter records with their
+attempts) and what the CLI prints about the dead letters and the jobs are searched for
+each secret, plain and base64-encoded at any alignment.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import base64
 import binascii
 import contextlib
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -20,12 +26,26 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support.cluster import Cluster, WorkerProcess, new_api_key, wait_until
+from tests.support.cluster import Cluster, WorkerProcess, cli_command, new_api_key, wait_until
+from worker.enqueue import enqueue_watch
+from worker.localredis import free_port
+from worker.simulator import FaultPlan, Simulator
 
 pytestmark = pytest.mark.integration
 
 TIMEOUT = 25.0
 WRONG_KEY_QUEUE = "it-secrets-wrong-key"
+FAULTS_QUEUE = "it-secrets-faults"
+NO_API_QUEUE = "it-secrets-no-api"
+# Short enough that a slow answer is a timeout, with its exception, within the test.
+FAILING = {"WEBHOOK_TIMEOUT_S": "1", "CHECK365_TIMEOUT_S": "0.3"}
+# Every fault whose handling goes through an exception: dropped, too slow, garbage, 5xx, 429...
+# With this seed the first seven requests meet all of them, the eighth is answered.
+FAULTS = FaultPlan(rate=0.6, kinds=("drop", "slow", "malformed", "5xx", "429", "success_false"), seed=61,
+                   slow_s=0.8, retry_after_s=0.2)
+# The jobs that end with every event delivered, and those whose event ends dead-lettered.
+DELIVERED_JOBS = ("S-done", "S-refused", "S-retried", "S-faults", "S-no-api", "S-slow-receiver")
+DEAD_JOBS = ("S-dead", "S-unreachable-receiver")
 
 
 def base64_forms(secret: str) -> list[bytes]:
@@ -132,11 +152,11 @@ class CommandRecorder:
 
 @pytest.fixture(scope="module")
 def secret_flow() -> Iterator[tuple[Cluster, CommandRecorder, list[WorkerProcess], dict[str, str]]]:
-    """A debug-level system that has run a completion, a refused key and a retried delivery."""
-    with Cluster() as cluster:
+    """A debug-level system that has run a completion, a refused key, a retried delivery and the failures above."""
+    with Cluster() as cluster, Simulator(cluster.api_key, faults=FAULTS) as faulty_api:
         recorder = CommandRecorder(cluster.redis_url)
         wrong_key = new_api_key()
-        debug = {"LOG_LEVEL": "debug"}
+        debug = {"LOG_LEVEL": "debug", **FAILING}
         processes = [
             cluster.start_worker("secrets-worker", concurrency=2, env_overrides=debug, wait=False),
             cluster.start_worker(
@@ -144,6 +164,15 @@ def secret_flow() -> Iterator[tuple[Cluster, CommandRecorder, list[WorkerProcess
                 concurrency=1,
                 queue=WRONG_KEY_QUEUE,
                 env_overrides={**debug, "CHECK365_API_KEY": wrong_key},
+                wait=False,
+            ),
+            cluster.start_worker(
+                "secrets-faults", concurrency=1, queue=FAULTS_QUEUE,
+                env_overrides={**debug, "CHECK365_BASE_URL": faulty_api.url}, wait=False,
+            ),
+            cluster.start_worker(
+                "secrets-no-api", concurrency=1, queue=NO_API_QUEUE,
+                env_overrides={**debug, "CHECK365_BASE_URL": f"http://127.0.0.1:{free_port()}", "WATCH_TIMEOUT_S": "2"},
                 wait=False,
             ),
             cluster.start_beat("secrets-beat", env_overrides=debug, wait=False),
@@ -159,23 +188,33 @@ def secret_flow() -> Iterator[tuple[Cluster, CommandRecorder, list[WorkerProcess
             cluster.receiver.script("/hooks/S-retried", [500])
             cluster.sim.add_job("S-retried", size=3, duration_s=0.0)
             cluster.enqueue("S-retried", "/hooks/S-retried")
+            faulty_api.add_job("S-faults", size=3, duration_s=1.0)
+            cluster.enqueue("S-faults", "/hooks/S-faults", CHECK365_QUEUE=FAULTS_QUEUE)
+            cluster.enqueue("S-no-api", "/hooks/S-no-api", CHECK365_QUEUE=NO_API_QUEUE)
+            cluster.receiver.script("/hooks/S-slow-receiver", [(200, {}, 2.0)])
+            cluster.sim.add_job("S-slow-receiver", size=3, duration_s=0.0)
+            cluster.enqueue("S-slow-receiver", "/hooks/S-slow-receiver")
+            cluster.receiver.default("/hooks/S-dead", 500)
+            cluster.sim.add_job("S-dead", size=3, duration_s=0.0)
+            cluster.enqueue("S-dead", "/hooks/S-dead")
+            cluster.sim.add_job("S-unreachable-receiver", size=3, duration_s=0.0)
+            enqueue_watch(
+                "S-unreachable-receiver", f"http://127.0.0.1:{free_port()}/hooks/S-unreachable-receiver",
+                settings=cluster.client_settings(),
+            )
 
-            def flows_done(rx: list[Any]) -> bool:
-                paths = [r.path for r in rx if r.status_sent == 200]
-                return all(p in paths for p in ("/hooks/S-done", "/hooks/S-refused", "/hooks/S-retried"))
-
-            cluster.receiver.wait_for(flows_done, TIMEOUT)
             # The outbox records a delivery just after the receiver answered it.
             outbox = cluster.outbox()
-            wait_until(
-                lambda: all(
-                    w.events and all((e := outbox.get(i)) is not None and e.state == "delivered" for i in w.events)
-                    for job in ("S-done", "S-refused", "S-retried")
-                    for w in cluster.watch_state(job)
-                ),
-                TIMEOUT,
-                "every event is recorded as delivered",
-            )
+
+            def ended(jobs: tuple[str, ...], state: str) -> bool:
+                watches = [w for job in jobs for w in cluster.watch_state(job)]
+                return len(watches) == len(jobs) and all(
+                    w.events and all((e := outbox.get(i)) is not None and e.state == state for i in w.events)
+                    for w in watches
+                )
+
+            wait_until(lambda: ended(DELIVERED_JOBS, "delivered") and ended(DEAD_JOBS, "dead"), TIMEOUT,
+                       "every event is recorded as delivered or dead-lettered")
         finally:
             for process in processes:
                 process.stop()
@@ -207,6 +246,58 @@ def test_the_flow_ran_as_intended(
     assert any(b"check365.watch_bulk_job" in c for c in publishes), "no watch message seen by MONITOR"
 
 
+def test_the_failures_left_their_exception_texts_and_dead_letters(
+    secret_flow: tuple[Cluster, CommandRecorder, list[WorkerProcess], dict[str, str]],
+) -> None:
+    # Without this, failures that silently did not happen would make the searches pass vacuously.
+    cluster, _, processes, _ = secret_flow
+    errors = " ".join(str(r.get("error")) for p in processes for r in p.log_records() if r.get("error"))
+    for text in (
+        "could not reach Check365 (RemoteProtocolError)",  # a dropped connection
+        "Check365 did not answer in time (ReadTimeout)",
+        "could not reach Check365 (ConnectError)",  # nothing listening
+        "malformed answer",
+        "Check365 answered HTTP 503",
+        "Check365 answered HTTP 429",
+        "timeout",  # the slow receiver
+        "connection error (ConnectError)",  # the receiver refusing connections
+    ):
+        assert text in errors, f"no failure logged with {text!r}"
+    (timed_out,) = cluster.receiver.received("/hooks/S-no-api")
+    assert timed_out.json()["type"] == "bulk_validation.timed_out"
+    assert len(cluster.receiver.received("/hooks/S-slow-receiver")) == 2
+    dead = cluster.outbox().dead_letters()
+    assert len(dead) == len(DEAD_JOBS)
+    assert all(len(e.attempts) > 1 for e in (cluster.outbox().get(i) for i in dead) if e is not None)
+
+
+def run_cli_side_by_side(cluster: Cluster, commands: list[list[str]]) -> list[tuple[list[str], int, str]]:
+    """(arguments, exit code, everything printed) of each ``check365-worker`` command, run in parallel."""
+    runs = [
+        (args, subprocess.Popen([*cli_command(), *args], env=cluster.env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        for args in commands
+    ]
+    return [(args, run.wait(60), run.communicate()[0]) for args, run in runs]
+
+
+def test_no_dead_letter_record_or_cli_output_contains_a_secret(
+    secret_flow: tuple[Cluster, CommandRecorder, list[WorkerProcess], dict[str, str]],
+) -> None:
+    cluster, _, _, secrets = secret_flow
+    commands = [["dead-letters", "list"], ["dead-letters", "list", "--json"]]
+    for webhook_id in cluster.outbox().dead_letters():
+        commands += [["dead-letters", "show", webhook_id], ["dead-letters", "show", webhook_id, "--json"]]
+    for job in (*DELIVERED_JOBS, *DEAD_JOBS):
+        commands += [["status", job], ["status", job, "--json"]]
+    outputs = run_cli_side_by_side(cluster, commands)
+    assert all(code == 0 for _, code, _ in outputs), [(args, text) for args, code, text in outputs if code]
+    assert any("attempt" in text for args, _, text in outputs if args[:2] == ["dead-letters", "show"])
+    for args, _, text in outputs:
+        found = leaks(text.encode(), secrets)
+        assert not found, f"`check365-worker {' '.join(args)}` prints {found}"
+
+
 def test_no_log_line_contains_a_secret(
     secret_flow: tuple[Cluster, CommandRecorder, list[WorkerProcess], dict[str, str]],
 ) -> None:
@@ -234,6 +325,9 @@ def test_no_redis_value_contains_a_secret(
     cluster, _, _, secrets = secret_flow
     values = redis_values(cluster.redis())
     assert any(key.startswith("check365:watch:") for key, _ in values), "the watch state should be there"
+    # The dead letters and their attempts are there to be searched too.
+    assert any(key == "check365:dead" for key, _ in values)
+    assert any(key.startswith("check365:event_attempts:") for key, _ in values)
     for key, value in values:
         found = leaks(value, secrets)
         assert not found, f"Redis key {key} holds {found}"

@@ -46,6 +46,12 @@ from worker.watches import Watch, WatchStore
 
 DEFAULT_QUEUE = "check365"
 
+# Where kombu's Redis transport keeps reserved messages (its defaults, which this project keeps):
+# the messages by delivery tag, their reservation times, and the lock of its restore sweep.
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
+KOMBU_UNACKED_MUTEX = "unacked_mutex"
+
 # Every variable the project reads. They are dropped from the inherited environment
 # so that a developer's shell (or a CI job) cannot change what a test runs against.
 PROJECT_VARIABLES = (
@@ -163,6 +169,42 @@ class WorkerProcess:
                 records.append(record)
         return records
 
+    def group_pids(self) -> list[int]:
+        """The process and its pool children (its process group), from /proc (Linux)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # The command name may hold spaces and parentheses: fields follow the last ')'.
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue  # exited meanwhile
+            if int(fields[2]) == self.popen.pid:  # fields: state, ppid, pgrp, ...
+                pids.append(int(stat.parent.name))
+        return pids
+
+    def local_tcp_ports(self) -> set[int]:
+        """The local ports of the TCP connections the process group has open (Linux).
+
+        A server sees these as its clients' ports, so a test can tell which worker sent
+        a request (see ``Received.client_port``).
+        """
+        inodes: set[str] = set()
+        for pid in self.group_pids():
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(fd)
+                        if target.startswith("socket:["):
+                            inodes.add(target[len("socket:[") : -1])
+        ports: set[int] = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    if fields[9] in inodes:  # fields: sl, local, remote, st, queues, tr, retrnsmt, uid, timeout, inode
+                        ports.add(int(fields[1].rpartition(":")[2], 16))
+        return ports
+
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
@@ -215,6 +257,11 @@ class WorkerProcess:
 
     # stopping
 
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the main process only, as a container runtime does to its PID 1."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.popen.pid, sig)
+
     def _signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, sig)
@@ -239,13 +286,22 @@ class WorkerProcess:
 class Cluster:
     """Redis, the Check365 simulator and a verifying receiver, plus any workers and beat started."""
 
-    def __init__(self, directory: Path | None = None, *, api_key: str | None = None, secret: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path | None = None,
+        *,
+        api_key: str | None = None,
+        secret: str | None = None,
+        appendonly: bool = False,
+    ) -> None:
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="check365-cluster-")
         self.directory = Path(directory or self._tmp.name)  # type: ignore[union-attr]
         self.directory.mkdir(parents=True, exist_ok=True)
         self.api_key = api_key or new_api_key()
         self.secret = secret or new_secret()
-        self.redis_server = LocalRedis(directory=str(self.directory / "redis"))
+        # ``appendonly`` gives Redis an AOF (fsync always), so that ``redis_server.restart()``
+        # (SIGKILL, then a new server on the same port) keeps every write, as in production.
+        self.redis_server = LocalRedis(appendonly=appendonly, directory=str(self.directory / "redis"))
         self.sim = Simulator(api_key=self.api_key)
         self.receiver = Receiver(self.secret)
         self.processes: list[WorkerProcess] = []
@@ -473,6 +529,32 @@ class Cluster:
     def queue_length(self, queue: str = DEFAULT_QUEUE) -> int:
         """Messages waiting in ``queue``: kombu's Redis transport keeps a queue as a list of its name."""
         return int(self.redis().llen(queue))
+
+    def unacked_count(self) -> int:
+        """Messages reserved by workers (countdowns held in memory, running tasks), all queues together."""
+        return int(self.redis().hlen(KOMBU_UNACKED))
+
+    def drop_broker_messages(self, queue: str = DEFAULT_QUEUE) -> int:
+        """Delete every message of ``queue`` and every reserved message: what a lost message looks like.
+
+        Only safe while no worker runs: a running worker still holds its reserved
+        messages in memory. Returns how many messages were deleted.
+        """
+        client = self.redis()
+        with client.pipeline() as pipe:
+            pipe.llen(queue)
+            pipe.hlen(KOMBU_UNACKED)
+            pipe.delete(queue, KOMBU_UNACKED, KOMBU_UNACKED_INDEX, KOMBU_UNACKED_MUTEX)
+            waiting, reserved, _ = pipe.execute()
+        return int(waiting) + int(reserved)
+
+    def active_watch_count(self) -> int:
+        """Watches not finished yet, in the whole system (every active watch is in the due set)."""
+        return self.watches().items.count_active()
+
+    def pending_event_count(self) -> int:
+        """Events neither delivered nor dead-lettered yet."""
+        return self.outbox().items.count_active()
 
 
 # --------------------------------------------------------------------------- waiting and reading webhooks
