@@ -46,7 +46,7 @@ class Settings:
     webhook_allow_private_networks: bool = False
     broker_visibility_timeout_s: float = 3600.0
     # Beyond the contract: tuning knobs with safe defaults, documented in the README.
-    check365_max_rps: float = 5.0
+    check365_max_rps: float = 4.0
     check365_timeout_s: float = 30.0
     webhook_timeout_s: float = 15.0
     sweep_interval_s: float = 15.0

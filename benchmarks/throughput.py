@@ -1,0 +1,320 @@
+"""Throughput: small jobs completed and acknowledged per second, next to a no-op Celery task.
+
+    python -m benchmarks.throughput [--jobs N] [--rounds N] [--concurrency N] [--json PATH]
+
+One machine, everything real: a Redis server, the Check365 simulator, a webhook
+receiver that verifies every signature, and two ``celery worker`` processes with the
+same Celery settings and concurrency, each on its own queue:
+
+    ours      ``celery -A worker worker``. N watches of jobs that are already
+              complete (1-3 results each) are enqueued with the Python helper, with
+              POLL_INITIAL_DELAY_S=0; the figure is N divided by the time from the
+              first enqueue to the receiver's last 2xx answer.
+    no-op     a Celery app built from the very same settings (``config.celery``)
+              whose only task increments a Redis counter; N messages are sent; the
+              figure is N divided by the time from the first send to the run that
+              brings the counter to N.
+
+The two alternate over ``--rounds`` rounds (the machine may be shared: each pair is
+measured under the same conditions) and the median of each is reported. Celery
+task runs of ours are counted from the worker's log ("succeeded" lines), so that the
+tasks each job costs are measured, not assumed.
+
+CPU per job and per no-op task is read from /proc for the worker's process group, the
+Redis server and this process (which serves the simulator and the receiver and sends
+the messages): unlike the rates, it hardly depends on what else the machine runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+import redis
+
+from benchmarks.common import (
+    Row,
+    format_table,
+    group_cpu_seconds,
+    percentile,
+    process_cpu_seconds,
+    start_celery_worker,
+    wait_for,
+    write_json,
+)
+from tests.support.cluster import Cluster, WorkerProcess
+from worker.enqueue import client_app, enqueue_watch
+
+NOOP_TASK = "bench.noop"
+NOOP_QUEUE = "bench-noop"
+OURS_QUEUE = "bench-ours"
+NOOP_COUNTER = "bench:noop:count"
+NOOP_DONE_AT = "bench:noop:done_at"
+TARGET_FRACTION = 0.5
+# No request of this benchmark may wait on the pool-wide rate limit: it measures the
+# pool, not the limit (which is still consulted on every poll, as in production).
+UNLIMITED_RPS = "100000"
+# Bounds of one round, only reached when something is broken.
+ROUND_TIMEOUT_S = 180.0
+
+
+# --------------------------------------------------------------------------- the no-op app
+
+
+def _make_noop_app() -> Any:
+    """The no-op Celery app, with exactly the settings our worker gets from ``config.celery``."""
+    from celery import Celery
+
+    from config.celery import celery_config
+    from config.settings import load_settings
+
+    settings = load_settings(role="worker")
+    app = Celery("bench-noop")
+    app.config_from_object(celery_config(settings))
+    app.conf.task_default_queue = NOOP_QUEUE
+    clients: dict[int, redis.Redis] = {}
+
+    @app.task(name=NOOP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def noop(total: int) -> None:
+        # One connection per pool process, made after the fork, as our worker does.
+        import os
+
+        client = clients.get(os.getpid())
+        if client is None:
+            client = clients.setdefault(os.getpid(), redis.Redis.from_url(settings.redis_url))
+        if client.incr(NOOP_COUNTER) == total:
+            client.set(NOOP_DONE_AT, repr(time.time()))
+
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A benchmarks.throughput:noop_app`` builds the app on first access, so that
+    # importing this module (python -m benchmarks) builds nothing.
+    if name == "noop_app":
+        app = _make_noop_app()
+        globals()["noop_app"] = app
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------- one round of each
+
+
+class CpuMeter:
+    """CPU seconds spent during a round by the worker's process group, Redis, and this process.
+
+    This process serves the simulator and the receiver (and sends the messages): on this
+    machine they compete for the same cores as the worker.
+    """
+
+    def __init__(self, cluster: Cluster, worker: WorkerProcess) -> None:
+        self._worker = worker.pid
+        process = cluster.redis_server.process
+        self._redis = process.pid if process is not None else None
+        self._start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        times = os.times()
+        return {
+            "worker": group_cpu_seconds(self._worker),
+            "redis": process_cpu_seconds(self._redis) if self._redis else 0.0,
+            "bench": times.user + times.system,
+        }
+
+    def per_item_ms(self, items: int) -> dict[str, float]:
+        end = self._read()
+        return {f"cpu_ms_per_item_{k}": (end[k] - self._start[k]) * 1000 / items for k in end}
+
+
+def _succeeded_tasks(worker: WorkerProcess) -> int:
+    return sum(1 for r in worker.log_records() if "succeeded in" in str(r.get("event", "")))
+
+
+def run_noop(cluster: Cluster, worker: WorkerProcess, total: int) -> dict[str, float]:
+    client = cluster.redis()
+    client.delete(NOOP_COUNTER, NOOP_DONE_AT)
+    sender = client_app(cluster.client_settings())
+    cpu = CpuMeter(cluster, worker)
+    started = time.time()
+    for _ in range(total):
+        sender.send_task(NOOP_TASK, args=[total], queue=NOOP_QUEUE)
+    sent = time.time()
+    done_at = float(wait_for(lambda: client.get(NOOP_DONE_AT), ROUND_TIMEOUT_S, "no-op tasks"))
+    seconds = done_at - started
+    return {
+        "tasks": total, "seconds": seconds, "tasks_per_s": total / seconds, "send_seconds": sent - started,
+        **cpu.per_item_ms(total),
+    }
+
+
+def run_ours(cluster: Cluster, worker: WorkerProcess, total: int, round_index: int, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    path = f"/hooks/throughput-{round_index}"
+    url = cluster.callback_url(path)
+    settings = cluster.client_settings(CHECK365_QUEUE=OURS_QUEUE)
+    # Jobs created by their first status request with a duration of 0: complete when first polled.
+    jobs = [f"sim-{rng.randint(1, 3)}-0s-tp{round_index}x{i}" for i in range(total)]
+    tasks_before = _succeeded_tasks(worker)
+    cpu = CpuMeter(cluster, worker)
+    started = time.time()
+    for job in jobs:
+        enqueue_watch(job, url, settings=settings)
+    sent = time.time()
+
+    def acknowledged() -> bool:
+        return sum(1 for r in cluster.receiver.received(path) if 200 <= r.status_sent < 300) >= total
+
+    wait_for(acknowledged, ROUND_TIMEOUT_S, "acknowledged webhooks", interval=0.05)
+    received = cluster.receiver.received(path)
+    if not all(r.verified for r in received):
+        raise AssertionError("a webhook failed signature verification")
+    if len({r.headers.get("webhook-id") for r in received}) != total:
+        raise AssertionError("expected exactly one event per job")
+    finished = max(r.at for r in received)
+    seconds = finished - started
+    cpu_ms = cpu.per_item_ms(total)
+    # The log may trail the webhook by a few milliseconds: let the last lines land.
+    time.sleep(0.5)
+    tasks = _succeeded_tasks(worker) - tasks_before
+    latencies = sorted(r.at for r in received)
+    return {
+        "jobs": total,
+        "seconds": seconds,
+        "jobs_per_s": total / seconds,
+        "tasks": tasks,
+        "tasks_per_job": tasks / total,
+        "tasks_per_s": tasks / seconds,
+        "send_seconds": sent - started,
+        "first_ack_s": latencies[0] - started,
+        "median_ack_s": percentile(latencies, 0.5) - started,
+        **cpu_ms,
+    }
+
+
+def run(jobs: int = 1500, rounds: int = 2, concurrency: int = 4, seed: int = 4) -> dict[str, Any]:
+    """Alternate the no-op and ours ``rounds`` times each and return the figures."""
+    ours_env = {
+        "CHECK365_QUEUE": OURS_QUEUE,
+        "POLL_INITIAL_DELAY_S": "0",
+        "POLL_MAX_DELAY_S": "5",
+        "WATCH_TIMEOUT_S": "600",
+        "CHECK365_MAX_RPS": UNLIMITED_RPS,
+        # The production defaults for logs: one JSON line per step at INFO.
+        "LOG_LEVEL": "info",
+        "LOG_FORMAT": "json",
+    }
+    samples: dict[str, list[dict[str, float]]] = {"noop": [], "ours": []}
+    with Cluster() as cluster:
+        ours = cluster.start_worker(
+            "ours", concurrency=concurrency, env_overrides=ours_env, queue=OURS_QUEUE, wait=False
+        )
+        noop = start_celery_worker(
+            cluster, "noop", app="benchmarks.throughput:noop_app", queue=NOOP_QUEUE, concurrency=concurrency,
+            env=cluster.env(**ours_env),
+            # Celery's own per-task lines at INFO, as our worker logs them.
+            extra_args=("--loglevel", "INFO"),
+        )
+        ours.wait_ready()
+        noop.wait_ready()
+        # One small warm-up of each: connections, imports and the simulator's first answers.
+        run_noop(cluster, noop, 50)
+        run_ours(cluster, ours, 50, -1, seed)
+        for index in range(rounds):
+            order = ("noop", "ours") if index % 2 == 0 else ("ours", "noop")
+            for kind in order:
+                if kind == "noop":
+                    samples["noop"].append(run_noop(cluster, noop, jobs))
+                else:
+                    samples["ours"].append(run_ours(cluster, ours, jobs, index, seed + index))
+    noop_rate = statistics.median(s["tasks_per_s"] for s in samples["noop"])
+    jobs_rate = statistics.median(s["jobs_per_s"] for s in samples["ours"])
+    tasks_rate = statistics.median(s["tasks_per_s"] for s in samples["ours"])
+    tasks_per_job = statistics.median(s["tasks_per_job"] for s in samples["ours"])
+    cpu = {
+        kind: {k: statistics.median(s[k] for s in runs) for k in runs[0] if k.startswith("cpu_ms_per_item_")}
+        for kind, runs in samples.items()
+    }
+    return {
+        "settings": {"jobs": jobs, "rounds": rounds, "concurrency": concurrency, "seed": seed},
+        "noop": {"tasks_per_s": noop_rate, "cpu": cpu["noop"], "runs": samples["noop"]},
+        "ours": {"jobs_per_s": jobs_rate, "tasks_per_s": tasks_rate, "tasks_per_job": tasks_per_job,
+                 "cpu": cpu["ours"], "runs": samples["ours"]},
+        "ratios": {"jobs_over_noop_tasks": jobs_rate / noop_rate, "tasks_over_noop_tasks": tasks_rate / noop_rate},
+        "targets": {"jobs_at_least_half_of_noop": jobs_rate >= TARGET_FRACTION * noop_rate},
+    }
+
+
+def rows(figures: dict[str, Any]) -> list[Row]:
+    ours, noop, ratios = figures["ours"], figures["noop"], figures["ratios"]
+
+    def cpu_ms(kind: str) -> float:
+        return float(sum(figures[kind]["cpu"].values()))
+
+    return [
+        Row.compare(
+            "throughput: small jobs completed + acknowledged /s",
+            ours["jobs_per_s"], noop["tasks_per_s"], "/s",
+            target=f">= {TARGET_FRACTION:g} x no-op tasks/s", met=figures["targets"]["jobs_at_least_half_of_noop"],
+            baseline_name="no-op Celery tasks",
+        ),
+        Row(
+            f"throughput: Celery task runs /s (ours: {ours['tasks_per_job']:.2f} per job)",
+            ours["tasks_per_s"], noop["tasks_per_s"], "/s", "-", None, ratios["tasks_over_noop_tasks"],
+            "no-op Celery tasks",
+        ),
+        Row.compare(
+            "throughput: CPU per job (worker + Redis + simulator/receiver)", cpu_ms("ours"), cpu_ms("noop"), "ms",
+            target="-", met=None, baseline_name="per no-op task",
+        ),
+    ]
+
+
+def format_report(figures: dict[str, Any]) -> str:
+    s = figures["settings"]
+    lines = [
+        f"{s['jobs']} jobs / no-op tasks per round, {s['rounds']} rounds each, concurrency {s['concurrency']}",
+        "",
+        "kind  round  count  seconds  per s  tasks/job  CPU ms per item: worker  redis  this process",
+    ]
+    for kind in ("noop", "ours"):
+        for index, sample in enumerate(figures[kind]["runs"]):
+            count = sample.get("jobs", sample.get("tasks"))
+            rate = sample.get("jobs_per_s", sample.get("tasks_per_s"))
+            per_job = f"{sample['tasks_per_job']:.2f}" if "tasks_per_job" in sample else "-"
+            lines.append(
+                f"{kind:<6}{index:<7}{count:<7.0f}{sample['seconds']:<9.2f}{rate:<7.0f}{per_job:<28}"
+                f"{sample['cpu_ms_per_item_worker']:<7.2f}{sample['cpu_ms_per_item_redis']:<7.2f}"
+                f"{sample['cpu_ms_per_item_bench']:.2f}"
+            )
+    lines += [
+        "(this process serves the simulator and the receiver and sends the messages)",
+        "",
+        format_table(rows(figures)),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--jobs", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    figures = run(args.jobs, args.rounds, args.concurrency)
+    print(format_report(figures))
+    if args.json:
+        from pathlib import Path
+
+        write_json(Path(args.json), figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
