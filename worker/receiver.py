@@ -24,13 +24,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from worker.simulator import QuietHandler, ServerThread
+from worker.localhttp import LocalServer, QuietHandler, ServerThread
 
 # A status, optionally with headers, optionally answered only after a delay in seconds.
 Response = int | tuple[int, Mapping[str, str]] | tuple[int, Mapping[str, str], float]
@@ -102,8 +101,10 @@ def _normalise(response: Response) -> _Answer:
     return _Answer(status, headers, delay)
 
 
-class Receiver:
+class Receiver(LocalServer):
     """Records and verifies signed webhooks on a loopback port."""
+
+    _thread_name = "webhook-receiver"
 
     def __init__(
         self,
@@ -125,27 +126,6 @@ class Receiver:
         self._defaults: dict[str, _Answer] = {}
         self._in_flight: list[Received] = []
         self._server = ServerThread(functools.partial(_ReceiverHandler, self), host, port)
-
-    # lifecycle
-
-    def start(self) -> Receiver:
-        self._server.start("webhook-receiver")
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> Receiver:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        return self._server.url
 
     # scripting and observing
 
