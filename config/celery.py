@@ -43,7 +43,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": max(settings.check365_timeout_s, settings.webhook_timeout_s) * 4 + 60,
         # A message Celery cannot take apart is rejected and logged instead of stopping the
         # worker (and, put back on the queue, every worker after it): see worker/tasks.py.
-        "worker_consumer": "worker.tasks:CheckedConsumer",
+        "worker_consumer": "worker.boundary:CheckedConsumer",
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
