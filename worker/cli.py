@@ -202,7 +202,13 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     if not args.all and not args.webhook_id:
         print("dead-letters replay needs a WEBHOOK_ID or --all", file=sys.stderr)
         return 2
-    replayed = [i for i in ids if _replay(settings, outbox, i)]
+    replayed = []
+    for n, webhook_id in enumerate(ids, 1):
+        if _replay(settings, outbox, webhook_id):
+            replayed.append(webhook_id)
+        if not args.json and len(ids) > 1:
+            # Progress for long lists, on stderr so that stdout keeps the one-line summary.
+            print(f"  {n}/{len(ids)} {webhook_id}", file=sys.stderr)
     if args.json:
         _print_json({"replayed": replayed})
     else:
