@@ -13,8 +13,7 @@ import math
 import os
 import platform
 import sys
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -232,18 +231,6 @@ def stop_worker(cluster: Cluster, process: WorkerProcess) -> None:
     process.kill()
     if process in cluster.processes:
         cluster.processes.remove(process)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
-    """The first truthy value of ``predicate()``; TimeoutError naming ``what`` past ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:g} s")
-        time.sleep(interval)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

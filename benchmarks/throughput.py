@@ -44,10 +44,9 @@ from benchmarks.common import (
     percentile,
     process_cpu_seconds,
     start_celery_worker,
-    wait_for,
     write_json,
 )
-from tests.support.cluster import Cluster, WorkerProcess
+from tests.support.cluster import Cluster, WorkerProcess, wait_until
 from worker.enqueue import client_app, enqueue_watch
 
 NOOP_TASK = "bench.noop"
@@ -145,7 +144,7 @@ def run_noop(cluster: Cluster, worker: WorkerProcess, total: int) -> dict[str, f
     for _ in range(total):
         sender.send_task(NOOP_TASK, args=[total], queue=NOOP_QUEUE)
     sent = time.time()
-    done_at = float(wait_for(lambda: client.get(NOOP_DONE_AT), ROUND_TIMEOUT_S, "no-op tasks"))
+    done_at = float(wait_until(lambda: client.get(NOOP_DONE_AT), ROUND_TIMEOUT_S, "no-op tasks", interval=0.01))
     seconds = done_at - started
     return {
         "tasks": total, "seconds": seconds, "tasks_per_s": total / seconds, "send_seconds": sent - started,
@@ -170,7 +169,7 @@ def run_ours(cluster: Cluster, worker: WorkerProcess, total: int, round_index: i
     def acknowledged() -> bool:
         return sum(1 for r in cluster.receiver.received(path) if 200 <= r.status_sent < 300) >= total
 
-    wait_for(acknowledged, ROUND_TIMEOUT_S, "acknowledged webhooks", interval=0.05)
+    wait_until(acknowledged, ROUND_TIMEOUT_S, "acknowledged webhooks")
     received = cluster.receiver.received(path)
     if not all(r.verified for r in received):
         raise AssertionError("a webhook failed signature verification")
