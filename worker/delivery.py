@@ -19,6 +19,7 @@ from worker import metrics
 from worker.check365 import USER_AGENT, parse_retry_after
 from worker.context import Context, WebhookClients
 from worker.errors import DeliveryFailed, UnsafeCallbackURL
+from worker.outbox import StoredEvent
 from worker.signing import webhook_headers
 from worker.urls import Resolver, pin_callback
 
@@ -143,14 +144,25 @@ def _iso(now: float) -> str:
     return datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def lease_s(settings: Settings) -> float:
+    """How long a delivery step holds its event: one attempt at its worst (connect, then read)."""
+    return 2 * settings.webhook_timeout_s + 10
+
+
 def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
-    settings = ctx.settings
-    now = ctx.clock()
-    lease = 2 * settings.webhook_timeout_s + 10
-    claimed = ctx.outbox.claim(webhook_id, token, now + lease)
+    """Make the attempt the message carrying ``token`` asks for, if that message still holds the event."""
+    claimed = ctx.outbox.claim(webhook_id, token, ctx.clock() + lease_s(ctx.settings))
     if claimed is None:
         return Skipped(webhook_id, "stale_token")
     event, body, holder = claimed
+    return deliver_claimed(ctx, event, body, holder)
+
+
+def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) -> DeliveryResult:
+    """One attempt at an event this step holds as ``holder``, and its bookkeeping."""
+    settings = ctx.settings
+    now = ctx.clock()
+    webhook_id = event.webhook_id
     # Every line of this step names the job, the event and which attempt it is.
     structlog.contextvars.bind_contextvars(
         job_id=event.job_id, webhook_id=webhook_id, attempt=len(event.attempts) + 1
@@ -163,7 +175,8 @@ def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
     )
     metrics.delivery_attempt(attempt.duration_s, sent=not attempt.unsafe)
     tries = event.tries + 1
-    ctx.outbox.record_attempt(webhook_id, {
+    # Recorded by whichever call settles the step below, in the same round trip.
+    record = {
         "attempt": len(event.attempts) + 1,
         "at": _iso(now),
         "ok": attempt.ok,
@@ -171,17 +184,17 @@ def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
         "error": attempt.error,
         "duration_ms": round(attempt.duration_s * 1000, 1),
         "replay": event.replays,
-    })
+    }
     done = ctx.clock()
     if attempt.ok:
-        ctx.outbox.mark_delivered(webhook_id, holder, done, tries)
+        ctx.outbox.mark_delivered(webhook_id, holder, done, tries, record)
         metrics.delivery("delivered")
         bound.info("webhook_delivered", status_code=attempt.status_code, attempt=tries,
                    latency_ms=round(attempt.duration_s * 1000, 1))
         return Delivered(webhook_id)
     if attempt.gone or attempt.unsafe:
         reason = "gone" if attempt.gone else attempt.describe()
-        ctx.outbox.dead_letter(webhook_id, holder, done, tries, reason)
+        ctx.outbox.dead_letter(webhook_id, holder, done, tries, reason=reason, attempt=record)
         metrics.dead_lettered("gone" if attempt.gone else "unsafe_callback")
         bound.warning("webhook_dead_lettered", reason=reason, attempt=tries)
         return DeadLettered(webhook_id, reason)
@@ -189,13 +202,13 @@ def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
     delay = retry_delay(tries, settings, attempt.retry_after, ctx.rng.random())
     if delay is None:
         reason = f"retries exhausted: {attempt.describe()}"
-        ctx.outbox.dead_letter(webhook_id, holder, done, tries, reason)
+        ctx.outbox.dead_letter(webhook_id, holder, done, tries, reason=reason, attempt=record)
         metrics.dead_lettered("retries_exhausted")
         bound.warning("webhook_dead_lettered", reason=reason, attempt=tries)
         return DeadLettered(webhook_id, reason)
     countdown = delay <= countdown_limit(settings)
     if not ctx.outbox.retry_later(webhook_id, holder, done + delay, armed=countdown, tries=tries,
-                                  last_error=attempt.describe()):
+                                  last_error=attempt.describe(), attempt=record):
         return Skipped(webhook_id, "lost_claim")
     metrics.delivery("failed")
     bound.warning("webhook_failed", error=attempt.describe(), attempt=tries, retry_in_s=round(delay, 3),

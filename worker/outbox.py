@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from worker.events import EventHead
-from worker.store import ACTIVE, PREFIX, DurableSet, fmt, members, new_token, text
+from worker.store import ACTIVE, PREFIX, DurableSet, LogEntry, fmt, members, new_token, text
 
 KIND = "event"
 DEAD_KEY = f"{PREFIX}dead"
@@ -44,6 +44,19 @@ redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
+
+
+def _attempts(raw: Iterable[Any]) -> list[dict[str, Any]]:
+    """Decode the attempt records, skipping any that are not JSON objects."""
+    out = []
+    for item in raw:
+        try:
+            value = json.loads(item)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            out.append(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -147,49 +160,43 @@ class Outbox:
         return raw if isinstance(raw, bytes) else None
 
     def attempts(self, webhook_id: str) -> list[dict[str, Any]]:
-        out = []
-        for raw in self.redis.lrange(self.attempts_key(webhook_id), 0, -1):
-            try:
-                item = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(item, dict):
-                out.append(item)
-        return out
+        return _attempts(self.redis.lrange(self.attempts_key(webhook_id), 0, -1))
 
     def claim(self, webhook_id: str, token: str, lease_until: float) -> tuple[StoredEvent, bytes, str] | None:
-        holder = self.items.claim(webhook_id, token, lease_until)
-        if holder is None:
+        """Take the delivery step and read the event, its body and its attempts in one call."""
+        claim = self.items.claim(
+            webhook_id, token, lease_until, blob_key=self.body_key(webhook_id), list_key=self.attempts_key(webhook_id)
+        )
+        if claim is None or claim.blob is None or "webhook_id" not in claim.fields:
             return None
-        event = self.get(webhook_id)
-        body = self.body(webhook_id)
-        if event is None or body is None:
-            return None
-        return event, body, holder
+        return StoredEvent.from_hash(claim.fields, _attempts(claim.entries)), claim.blob, claim.holder
 
-    def record_attempt(self, webhook_id: str, attempt: dict[str, Any]) -> None:
-        self.redis.rpush(self.attempts_key(webhook_id), json.dumps(attempt, separators=(",", ":")))
+    def _log(self, webhook_id: str, attempt: dict[str, Any]) -> LogEntry:
+        return LogEntry(self.attempts_key(webhook_id), json.dumps(attempt, separators=(",", ":")))
 
     def retry_later(self, webhook_id: str, holder: str, due: float, *, armed: bool, tries: int,
-                    last_error: str) -> bool:
+                    last_error: str, attempt: dict[str, Any]) -> bool:
+        """Schedule the next attempt, recording this one."""
         return self.items.schedule(
-            webhook_id, holder, due, armed=armed, fields={"tries": str(tries), "last_error": last_error}
+            webhook_id, holder, due, armed=armed, fields={"tries": str(tries), "last_error": last_error},
+            log=self._log(webhook_id, attempt),
         )
 
-    def mark_delivered(self, webhook_id: str, holder: str, now: float, tries: int) -> bool:
-        ok = self.items.close(
+    def mark_delivered(self, webhook_id: str, holder: str, now: float, tries: int, attempt: dict[str, Any]) -> bool:
+        """Close the event as delivered, recording the attempt; its keys then expire together."""
+        return self.items.close(
             webhook_id, holder, DELIVERED, ttl_s=self.state_ttl_s,
             fields={"delivered_at": fmt(now), "tries": str(tries), "last_error": ""},
+            log=self._log(webhook_id, attempt), expire_also=[self.body_key(webhook_id)],
         )
-        if ok:
-            for key in (self.body_key(webhook_id), self.attempts_key(webhook_id)):
-                self.redis.expire(key, int(self.state_ttl_s))
-        return ok
 
-    def dead_letter(self, webhook_id: str, holder: str, now: float, tries: int, reason: str) -> bool:
+    def dead_letter(self, webhook_id: str, holder: str, now: float, tries: int, *, reason: str,
+                    attempt: dict[str, Any]) -> bool:
+        """Move the event to the dead letters (kept until replayed), recording the attempt."""
         return self.items.close(
             webhook_id, holder, DEAD, into=(DEAD_KEY, now),
             fields={"dead_at": fmt(now), "tries": str(tries), "last_error": reason},
+            log=self._log(webhook_id, attempt),
         )
 
     def dead_letters(self, limit: int = 1000) -> list[str]:

@@ -6,6 +6,7 @@ turns that into a countdown or into delivery messages. Nothing here knows Celery
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 from collections.abc import Iterator, Sequence
@@ -15,9 +16,11 @@ import structlog
 
 from worker import check365, metrics
 from worker.context import Context
+from worker.delivery import lease_s as delivery_lease_s
 from worker.enqueue import WatchRequest
 from worker.errors import Check365Rejected, Check365Throttled, RetryableError
 from worker.events import Event, EventHead, failed_event, iter_completed_events, timed_out_event
+from worker.outbox import StoredEvent
 from worker.schedule import (
     HISTORY_LIMIT,
     Observation,
@@ -43,10 +46,15 @@ class Reschedule:
 
 @dataclass(frozen=True)
 class Finished:
-    """The watch has its outcome; deliver these (webhook_id, token) pairs."""
+    """The watch has its outcome; deliver these (webhook_id, token) pairs.
+
+    ``leased`` is a single event created claimed by this step, for it to deliver
+    itself (``deliveries`` then holds its id and the holder token).
+    """
 
     outcome: str
     deliveries: list[tuple[str, str]]
+    leased: tuple[StoredEvent, bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,15 @@ def new_watch_id() -> str:
     return "w_" + secrets.token_hex(10)
 
 
-def start_watch(ctx: Context, request: WatchRequest, queue: str = "") -> Reschedule | Dropped:
+def start_watch(ctx: Context, request: WatchRequest, queue: str = "") -> StepResult:
+    """Create the watch; with no initial delay, also make its first poll."""
     now = ctx.clock()
     delay = ctx.settings.poll_initial_delay_s
-    watch_id, token = ctx.watches.create(
+    # POLL_INITIAL_DELAY_S=0: the watch is created claimed by this step, which polls it
+    # at once. A message with no countdown would only come straight back from the
+    # broker, at the cost of a publish, a reservation, an ack and a claim.
+    poll_now = delay <= 0
+    created = ctx.watches.create(
         watch_id=new_watch_id(),
         job_id=request.job_id,
         callback_url=request.callback_url,
@@ -76,13 +89,16 @@ def start_watch(ctx: Context, request: WatchRequest, queue: str = "") -> Resched
         first_poll_at=now + delay,
         deadline=now + ctx.settings.watch_timeout_s,
         queue=queue or ctx.settings.queue,
+        lease_until=now + _lease_s(ctx) if poll_now else None,
     )
-    if token is None:
-        log.info("watch_duplicate", watch_id=watch_id)
-        return Dropped("duplicate", watch_id)
-    log.info("watch_enqueued", watch_id=watch_id, first_poll_in_s=round(delay, 3))
+    if created.token is None or created.watch is None:
+        log.info("watch_duplicate", watch_id=created.watch_id)
+        return Dropped("duplicate", created.watch_id)
+    log.info("watch_enqueued", watch_id=created.watch_id, first_poll_in_s=round(delay, 3))
     metrics.watch_started()
-    return Reschedule(watch_id, token, delay)
+    if poll_now:
+        return _poll_claimed(ctx, created.watch, created.token)
+    return Reschedule(created.watch_id, created.token, delay)
 
 
 def _lease_s(ctx: Context) -> float:
@@ -94,15 +110,25 @@ def _finish(
     ctx: Context, watch: Watch, holder: str, outcome: str, events: Sequence[Event | EventHead]
 ) -> StepResult:
     now = ctx.clock()
-    deliveries = ctx.watches.finish(watch, holder, outcome, events, outbox=ctx.outbox, now=now)
-    if deliveries is None:
+    # A single event (every outcome but a completed job of several parts) is created
+    # claimed by this step, which delivers it: its first attempt would otherwise cost a
+    # message, a task run and a claim. Several parts go out as messages instead, so
+    # that free slots on any worker send them in parallel.
+    single = events[0] if len(events) == 1 and isinstance(events[0], Event) else None
+    finishing = ctx.watches.finish(
+        watch, holder, outcome, events, outbox=ctx.outbox, now=now,
+        lease_until=now + delivery_lease_s(ctx.settings) if single is not None else None,
+    )
+    if finishing is None:
         return Dropped("lost_claim", watch.watch_id)
     metrics.watch_finished(outcome)
     log.info(
         f"watch_{outcome}", watch_id=watch.watch_id, polls=watch.polls, events=len(events),
         duration_s=round(now - watch.started_at, 3),
     )
-    return Finished(outcome, deliveries)
+    if single is not None and finishing.leased:
+        return Finished(outcome, finishing.tokens, (finishing.leased[0], single.body))
+    return Finished(outcome, finishing.tokens)
 
 
 def _progress_out(progress: float | None) -> float | int | None:
@@ -112,12 +138,18 @@ def _progress_out(progress: float | None) -> float | int | None:
 
 
 def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
-    settings = ctx.settings
-    now = ctx.clock()
-    claimed = ctx.watches.claim(watch_id, token, now + _lease_s(ctx))
+    """Run the poll the message carrying ``token`` asks for, if that message still holds the watch."""
+    claimed = ctx.watches.claim(watch_id, token, ctx.clock() + _lease_s(ctx))
     if claimed is None:
         return Dropped("stale_token", watch_id)
     watch, holder = claimed
+    return _poll_claimed(ctx, watch, holder)
+
+
+def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
+    settings = ctx.settings
+    now = ctx.clock()
+    watch_id = watch.watch_id
     # Every line of this step names the job and which poll it is.
     structlog.contextvars.bind_contextvars(job_id=watch.job_id, watch_id=watch_id, attempt=watch.polls + 1)
 
@@ -162,13 +194,14 @@ def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
     now = ctx.clock()
     polls = watch.polls + 1
     if isinstance(outcome, check365.Completed):
-        log.info("poll_done", watch_id=watch_id, status="completed", progress=100, polls=polls)
+        # The watch_completed line that follows says the same at INFO.
+        log.debug("poll_done", watch_id=watch_id, status="completed", progress=100, polls=polls)
         metrics.poll("completed")
         metrics.detection_lag(now - (watch.history[-1].at if watch.history else watch.started_at))
         heads = _stage_completed(ctx, watch, holder, outcome, now)
         return _finish(ctx, _with_polls(watch, polls), holder, "completed", heads)
     if isinstance(outcome, check365.Failed):
-        log.info("poll_done", watch_id=watch_id, status=outcome.status, polls=polls)
+        log.debug("poll_done", watch_id=watch_id, status=outcome.status, polls=polls)
         metrics.poll("failed")
         message = outcome.message or f"Check365 reports the job as {outcome.status}"
         event = failed_event(watch_id, watch.job_id, "job_failed", message, watch.metadata, now=now)
@@ -201,28 +234,34 @@ def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
 
 def _stage_completed(
     ctx: Context, watch: Watch, holder: str, outcome: check365.Completed, now: float
-) -> list[EventHead]:
+) -> list[Event | EventHead]:
     """Build the parts one at a time and stage each body as soon as it is built.
 
-    Only one part's results and body are held at once, whatever the job's size.
+    Only one part's results and body are held at once, whatever the job's size. A
+    job of one part is handed back whole instead: the finish call can carry it.
     Should this fail half-way, the bodies staged so far expire on their own.
     """
     heads: list[EventHead] = []
-
-    def bodies() -> Iterator[tuple[str, bytes]]:
-        for event in iter_completed_events(
+    try:
+        parts = iter_completed_events(
             watch.watch_id, watch.job_id, outcome.data, watch.metadata,
             per_part=ctx.settings.webhook_max_results_per_part, now=now,
-        ):
-            heads.append(event.head)
-            yield event.webhook_id, event.body
+        )
+        first = next(parts)
+        second = next(parts, None)
+        if second is None:
+            return [first]
 
-    try:
+        def bodies() -> Iterator[tuple[str, bytes]]:
+            for event in itertools.chain((first, second), parts):
+                heads.append(event.head)
+                yield event.webhook_id, event.body
+
         ctx.outbox.stage_bodies(holder, bodies())
     finally:
         # A big answer's temporary file is not needed once its parts are stored.
         outcome.close()
-    return heads
+    return list(heads)
 
 
 def _with_polls(watch: Watch, polls: int) -> Watch:

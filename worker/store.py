@@ -19,7 +19,8 @@ runs (see docs/design.md, "Durable state and tokens"):
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -29,33 +30,56 @@ ACTIVE = "active"
 
 Clock = Callable[[], float]
 
+# A step's first and last Redis calls are one script each: the claim returns what
+# the step needs to read, and the settling call (schedule or close) also appends to
+# the item's log. Round trips, not Redis's work, are what a small job costs.
+
+# KEYS: hash, due zset, then optionally a string key and a list key to read
+# ARGV: token, holder, lease end, member
+# Returns nil when the claim fails, else {hash fields, string value, list items}.
 _CLAIM = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return false end
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return false end
 redis.call('HSET', KEYS[1], 'token', ARGV[2], 'due', ARGV[3], 'armed', '0')
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return 1
+local out = {redis.call('HGETALL', KEYS[1]), false, {}}
+if #KEYS >= 3 then out[2] = redis.call('GET', KEYS[3]) end
+if #KEYS >= 4 then out[3] = redis.call('LRANGE', KEYS[4], 0, -1) end
+return out
 """
 
+# The log entry is appended whether or not the claim still holds: it records
+# something that already happened (an attempt was sent), whoever holds the item now.
+# KEYS: hash, due zset, log list (may be a placeholder)
+# ARGV: holder token, due, armed, member, log entry ('' = none), k, v...
 _SCHEDULE = """
+if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[5]) end
 if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'due', ARGV[2], 'armed', ARGV[3])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
 return 1
 """
 
-# KEYS: hash, due zset, target zset (may be a placeholder)
-# ARGV: holder token, new state, member, ttl seconds (0 = keep), target score ('' = none), k, v...
+# KEYS: hash, due zset, target zset (may be a placeholder), log list (may be a
+#       placeholder), then keys that share the item's ttl
+# ARGV: holder token, new state, member, ttl seconds (0 = keep), target score ('' = none),
+#       log entry ('' = none), k, v...
 _CLOSE = """
+if ARGV[6] ~= '' then redis.call('RPUSH', KEYS[4], ARGV[6]) end
 if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'token', '')
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZREM', KEYS[2], ARGV[3])
 if ARGV[5] ~= '' then redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3]) end
-if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]))) end
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  for i = 1, #KEYS do
+    if i == 1 or i >= 4 then redis.call('EXPIRE', KEYS[i], math.ceil(ttl)) end
+  end
+end
 return 1
 """
 
@@ -96,6 +120,31 @@ def decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:
     return {str(text(k)): str(text(v)) for k, v in raw.items()}
 
 
+def _flat(fields: Mapping[str, str] | None) -> list[str]:
+    out: list[str] = []
+    for k, v in (fields or {}).items():
+        out += [k, v]
+    return out
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A step's hold on an item, and what it read in the same round trip."""
+
+    holder: str
+    fields: dict[str, str]
+    blob: bytes | None = None
+    entries: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """A line appended to the item's list by the call that settles the step."""
+
+    key: str
+    entry: str
+
+
 class DurableSet:
     """The claim/schedule/close/rearm protocol over one kind of item."""
 
@@ -111,21 +160,32 @@ class DurableSet:
     def key(self, item_id: str) -> str:
         return f"{PREFIX}{self.kind}:{item_id}"
 
-    def claim(self, item_id: str, token: str, lease_until: float) -> str | None:
-        """Take the step for the message carrying ``token``; return the holder token."""
+    def claim(
+        self, item_id: str, token: str, lease_until: float, *, blob_key: str | None = None,
+        list_key: str | None = None,
+    ) -> Claim | None:
+        """Take the step for the message carrying ``token``, reading the item as it is taken.
+
+        ``blob_key`` (a string) and ``list_key`` (a list) are read in the same call; a
+        ``list_key`` needs a ``blob_key``.
+        """
         holder = new_token()
-        ok = self._claim(keys=[self.key(item_id), self.due_key], args=[token, holder, fmt(lease_until), item_id])
-        return holder if ok else None
+        keys = [self.key(item_id), self.due_key, *(k for k in (blob_key, list_key) if k is not None)]
+        raw = self._claim(keys=keys, args=[token, holder, fmt(lease_until), item_id])
+        if not raw:
+            return None
+        pairs, blob, entries = raw
+        fields = {str(text(k)): str(text(v)) for k, v in zip(pairs[::2], pairs[1::2], strict=True)}
+        return Claim(holder, fields, blob if isinstance(blob, bytes) else None, list(entries or []))
 
     def schedule(
-        self, item_id: str, holder: str, due: float, *, armed: bool, fields: Mapping[str, str] | None = None
+        self, item_id: str, holder: str, due: float, *, armed: bool, fields: Mapping[str, str] | None = None,
+        log: LogEntry | None = None,
     ) -> bool:
-        flat: list[str] = []
-        for k, v in (fields or {}).items():
-            flat += [k, v]
+        key = self.key(item_id)
         ok = self._schedule(
-            keys=[self.key(item_id), self.due_key],
-            args=[holder, fmt(due), "1" if armed else "0", item_id, *flat],
+            keys=[key, self.due_key, log.key if log else key],
+            args=[holder, fmt(due), "1" if armed else "0", item_id, log.entry if log else "", *_flat(fields)],
         )
         return bool(ok)
 
@@ -138,14 +198,22 @@ class DurableSet:
         ttl_s: float = 0,
         into: tuple[str, float] | None = None,
         fields: Mapping[str, str] | None = None,
+        log: LogEntry | None = None,
+        expire_also: Sequence[str] = (),
     ) -> bool:
-        flat: list[str] = []
-        for k, v in (fields or {}).items():
-            flat += [k, v]
+        """End the item's life as ``state``.
+
+        With ``ttl_s`` the hash, the log list and ``expire_also`` expire together;
+        ``into`` moves the member to another sorted set (the dead letters).
+        """
+        key = self.key(item_id)
         target_key, score = into if into else (self.due_key, None)
         ok = self._close(
-            keys=[self.key(item_id), self.due_key, target_key],
-            args=[holder, state, item_id, fmt(ttl_s), "" if score is None else fmt(score), *flat],
+            keys=[key, self.due_key, target_key, log.key if log else key, *expire_also],
+            args=[
+                holder, state, item_id, fmt(ttl_s), "" if score is None else fmt(score), log.entry if log else "",
+                *_flat(fields),
+            ],
         )
         return bool(ok)
 

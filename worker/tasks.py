@@ -20,7 +20,7 @@ from config.celery import DELIVER_TASK, SWEEP_TASK, WATCH_TASK
 from worker.app import app, settings
 from worker.boundary import CheckedTask, reject
 from worker.context import Context, process_context
-from worker.delivery import DeadLettered, Delivered, RetryLater, deliver_once
+from worker.delivery import DeadLettered, Delivered, DeliveryResult, RetryLater, deliver_claimed, deliver_once
 from worker.enqueue import WatchRequest, validate_watch_request
 from worker.errors import InvalidWatchRequest
 from worker.polling import Dropped, Finished, Reschedule, StepResult, poll_once, start_watch
@@ -70,11 +70,6 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
     result: StepResult
     if watch_id is None and token is None:
         result = start_watch(ctx, request, _queue_of(self))
-        if isinstance(result, Reschedule) and result.delay <= 0:
-            # POLL_INITIAL_DELAY_S=0: poll in this run. A message with no countdown would only
-            # come straight back from the broker, at the cost of a publish, a reservation and an ack.
-            structlog.contextvars.bind_contextvars(watch_id=result.watch_id)
-            result = poll_once(ctx, result.watch_id, result.token)
     elif isinstance(watch_id, str) and isinstance(token, str) and _ID.fullmatch(watch_id) and _ID.fullmatch(token):
         structlog.contextvars.bind_contextvars(watch_id=watch_id)
         result = poll_once(ctx, watch_id, token)
@@ -86,19 +81,19 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
         _send_poll(request, result.watch_id, result.token, result.delay, _queue_of(self))
         return "scheduled"
     if isinstance(result, Finished):
-        if len(result.deliveries) == 1:
-            # A single event (every outcome but a completed job of several parts) is delivered in
-            # this run: its first attempt would otherwise cost a message and a task run of its own.
-            # The event is already durable, so a crash here is recovered like a lost delivery message.
-            webhook_id, event_token = result.deliveries[0]
-            _deliver(ctx, webhook_id, event_token, _queue_of(self))
+        if result.leased is not None:
+            # Created claimed by this step: delivered here. The event is already durable,
+            # so a crash now is recovered like any delivery step's, once its lease ends.
+            event, body = result.leased
+            _settle(deliver_claimed(ctx, event, body, result.deliveries[0][1]), _queue_of(self))
         else:
-            # Several parts go out as messages, so that free slots on any worker send them in parallel.
             for webhook_id, event_token in result.deliveries:
                 send_delivery(webhook_id, event_token, _queue_of(self))
         return result.outcome
     assert isinstance(result, Dropped)  # noqa: S101 - exhaustive over StepResult
-    log.debug("watch_message_dropped", reason=result.reason, watch_id=result.watch_id)
+    if result.reason != "duplicate":  # a duplicate enqueue has its own watch_duplicate line
+        # A redelivered or superseded message: rare, and the only trace its run leaves.
+        log.info("watch_message_dropped", reason=result.reason, watch_id=result.watch_id)
     return result.reason
 
 
@@ -115,17 +110,21 @@ def deliver_webhook(self: Any, *args: Any, **kwargs: Any) -> str:
 
 
 def _deliver(ctx: Context, webhook_id: str, token: str, queue: str) -> str:
-    """One delivery attempt, its retry sent as a countdown when it is short enough."""
     structlog.contextvars.bind_contextvars(webhook_id=webhook_id)
-    result = deliver_once(ctx, webhook_id, token)
+    return _settle(deliver_once(ctx, webhook_id, token), queue)
+
+
+def _settle(result: DeliveryResult, queue: str) -> str:
+    """Send the retry of a delivery attempt as a countdown when it is short enough."""
     if isinstance(result, RetryLater):
         if result.countdown:
-            send_delivery(webhook_id, result.token, queue, result.delay)
+            send_delivery(result.webhook_id, result.token, queue, result.delay)
         return "retry"
     if isinstance(result, Delivered):
         return "delivered"
     if isinstance(result, DeadLettered):
         return "dead"
+    log.info("delivery_message_dropped", reason=result.reason, webhook_id=result.webhook_id)
     return result.reason
 
 

@@ -12,12 +12,12 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
 from worker.events import Event, EventHead
-from worker.outbox import Outbox
+from worker.outbox import Outbox, StoredEvent
 from worker.schedule import Observation, observations_from_json
 from worker.store import ACTIVE, PREFIX, DurableSet, fmt, members, new_token, text
 
@@ -39,41 +39,56 @@ return ''
 """
 
 # Finishing a watch and creating its events is one atomic step, so an outcome can
-# never exist without the events that announce it. The bodies were staged by the
-# step (see worker.outbox) and are renamed into place here: a big job's bodies never
-# pass through the script's arguments. Every staged body is checked before anything
-# is written, since a script that stopped half-way would keep its writes.
+# never exist without the events that announce it. A small body travels in the
+# script's arguments; bigger ones were staged by the step (see worker.outbox) and are
+# renamed into place here, so that a big job's bodies never pass through one call.
+# Every staged body is checked before anything is written, since a script that
+# stopped half-way would keep its writes.
+# With a lease end, the events are created claimed by the caller until then (their
+# token is the caller's holder), so that the step can deliver a single event itself.
 # KEYS: watch hash, due:watches, active key, due:events
 # ARGV: holder, now, outcome, ttl, prefix, watch_id, n, polls, staged-body key prefix,
-#       body key prefix, then per event: id, token, fields-json
-# Returns 1 when finished, 0 when the claim was lost, -1 when a staged body is missing.
+#       body key prefix, event lease end ('' = none), then per event: id, token,
+#       fields-json, body ('' = staged)
+# Returns 2 when finished with every event leased to the caller, 1 when finished,
+# 0 when the claim was lost, -1 when a staged body is missing.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 local prefix = ARGV[5]
 local n = tonumber(ARGV[7])
+local due, armed, result = ARGV[2], '1', 1
+if ARGV[11] ~= '' then due, armed, result = ARGV[11], '0', 2 end
 for i = 0, n - 1 do
-  local id = ARGV[11 + i * 3]
-  if redis.call('EXISTS', prefix .. 'event:' .. id) == 0 and redis.call('EXISTS', ARGV[9] .. id) == 0 then
+  local id = ARGV[12 + i * 4]
+  if ARGV[15 + i * 4] == '' and redis.call('EXISTS', prefix .. 'event:' .. id) == 0
+     and redis.call('EXISTS', ARGV[9] .. id) == 0 then
     return -1
   end
 end
 local ids = {}
 for i = 0, n - 1 do
-  local base = 11 + i * 3
+  local base = 12 + i * 4
   local id = ARGV[base]
   local ekey = prefix .. 'event:' .. id
   local staged = ARGV[9] .. id
+  local inline = ARGV[base + 3]
   if redis.call('EXISTS', ekey) == 0 then
     local f = cjson.decode(ARGV[base + 2])
     for k, v in pairs(f) do redis.call('HSET', ekey, k, v) end
-    redis.call('HSET', ekey, 'token', ARGV[base + 1], 'state', 'active', 'due', ARGV[2], 'armed', '1')
+    redis.call('HSET', ekey, 'token', ARGV[base + 1], 'state', 'active', 'due', due, 'armed', armed)
     local body = ARGV[10] .. id
-    redis.call('RENAME', staged, body)
-    redis.call('PERSIST', body)
-    redis.call('ZADD', KEYS[4], ARGV[2], id)
+    if inline == '' then
+      redis.call('RENAME', staged, body)
+      redis.call('PERSIST', body)
+    else
+      redis.call('SET', body, inline)
+    end
+    redis.call('ZADD', KEYS[4], due, id)
   else
-    redis.call('DEL', staged)
+    -- Not this step's to claim: it already exists, waiting for its own message.
+    result = 1
+    if inline == '' then redis.call('DEL', staged) end
   end
   table.insert(ids, id)
 end
@@ -82,8 +97,12 @@ redis.call('HSET', KEYS[1], 'state', 'finished', 'token', '', 'outcome', ARGV[3]
 redis.call('ZREM', KEYS[2], ARGV[6])
 if redis.call('GET', KEYS[3]) == ARGV[6] then redis.call('DEL', KEYS[3]) end
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])))
-return 1
+return result
 """
+
+# Bodies up to this size (in all) ride in the finish script's arguments instead of
+# being staged first: one round trip instead of two, for every small job.
+INLINE_BODIES_BYTES = 256 * 1024
 
 
 def active_key(job_id: str, callback_url: str) -> str:
@@ -148,6 +167,17 @@ class Watch:
         )
 
 
+class Created(NamedTuple):
+    watch_id: str
+    token: str | None  # None: a watch for the pair was already active (watch_id is that one)
+    watch: Watch | None  # the new watch as written
+
+
+class Finishing(NamedTuple):
+    tokens: list[tuple[str, str]]  # (webhook_id, token) of every event, for its message
+    leased: list[StoredEvent]  # the events as created claimed by the caller, or none
+
+
 class WatchStore:
     def __init__(self, client: redis.Redis, *, state_ttl_s: float) -> None:
         self.redis = client
@@ -167,13 +197,16 @@ class WatchStore:
         first_poll_at: float,
         deadline: float,
         queue: str = "",
-    ) -> tuple[str, str | None]:
+        lease_until: float | None = None,
+    ) -> Created:
         """Create a watch unless one is active for the pair.
 
-        Returns (watch_id, token): the token of the first poll's message for a new
-        watch, or the existing watch's id and None for a duplicate.
+        The new watch waits for its first poll's message, which must carry the
+        returned token. With ``lease_until`` it is created already claimed by the
+        caller, who polls it at once: the token is then the holder's.
         """
         token = new_token()
+        due = first_poll_at if lease_until is None else lease_until
         fields = {
             "watch_id": watch_id,
             "job_id": job_id,
@@ -183,8 +216,8 @@ class WatchStore:
             "deadline": fmt(deadline),
             "state": ACTIVE,
             "token": token,
-            "due": fmt(first_poll_at),
-            "armed": "1",
+            "due": fmt(due),
+            "armed": "1" if lease_until is None else "0",
             "polls": "0",
             "failures": "0",
             # The queue its messages travel on, so that the sweep re-arms it there.
@@ -200,25 +233,22 @@ class WatchStore:
                 self.items.due_key,
                 job_index_key(job_id),
             ],
-            args=[
-                watch_id, fmt(first_poll_at), str(int(self.state_ttl_s + (deadline - now))), f"{PREFIX}watch:", *flat,
-            ],
+            args=[watch_id, fmt(due), str(int(self.state_ttl_s + (deadline - now))), f"{PREFIX}watch:", *flat],
         )
         existing_id = text(existing)
         if existing_id:
-            return existing_id, None
-        return watch_id, token
+            return Created(existing_id, None, None)
+        return Created(watch_id, token, Watch.from_hash(fields))
 
     def get(self, watch_id: str) -> Watch | None:
         h = self.items.load(watch_id)
         return Watch.from_hash(h) if h and "watch_id" in h else None
 
     def claim(self, watch_id: str, token: str, lease_until: float) -> tuple[Watch, str] | None:
-        holder = self.items.claim(watch_id, token, lease_until)
-        if holder is None:
+        claim = self.items.claim(watch_id, token, lease_until)
+        if claim is None or "watch_id" not in claim.fields:
             return None
-        watch = self.get(watch_id)
-        return (watch, holder) if watch else None
+        return Watch.from_hash(claim.fields), claim.holder
 
     def advance(self, watch_id: str, holder: str, due: float, fields: dict[str, str]) -> bool:
         return self.items.schedule(watch_id, holder, due, armed=True, fields=fields)
@@ -232,27 +262,38 @@ class WatchStore:
         *,
         outbox: Outbox,
         now: float,
-    ) -> list[tuple[str, str]] | None:
-        """Record the outcome and create its events; return (webhook_id, token) pairs to dispatch.
+        lease_until: float | None = None,
+    ) -> Finishing | None:
+        """Record the outcome and create its events, returning what to dispatch.
 
-        An ``Event``'s body is staged here; an ``EventHead``'s must have been staged
-        by the caller with ``outbox.stage_bodies(holder, ...)``. Returns None, and
-        discards the staged bodies, when the claim was lost or a staged body is gone.
+        ``Event`` bodies go with the script when they are small in all, else they are
+        staged here; an ``EventHead``'s body must have been staged by the caller with
+        ``outbox.stage_bodies(holder, ...)``. With ``lease_until`` the events are
+        created claimed by the caller, who delivers them. Returns None, and discards
+        the staged bodies, when the claim was lost or a staged body is gone.
         """
-        outbox.stage_bodies(holder, ((e.webhook_id, e.body) for e in events if isinstance(e, Event)))
-        args: list[str] = [
+        full = [e for e in events if isinstance(e, Event)]
+        inline = sum(len(e.body) for e in full) <= INLINE_BODIES_BYTES
+        if not inline:
+            outbox.stage_bodies(holder, ((e.webhook_id, e.body) for e in full))
+        args: list[str | bytes] = [
             holder, fmt(now), outcome, fmt(self.state_ttl_s), PREFIX, watch.watch_id, str(len(events)),
             str(watch.polls), outbox.staged_body_key(holder, ""), outbox.body_key(""),
+            "" if lease_until is None else fmt(lease_until),
         ]
         tokens: list[tuple[str, str]] = []
+        heads: list[dict[str, str]] = []
         for event in events:
             head = event.head if isinstance(event, Event) else event
             token = new_token()
             tokens.append((head.webhook_id, token))
-            args += [head.webhook_id, token, json.dumps(outbox.fields_for(
+            fields = outbox.fields_for(
                 head, watch_id=watch.watch_id, job_id=watch.job_id, callback_url=watch.callback_url, now=now,
                 queue=watch.queue,
-            ))]
+            )
+            heads.append(fields)
+            body = event.body if inline and isinstance(event, Event) else b""
+            args += [head.webhook_id, token, json.dumps(fields), body]
         done = self._finish(
             keys=[
                 self.items.key(watch.watch_id),
@@ -262,10 +303,15 @@ class WatchStore:
             ],
             args=args,
         )
-        if done != 1:
-            outbox.discard_staged(holder, [webhook_id for webhook_id, _ in tokens])
+        if done not in (1, 2):
+            staged = [e.webhook_id for e in events if not (inline and isinstance(e, Event))]
+            if staged:
+                outbox.discard_staged(holder, staged)
             return None
-        return tokens
+        if done == 2 and lease_until is not None:
+            leased = [StoredEvent.from_hash({**f, "state": ACTIVE, "due": fmt(lease_until)}, []) for f in heads]
+            return Finishing(tokens, leased)
+        return Finishing(tokens, [])
 
     def cancel(self, watch_id: str) -> bool:
         """Stop a watch without an event: an operator's decision, not an outcome of the job."""

@@ -16,7 +16,7 @@ from standardwebhooks.webhooks import Webhook
 
 from config.settings import Settings, load_settings
 from worker.context import Context, build_context
-from worker.delivery import DeadLettered, Delivered, RetryLater, Skipped, deliver_once
+from worker.delivery import DeadLettered, Delivered, RetryLater, Skipped, deliver_claimed, deliver_once
 from worker.enqueue import WatchRequest
 from worker.events import completed_events
 from worker.localredis import LocalRedis
@@ -25,6 +25,7 @@ from worker.polling import Dropped, Finished, Reschedule, poll_once, start_watch
 from worker.ratelimit import BLOCKED_KEY
 from worker.simulator import generate_results
 from worker.sweep import sweep
+from worker.watches import INLINE_BODIES_BYTES
 
 pytestmark = pytest.mark.integration
 
@@ -346,6 +347,123 @@ def test_sweep_rearms_a_poll_whose_message_was_lost(world: World) -> None:
     assert isinstance(poll_once(world.ctx, step.watch_id, watches[0].token), Reschedule)
 
 
+# --- fewer round trips: steps that hand over what they hold --------------------------------------
+
+
+def test_a_single_event_is_created_claimed_by_the_finishing_step_which_delivers_it(world: World) -> None:
+    step = world.start()
+    world.check365_answers.append(status("failed", 50))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Finished)
+    assert result.leased is not None
+    event, body = result.leased
+    (webhook_id, holder), = result.deliveries
+    assert event.webhook_id == webhook_id
+    assert body == world.ctx.outbox.body(webhook_id)
+    # Held by this step: no message exists, so the sweep waits for the lease to run out.
+    stored = world.ctx.redis.hgetall(f"check365:event:{webhook_id}")
+    assert stored[b"token"].decode() == holder
+    assert stored[b"armed"] == b"0"
+    assert float(stored[b"due"]) == pytest.approx(world.clock() + 2 * world.settings.webhook_timeout_s + 10)
+    assert sweep(world.ctx) == ([], [])
+    assert isinstance(deliver_claimed(world.ctx, event, body, holder), Delivered)
+    assert world.receiver_requests[0].content == body
+    stored_event = world.ctx.outbox.get(webhook_id)
+    assert stored_event is not None
+    assert stored_event.state == "delivered"
+    assert [a["status_code"] for a in stored_event.attempts] == [200]
+
+
+def test_a_finishing_step_that_dies_before_delivering_is_recovered_after_its_lease(world: World) -> None:
+    step = world.start()
+    world.check365_answers.append(status("failed", 50))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Finished)
+    assert result.leased is not None
+    (webhook_id, holder), = result.deliveries
+    world.clock.advance(2 * world.settings.webhook_timeout_s + 10 - 1)
+    assert sweep(world.ctx) == ([], [])
+    world.clock.advance(2)
+    _, events = sweep(world.ctx)
+    assert [e.webhook_id for e in events] == [webhook_id]
+    # The dead step's hold is gone; the sweep's message delivers the event.
+    event, body = result.leased
+    assert isinstance(deliver_claimed(world.ctx, event, body, holder), Delivered)  # its attempt is still made
+    assert world.ctx.outbox.get(webhook_id).state == "active"  # type: ignore[union-attr]
+    assert isinstance(deliver_once(world.ctx, webhook_id, events[0].token), Delivered)
+    stored_event = world.ctx.outbox.get(webhook_id)
+    assert stored_event is not None
+    assert stored_event.state == "delivered"
+    # Both attempts reached the receiver and both are on record, whoever held the event.
+    assert len(world.receiver_requests) == 2
+    assert len(stored_event.attempts) == 2
+
+
+def test_several_parts_are_left_to_their_messages(world: World) -> None:
+    step = world.start()
+    world.check365_answers.append(status("completed", 100, RESULTS))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Finished)
+    assert result.leased is None
+    for webhook_id, token in result.deliveries:
+        assert world.ctx.redis.hget(f"check365:event:{webhook_id}", "armed") == b"1"
+        assert isinstance(deliver_once(world.ctx, webhook_id, token), Delivered)
+
+
+@pytest.fixture
+def eager_world(redis_server: LocalRedis) -> Iterator[World]:
+    w = World(redis_server.url, POLL_INITIAL_DELAY_S="0")
+    yield w
+    w.ctx.close()
+
+
+def test_with_no_initial_delay_the_watch_is_created_claimed_and_polled_at_once(eager_world: World) -> None:
+    world = eager_world
+    world.check365_answers.append(status("processing", 10))
+    result = start_watch(world.ctx, WatchRequest("J-1", CALLBACK, None))
+    assert isinstance(result, Reschedule)
+    assert len(world.check365_requests) == 1
+    watch = world.ctx.watches.get(result.watch_id)
+    assert watch is not None
+    assert (watch.polls, watch.last_progress) == (1, 10.0)
+    world.check365_answers.append(status("completed", 100, RESULTS))
+    done = poll_once(world.ctx, result.watch_id, result.token)
+    assert isinstance(done, Finished)
+    assert done.outcome == "completed"
+
+
+def test_a_watch_created_claimed_whose_step_dies_is_polled_after_its_lease(eager_world: World) -> None:
+    world = eager_world
+    created = world.ctx.watches.create(
+        watch_id="w_dies", job_id="J-1", callback_url=CALLBACK, metadata=None, now=world.clock(),
+        first_poll_at=world.clock(), deadline=world.clock() + 3600, lease_until=world.clock() + 70,
+    )
+    assert created.token is not None
+    assert created.watch is not None
+    assert created.watch.state == "active"
+    world.clock.advance(69)
+    assert sweep(world.ctx) == ([], [])
+    world.clock.advance(2)
+    watches, _ = sweep(world.ctx)
+    assert [w.watch.watch_id for w in watches] == ["w_dies"]
+    world.check365_answers.append(status("processing", 5))
+    assert isinstance(poll_once(world.ctx, "w_dies", watches[0].token), Reschedule)
+
+
+def test_an_attempt_is_recorded_even_when_its_step_lost_the_event(world: World) -> None:
+    webhook_id, token = finish_one(world)
+    claimed = world.ctx.outbox.claim(webhook_id, token, world.clock() + 60)
+    assert claimed is not None
+    event, body, holder = claimed
+    world.ctx.redis.hset(f"check365:event:{webhook_id}", "token", "re-armed")
+    world.receiver_answers.append(httpx.Response(503))
+    assert deliver_claimed(world.ctx, event, body, holder) == Skipped(webhook_id, "lost_claim")
+    stored_event = world.ctx.outbox.get(webhook_id)
+    assert stored_event is not None
+    assert (stored_event.state, stored_event.tries) == ("active", 0)
+    assert [a["status_code"] for a in stored_event.attempts] == [503]
+
+
 # --- big answers: parts stored one by one, then created with the outcome -----------------------
 
 
@@ -435,6 +553,26 @@ def test_finishing_needs_every_staged_body_and_writes_nothing_without(world: Wor
     world.ctx.outbox.stage_bodies(holder, [(e.webhook_id, e.body) for e in events])
     deliveries = finish(watch, holder, "completed", heads, outbox=world.ctx.outbox, now=world.clock())
     assert deliveries is not None
-    assert [wid for wid, _ in deliveries] == [e.webhook_id for e in events]
+    assert [wid for wid, _ in deliveries.tokens] == [e.webhook_id for e in events]
     assert [world.ctx.outbox.body(e.webhook_id) for e in events] == [e.body for e in events]
     assert keys(world, "staged_body:*") == []
+
+
+def test_a_single_part_too_big_to_travel_with_the_outcome_is_staged_first(redis_server: LocalRedis) -> None:
+    world = World(redis_server.url, WEBHOOK_MAX_RESULTS_PER_PART="5000")
+    try:
+        step = world.start()
+        body = completed_body(BIG)
+        world.check365_answers.append(streamed(body[i : i + 65_536] for i in range(0, len(body), 65_536)))
+        result = poll_once(world.ctx, step.watch_id, step.token)
+        assert isinstance(result, Finished)
+        assert result.leased is not None
+        event, sent_body = result.leased
+        assert len(sent_body) > INLINE_BODIES_BYTES
+        assert world.ctx.outbox.body(event.webhook_id) == sent_body
+        assert keys(world, "staged_body:*") == []
+        assert world.ctx.redis.ttl(world.ctx.outbox.body_key(event.webhook_id)) == -1
+        assert json.loads(sent_body)["data"]["results"] == BIG
+        assert isinstance(deliver_claimed(world.ctx, event, sent_body, result.deliveries[0][1]), Delivered)
+    finally:
+        world.ctx.close()
