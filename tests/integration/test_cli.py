@@ -94,7 +94,9 @@ def test_verify_checks_a_saved_request(cluster: Cluster, tmp_path: Path) -> None
 def test_every_step_line_names_the_job_the_task_and_the_attempt(
     cluster: Cluster, shared_worker: WorkerProcess, job_id: str, hook_path: str
 ) -> None:
-    cluster.sim.add_job(job_id, size=2, duration_s=0.5)
+    # Long enough for a poll to find it running: a poll that finishes the watch is
+    # announced by the watch_completed line alone.
+    cluster.sim.add_job(job_id, size=2, duration_s=2.0)
     cluster.enqueue(job_id, hook_path)
     cluster.receiver.wait_for(lambda rx: any(r.path == hook_path for r in rx), 30)
     shared_worker.wait_for_record(lambda r: r.get("event") == "webhook_delivered" and r.get("job_id") == job_id, 10)

@@ -327,13 +327,17 @@ def test_duplicate_poll_messages_converge_on_one_chain(
     }
     task_ids = [cluster.send_raw(message), cluster.send_raw(message)]
     for task_id in task_ids:
-        # Celery logs every task's return value: both duplicates were processed, not lost.
-        shared_worker.wait_for_task_record(task_id, "succeeded", TIMEOUT)
+        # Every run leaves a line (the poll it made, or why its message was dropped):
+        # both duplicates were processed, not lost.
+        shared_worker.wait_for_record(lambda r, task_id=task_id: r.get("task_id") == task_id, TIMEOUT)
 
     _, body = only_event(cluster, hook_path)
     assert body["type"] == COMPLETED
     (finished,) = cluster.watch_state(job_id)
     assert finished.outcome == "completed"
+    dropped = [r for r in shared_worker.log_records() if r.get("event") == "watch_message_dropped"
+               and r.get("watch_id") == watch.watch_id]
+    assert [r["reason"] for r in dropped] == ["stale_token"] * 2, "of three messages with one token, one polls"
 
 
 # --------------------------------------------------------------------------- foreign producers

@@ -141,6 +141,9 @@ HAND_BACK_SETTINGS = {
     "CHECK365_MAX_RPS": "1000",
 }
 HAND_BACK_JOBS = 30
+# Every poll ends with one of these lines at INFO (a poll that finishes its watch is
+# announced by the watch's outcome line).
+POLL_LINES = {"poll_done", "poll_failed", "poll_rejected", "watch_completed", "watch_failed", "watch_timed_out"}
 
 
 def compose_worker_setting(pattern: str) -> str:
@@ -198,7 +201,7 @@ def test_sigterm_hands_reserved_countdowns_back_to_another_worker(
         # Docker sends SIGKILL stop_grace_period after SIGTERM: the shutdown must be over by then.
         assert exited_after < stop_grace_s, f"the worker took {exited_after:.1f} s to stop"
         polled_by = {
-            name: {r.get("watch_id") for r in process.log_records() if r.get("event") == "poll_done"}
+            name: {r.get("watch_id") for r in process.log_records() if r.get("event") in POLL_LINES}
             for name, process in (("holder", holder), ("taker", taker))
         }
         assert polled_by["holder"] == set(), "the holder ran no poll: it only held the countdowns"

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from config.logging import Redactor, configure_logging
+from config.logging import CELERY_PER_TASK_LOGGERS, Redactor, configure_logging
 from config.settings import load_settings
 
 SECRET = "whsec_" + base64.b64encode(b"q" * 24).decode()
@@ -22,9 +22,12 @@ API_KEY = "live-key-0123456789"
 def _restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    tuned = {name: logging.getLogger(name).level for name in (*CELERY_PER_TASK_LOGGERS, "httpx", "httpcore")}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, old in tuned.items():
+        logging.getLogger(name).setLevel(old)
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
 
@@ -83,6 +86,43 @@ def test_httpx_request_lines_are_quiet_at_info() -> None:
     stream = configured(level="info")
     logging.getLogger("httpx").info("HTTP Request: GET https://h/?api_key=k")
     assert stream.getvalue() == ""
+
+
+CELERY_SUCCEEDED = "Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s"
+CELERY_ARGS = {"name": "check365.watch_bulk_job", "id": "t-9", "runtime": 0.01, "return_value": "'completed'"}
+
+
+def test_celerys_per_task_lines_are_debug_but_task_failures_are_not() -> None:
+    stream = configured(level="info")
+    logging.getLogger("celery.worker.strategy").info("Task %s[%s] received", "check365.watch_bulk_job", "t-9")
+    logging.getLogger("celery.app.trace").info(CELERY_SUCCEEDED, CELERY_ARGS)
+    logging.getLogger("celery.app.trace").error("Task %s[%s] raised unexpected: %r", "n", "t-9", ValueError("x"))
+    [line] = lines(stream)
+    assert line["level"] == "error"
+    assert line["event"].startswith("Task n[t-9] raised unexpected")
+
+
+def test_celerys_per_task_lines_show_at_debug() -> None:
+    stream = configured(level="debug")
+    logging.getLogger("celery.worker.strategy").info("Task %s[%s] received", "check365.watch_bulk_job", "t-9")
+    logging.getLogger("celery.app.trace").info(CELERY_SUCCEEDED, CELERY_ARGS)
+    assert [line["logger"] for line in lines(stream)] == list(CELERY_PER_TASK_LOGGERS)
+
+
+def test_lines_below_the_level_are_dropped() -> None:
+    stream = configured(level="warning")
+    structlog.get_logger("check365.test").info("poll_done")
+    structlog.get_logger("check365.test").warning("poll_failed", error="timeout")
+    assert [line["event"] for line in lines(stream)] == ["poll_failed"]
+
+
+def test_odd_values_still_render_as_json() -> None:
+    stream = configured()
+    structlog.get_logger("check365.test").info("watch_enqueued", when=object(), ratio=0.5, tags=("a", 1))
+    [line] = lines(stream)
+    assert line["ratio"] == 0.5
+    assert line["tags"] == ["a", 1]
+    assert str(line["when"]).startswith("<object object")
 
 
 def test_console_format_is_readable_text() -> None:
