@@ -22,10 +22,13 @@ Poll gaps (``next_poll_delay``)
     or wider when the uncertainty is very wide.
 
     Before any progress shows, the gaps double from ``initial_delay``. While
-    progress stands still they grow by half each poll, but not beyond the
+    progress stands still they grow by 30 % each poll, but not beyond the
     moment a resumed job could finish, until the pause has lasted four times
-    that long. Every gap lies within ``(0, max_delay]`` and ends at the watch
-    deadline at the latest.
+    that long. A job that has stood still for twice as long as it ever
+    progressed (the pause counted from the last reading below its current
+    level) is presumed dead: the gaps then double each poll up to
+    ``max_delay``. Every gap lies within ``(0, max_delay]`` and ends at the
+    watch deadline at the latest.
 
     ``benchmarks/polling.py`` measures the schedule against a fixed interval,
     plain doubling and the fewest polls possible.
@@ -79,12 +82,20 @@ _AIM_LATE_S = 0.25
 # start (x2 per poll): the job may still be queued, and its length is unknown.
 _GROWTH_UNSTARTED = 1.0
 # While progress stands still, the gap is this fraction of the time since it
-# last moved (x1.5 per poll): a pause may end any time, a dead job never.
-_GROWTH_STALLED = 0.5
+# last moved (x1.3 per poll): a pause may end any time, and the last wait of
+# a stepwise job ends in its completion, whose lag stays within 30 % of it.
+_GROWTH_STALLED = 0.3
 # ...but no longer than the time a resumed job needs to finish plus a scan
 # step, until the pause has lasted 1/this of the gap: a long pause is unlikely
 # to end exactly now, and a job frozen near 100 % must not be polled forever.
 _STALL_LAG = 0.25
+# A pause longer than this many times the time the job has spent progressing
+# marks it as dead rather than paused: polls it is then spared pay for the
+# closer stall gaps of live jobs.
+_DEAD_RATIO = 2.0
+# A presumed-dead job's gap is this fraction of its pause (x2 per poll), so
+# that a job that does resume is still seen within the pause's length.
+_GROWTH_DEAD = 1.0
 # The aim is moved earlier by this many standard errors of the predicted
 # completion time: early costs one poll, late costs lag.
 _MARGIN_Z = 0.75
@@ -310,7 +321,10 @@ def _plan(
     remaining = left / rate
 
     if run < len(pts) - 1:
-        # Stalled (or between two steps of a stepwise job).
+        # Stalled (or between two steps of a stepwise job). On the active axis
+        # the oldest point lies as far back as the job has been progressing.
+        if idle > _DEAD_RATIO * -active[0][0]:
+            return max(scan, _GROWTH_DEAD * idle)
         stalled_gap = max(scan, _GROWTH_STALLED * idle)
         resume_gap = max((100.0 - last) / fast + scan, _STALL_LAG * idle)
         return min(stalled_gap, resume_gap)

@@ -209,6 +209,34 @@ def test_stalled_job_falls_back_to_growing_gaps() -> None:
     assert len(polls) < 30
 
 
+def test_short_pause_keeps_gaps_within_a_third_of_it() -> None:
+    # 1 %/s until 40 %, still 40 % at 70 s: at most 35 s without progress
+    # after 40 s of work, so it may resume any moment; the gap stays a fraction
+    # of the pause.
+    history = [Observation(T0 + 5, 5.0), Observation(T0 + 35, 35.0), Observation(T0 + 40, 40.0)]
+    history.append(Observation(T0 + 70, 40.0))
+    got = delay(history, T0 + 70)
+    assert 0 < got <= 0.3 * 35 + 1e-9
+
+
+def test_job_paused_far_longer_than_it_worked_is_presumed_dead() -> None:
+    # 1 %/s for 20 s, then frozen at 20 %: by 100 s it may have stood still
+    # for 95 s (since the reading before 20 % was first seen), far more than
+    # the 20 s it worked, and the gap doubles the pause.
+    history = [Observation(T0 + 5, 5.0), Observation(T0 + 20, 20.0), Observation(T0 + 100, 20.0)]
+    assert delay(history, T0 + 100) == pytest.approx(95.0)
+    history.append(Observation(T0 + 400, 20.0))
+    assert delay(history, T0 + 400) == MAX
+
+
+def test_dead_job_costs_fewer_polls_than_a_paused_one() -> None:
+    # Frozen at 10 % after 10 s of work versus paused at 50 % after 50 s.
+    dead = poll_job(lambda t: min(t, 10.0), until=3600)
+    paused = poll_job(lambda t: min(t, 50.0), until=3600)
+    assert len(dead) < len(paused)
+    assert dead[-1][1] == MAX
+
+
 def test_resumed_job_is_aimed_at_its_active_rate() -> None:
     # 1 %/s, paused from 40 s to 240 s, then 1 %/s again: the pause is not
     # work, so the completion is predicted at 300 s, not later.
