@@ -14,11 +14,17 @@ same Celery settings and concurrency, each on its own queue:
               whose only task increments a Redis counter; N messages are sent; the
               figure is N divided by the time from the first send to the run that
               brings the counter to N.
+    floor     the same app's second task: what any implementation must do per job
+              and nothing else - one status request to the simulator and one
+              signed POST of its data to the receiver, both with httpx, then the
+              counter (no state, no checks, no logs). Its rate bounds what this
+              machine allows, next to the no-op's.
 
 The two alternate over ``--rounds`` rounds (the machine may be shared: each pair is
 measured under the same conditions) and the median of each is reported. Celery
-task runs of ours are counted from the worker's log ("succeeded" lines), so that the
-tasks each job costs are measured, not assumed.
+task runs of ours are counted from the worker's log (the distinct task ids its lines
+carry: every run of ours logs at least one line), so that the tasks each job costs
+are measured, not assumed.
 
 CPU per job and per no-op task is read from /proc for the worker's process group, the
 Redis server and this process (which serves the simulator and the receiver and sends
@@ -35,6 +41,8 @@ import sys
 import time
 from typing import Any
 
+import httpx
+import orjson
 import redis
 
 from benchmarks.common import (
@@ -48,12 +56,15 @@ from benchmarks.common import (
 )
 from tests.support.cluster import Cluster, WorkerProcess, wait_until
 from worker.enqueue import client_app, enqueue_watch
+from worker.signing import new_webhook_id, webhook_headers
 
 NOOP_TASK = "bench.noop"
 NOOP_QUEUE = "bench-noop"
 OURS_QUEUE = "bench-ours"
 NOOP_COUNTER = "bench:noop:count"
 NOOP_DONE_AT = "bench:noop:done_at"
+FLOOR_TASK = "bench.floor"
+FLOOR_QUEUE = "bench-floor"
 TARGET_FRACTION = 0.5
 # No request of this benchmark may wait on the pool-wide rate limit: it measures the
 # pool, not the limit (which is still consulted on every poll, as in production).
@@ -78,16 +89,36 @@ def _make_noop_app() -> Any:
     app.conf.task_default_queue = NOOP_QUEUE
     clients: dict[int, redis.Redis] = {}
 
-    @app.task(name=NOOP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
-    def noop(total: int) -> None:
-        # One connection per pool process, made after the fork, as our worker does.
-        import os
+    http_clients: dict[int, httpx.Client] = {}
 
+    def count(total: int) -> None:
+        # One connection per pool process, made after the fork, as our worker does.
         client = clients.get(os.getpid())
         if client is None:
             client = clients.setdefault(os.getpid(), redis.Redis.from_url(settings.redis_url))
         if client.incr(NOOP_COUNTER) == total:
             client.set(NOOP_DONE_AT, repr(time.time()))
+
+    @app.task(name=NOOP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def noop(total: int) -> None:
+        count(total)
+
+    # What every job costs whatever does it: its status request and one signed POST
+    # of the data, with the same HTTP library, and nothing else.
+
+    @app.task(name=FLOOR_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def floor(job_id: str, callback_url: str, total: int) -> None:
+        http = http_clients.get(os.getpid())
+        if http is None:
+            http = http_clients.setdefault(os.getpid(), httpx.Client(timeout=10, trust_env=False))
+        answer = http.get(
+            f"{settings.base_url}/api/validation/bulk-status", params={"api_key": settings.api_key, "job_id": job_id}
+        )
+        answer.raise_for_status()
+        body = orjson.dumps({"type": "bulk_validation.completed", "data": answer.json()["data"]})
+        headers = webhook_headers(settings.webhook_secrets, new_webhook_id(job_id), int(time.time()), body, "bench")
+        http.post(callback_url, content=body, headers=headers).raise_for_status()
+        count(total)
 
     return app
 
@@ -131,18 +162,26 @@ class CpuMeter:
         return {f"cpu_ms_per_item_{k}": (end[k] - self._start[k]) * 1000 / items for k in end}
 
 
-def _succeeded_tasks(worker: WorkerProcess) -> int:
-    return sum(1 for r in worker.log_records() if "succeeded in" in str(r.get("event", "")))
+def _task_runs(worker: WorkerProcess) -> int:
+    return len({r["task_id"] for r in worker.log_records() if r.get("task_id")})
 
 
-def run_noop(cluster: Cluster, worker: WorkerProcess, total: int) -> dict[str, float]:
+def run_noop(
+    cluster: Cluster, worker: WorkerProcess, total: int, *, floor_round: int | None = None
+) -> dict[str, float]:
+    """The no-op tasks, or with ``floor_round`` the floor tasks (jobs complete when first asked)."""
     client = cluster.redis()
     client.delete(NOOP_COUNTER, NOOP_DONE_AT)
     sender = client_app(cluster.client_settings())
+    url = cluster.callback_url(f"/hooks/floor-{floor_round}")
     cpu = CpuMeter(cluster, worker)
     started = time.time()
-    for _ in range(total):
-        sender.send_task(NOOP_TASK, args=[total], queue=NOOP_QUEUE)
+    for i in range(total):
+        if floor_round is None:
+            sender.send_task(NOOP_TASK, args=[total], queue=NOOP_QUEUE)
+        else:
+            job = f"sim-{1 + i % 3}-0s-fl{floor_round}x{i}"
+            sender.send_task(FLOOR_TASK, args=[job, url, total], queue=FLOOR_QUEUE)
     sent = time.time()
     done_at = float(wait_until(lambda: client.get(NOOP_DONE_AT), ROUND_TIMEOUT_S, "no-op tasks", interval=0.01))
     seconds = done_at - started
@@ -159,7 +198,7 @@ def run_ours(cluster: Cluster, worker: WorkerProcess, total: int, round_index: i
     settings = cluster.client_settings(CHECK365_QUEUE=OURS_QUEUE)
     # Jobs created by their first status request with a duration of 0: complete when first polled.
     jobs = [f"sim-{rng.randint(1, 3)}-0s-tp{round_index}x{i}" for i in range(total)]
-    tasks_before = _succeeded_tasks(worker)
+    tasks_before = _task_runs(worker)
     cpu = CpuMeter(cluster, worker)
     started = time.time()
     for job in jobs:
@@ -180,7 +219,7 @@ def run_ours(cluster: Cluster, worker: WorkerProcess, total: int, round_index: i
     cpu_ms = cpu.per_item_ms(total)
     # The log may trail the webhook by a few milliseconds: let the last lines land.
     time.sleep(0.5)
-    tasks = _succeeded_tasks(worker) - tasks_before
+    tasks = _task_runs(worker) - tasks_before
     latencies = sorted(r.at for r in received)
     return {
         "jobs": total,
@@ -208,13 +247,14 @@ def run(jobs: int = 1500, rounds: int = 2, concurrency: int = 4, seed: int = 4) 
         "LOG_LEVEL": "info",
         "LOG_FORMAT": "json",
     }
-    samples: dict[str, list[dict[str, float]]] = {"noop": [], "ours": []}
+    samples: dict[str, list[dict[str, float]]] = {"noop": [], "floor": [], "ours": []}
     with Cluster() as cluster:
         ours = cluster.start_worker(
             "ours", concurrency=concurrency, env_overrides=ours_env, queue=OURS_QUEUE, wait=False
         )
         noop = start_celery_worker(
-            cluster, "noop", app="benchmarks.throughput:noop_app", queue=NOOP_QUEUE, concurrency=concurrency,
+            cluster, "noop", app="benchmarks.throughput:noop_app", queue=f"{NOOP_QUEUE},{FLOOR_QUEUE}",
+            concurrency=concurrency,
             env=cluster.env(**ours_env),
             # Celery's own per-task lines at INFO, as our worker logs them.
             extra_args=("--loglevel", "INFO"),
@@ -223,15 +263,19 @@ def run(jobs: int = 1500, rounds: int = 2, concurrency: int = 4, seed: int = 4) 
         noop.wait_ready()
         # One small warm-up of each: connections, imports and the simulator's first answers.
         run_noop(cluster, noop, 50)
+        run_noop(cluster, noop, 50, floor_round=-1)
         run_ours(cluster, ours, 50, -1, seed)
         for index in range(rounds):
-            order = ("noop", "ours") if index % 2 == 0 else ("ours", "noop")
+            order = ("noop", "floor", "ours") if index % 2 == 0 else ("ours", "floor", "noop")
             for kind in order:
                 if kind == "noop":
                     samples["noop"].append(run_noop(cluster, noop, jobs))
+                elif kind == "floor":
+                    samples["floor"].append(run_noop(cluster, noop, jobs, floor_round=index))
                 else:
                     samples["ours"].append(run_ours(cluster, ours, jobs, index, seed + index))
     noop_rate = statistics.median(s["tasks_per_s"] for s in samples["noop"])
+    floor_rate = statistics.median(s["tasks_per_s"] for s in samples["floor"])
     jobs_rate = statistics.median(s["jobs_per_s"] for s in samples["ours"])
     tasks_rate = statistics.median(s["tasks_per_s"] for s in samples["ours"])
     tasks_per_job = statistics.median(s["tasks_per_job"] for s in samples["ours"])
@@ -242,9 +286,15 @@ def run(jobs: int = 1500, rounds: int = 2, concurrency: int = 4, seed: int = 4) 
     return {
         "settings": {"jobs": jobs, "rounds": rounds, "concurrency": concurrency, "seed": seed},
         "noop": {"tasks_per_s": noop_rate, "cpu": cpu["noop"], "runs": samples["noop"]},
+        "floor": {"tasks_per_s": floor_rate, "cpu": cpu["floor"], "runs": samples["floor"]},
         "ours": {"jobs_per_s": jobs_rate, "tasks_per_s": tasks_rate, "tasks_per_job": tasks_per_job,
                  "cpu": cpu["ours"], "runs": samples["ours"]},
-        "ratios": {"jobs_over_noop_tasks": jobs_rate / noop_rate, "tasks_over_noop_tasks": tasks_rate / noop_rate},
+        "ratios": {
+            "jobs_over_noop_tasks": jobs_rate / noop_rate,
+            "tasks_over_noop_tasks": tasks_rate / noop_rate,
+            "floor_over_noop_tasks": floor_rate / noop_rate,
+            "jobs_over_floor": jobs_rate / floor_rate,
+        },
         "targets": {"jobs_at_least_half_of_noop": jobs_rate >= TARGET_FRACTION * noop_rate},
     }
 
@@ -268,7 +318,20 @@ def rows(figures: dict[str, Any]) -> list[Row]:
             "no-op Celery tasks",
         ),
         Row.compare(
+            "throughput: floor (status request + signed POST, nothing else) /s",
+            figures["floor"]["tasks_per_s"], noop["tasks_per_s"], "/s", target="-", met=None,
+            baseline_name="no-op Celery tasks",
+        ),
+        Row.compare(
+            "throughput: ours next to the floor", ours["jobs_per_s"], figures["floor"]["tasks_per_s"], "/s",
+            target="-", met=None, baseline_name="floor",
+        ),
+        Row.compare(
             "throughput: CPU per job (worker + Redis + simulator/receiver)", cpu_ms("ours"), cpu_ms("noop"), "ms",
+            target="-", met=None, baseline_name="per no-op task",
+        ),
+        Row.compare(
+            "throughput: CPU per job of the floor", cpu_ms("floor"), cpu_ms("noop"), "ms",
             target="-", met=None, baseline_name="per no-op task",
         ),
     ]
@@ -281,7 +344,7 @@ def format_report(figures: dict[str, Any]) -> str:
         "",
         "kind  round  count  seconds  per s  tasks/job  CPU ms per item: worker  redis  this process",
     ]
-    for kind in ("noop", "ours"):
+    for kind in ("noop", "floor", "ours"):
         for index, sample in enumerate(figures[kind]["runs"]):
             count = sample.get("jobs", sample.get("tasks"))
             rate = sample.get("jobs_per_s", sample.get("tasks_per_s"))
