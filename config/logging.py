@@ -8,6 +8,7 @@ string and would otherwise show up in httpx's request lines.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -84,7 +85,11 @@ class _ScrubRenderedExceptions:
 
 def _json_dumps(value: Any, **_: Any) -> str:
     # orjson: several times faster than json.dumps on every line; str() for the odd object.
-    return orjson.dumps(value, default=str).decode()
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except orjson.JSONEncodeError:
+        # A lone surrogate (from a hostile message) is not UTF-8; json escapes it instead.
+        return json.dumps(value, default=str)
 
 
 def _use_json(settings: Settings, stream: Any) -> bool:

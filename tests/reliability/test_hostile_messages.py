@@ -88,7 +88,9 @@ def records(text: str) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def hostile() -> Iterator[Hostile]:
     with Cluster() as cluster:
-        worker = cluster.start_worker("hostile", concurrency=1, queue=QUEUE)
+        # At DEBUG, Celery logs its verdict on every task run ("... succeeded in ..."): the
+        # evidence that a message ran to a normal return, whatever the task logged itself.
+        worker = cluster.start_worker("hostile", concurrency=1, queue=QUEUE, env_overrides={"LOG_LEVEL": "debug"})
         with Connection(cluster.redis_url) as connection:
             yield Hostile(cluster, worker, Producer(connection.channel()))
 

@@ -125,6 +125,13 @@ def test_odd_values_still_render_as_json() -> None:
     assert str(line["when"]).startswith("<object object")
 
 
+def test_strings_that_are_not_utf8_still_render() -> None:
+    stream = configured()
+    structlog.get_logger("check365.test").warning("watch_rejected", reason="job_id 'J-\u202e\ud800' is odd")
+    [line] = lines(stream)
+    assert line["reason"] == "job_id 'J-\u202e\ud800' is odd"
+
+
 def test_console_format_is_readable_text() -> None:
     stream = configured(fmt="console")
     structlog.get_logger("check365.test").info("watch_enqueued", job_id="J-3")
