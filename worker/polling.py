@@ -22,11 +22,11 @@ from worker.errors import Check365Rejected, Check365Throttled, RetryableError
 from worker.events import Event, EventHead, failed_event, iter_completed_events, timed_out_event
 from worker.outbox import StoredEvent
 from worker.schedule import (
-    HISTORY_LIMIT,
     Observation,
     incomplete_results_delay,
     next_poll_delay,
     observations_to_json,
+    remember,
     transient_delay,
 )
 from worker.store import fmt
@@ -208,7 +208,7 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
         return _finish(ctx, _with_polls(watch, polls), holder, "failed", [event])
 
     metrics.poll("incomplete" if isinstance(outcome, check365.Incomplete) else "running")
-    history = [*watch.history, Observation(at=now, progress=outcome.progress)][-HISTORY_LIMIT:]
+    history = remember(watch.history, Observation(at=now, progress=outcome.progress))
     if isinstance(outcome, check365.Incomplete):
         delay = incomplete_results_delay(settings.poll_initial_delay_s)
     else:
