@@ -120,7 +120,8 @@ def decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:
     return {str(text(k)): str(text(v)) for k, v in raw.items()}
 
 
-def _flat(fields: Mapping[str, str] | None) -> list[str]:
+def flatten(fields: Mapping[str, str] | None) -> list[str]:
+    """``[k1, v1, k2, v2, ...]``: hash fields as script arguments."""
     out: list[str] = []
     for k, v in (fields or {}).items():
         out += [k, v]
@@ -169,6 +170,8 @@ class DurableSet:
         ``blob_key`` (a string) and ``list_key`` (a list) are read in the same call; a
         ``list_key`` needs a ``blob_key``.
         """
+        if list_key is not None and blob_key is None:
+            raise ValueError("a list_key is read only together with a blob_key")
         holder = new_token()
         keys = [self.key(item_id), self.due_key, *(k for k in (blob_key, list_key) if k is not None)]
         raw = self._claim(keys=keys, args=[token, holder, fmt(lease_until), item_id])
@@ -185,7 +188,7 @@ class DurableSet:
         key = self.key(item_id)
         ok = self._schedule(
             keys=[key, self.due_key, log.key if log else key],
-            args=[holder, fmt(due), "1" if armed else "0", item_id, log.entry if log else "", *_flat(fields)],
+            args=[holder, fmt(due), "1" if armed else "0", item_id, log.entry if log else "", *flatten(fields)],
         )
         return bool(ok)
 
@@ -212,7 +215,7 @@ class DurableSet:
             keys=[key, self.due_key, target_key, log.key if log else key, *expire_also],
             args=[
                 holder, state, item_id, fmt(ttl_s), "" if score is None else fmt(score), log.entry if log else "",
-                *_flat(fields),
+                *flatten(fields),
             ],
         )
         return bool(ok)

@@ -19,7 +19,7 @@ import redis
 from worker.events import Event, EventHead
 from worker.outbox import Outbox, StoredEvent
 from worker.schedule import Observation, observations_from_json
-from worker.store import ACTIVE, PREFIX, DurableSet, fmt, members, new_token, text
+from worker.store import ACTIVE, PREFIX, DurableSet, flatten, fmt, members, new_token, text
 
 KIND = "watch"
 
@@ -223,9 +223,6 @@ class WatchStore:
             # The queue its messages travel on, so that the sweep re-arms it there.
             "queue": queue,
         }
-        flat: list[str] = []
-        for k, v in fields.items():
-            flat += [k, v]
         existing = self._create(
             keys=[
                 active_key(job_id, callback_url),
@@ -233,7 +230,10 @@ class WatchStore:
                 self.items.due_key,
                 job_index_key(job_id),
             ],
-            args=[watch_id, fmt(due), str(int(self.state_ttl_s + (deadline - now))), f"{PREFIX}watch:", *flat],
+            args=[
+                watch_id, fmt(due), str(int(self.state_ttl_s + (deadline - now))), f"{PREFIX}watch:",
+                *flatten(fields),
+            ],
         )
         existing_id = text(existing)
         if existing_id:
