@@ -178,7 +178,7 @@ class DurableSet:
         if not raw:
             return None
         pairs, blob, entries = raw
-        fields = {str(text(k)): str(text(v)) for k, v in zip(pairs[::2], pairs[1::2], strict=True)}
+        fields = decode_hash(dict(zip(pairs[::2], pairs[1::2], strict=True)))
         return Claim(holder, fields, blob if isinstance(blob, bytes) else None, list(entries or []))
 
     def schedule(
