@@ -57,9 +57,11 @@ from typing import Any
 
 from benchmarks.common import (
     Row,
+    baseline_app,
     format_table,
     group_cpu_seconds,
     group_rss_bytes,
+    per_process,
     percentile,
     process_cpu_seconds,
     start_celery_worker,
@@ -95,20 +97,13 @@ RSS_TARGET_MIB_PER_1000 = 100.0
 def _make_naive_app() -> Any:
     """A Celery app whose task holds its slot for the whole watch, sleeping between polls."""
     import httpx
-    from celery import Celery
 
-    from config.celery import celery_config
-    from config.settings import load_settings
-
-    settings = load_settings(role="worker")
-    app = Celery("bench-naive")
-    app.config_from_object(celery_config(settings))
-    app.conf.task_default_queue = NAIVE_QUEUE
-    clients: dict[str, httpx.Client] = {}
+    app, settings = baseline_app("bench-naive", NAIVE_QUEUE)
+    clients: dict[int, httpx.Client] = {}
 
     @app.task(name=NAIVE_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def naive_watch(job_id: str, first_poll_at: float, interval_s: float, stop_at: float) -> None:
-        client = clients.setdefault("check365", httpx.Client(timeout=30))
+        client = per_process(clients, lambda: httpx.Client(timeout=30))
         time.sleep(max(0.0, first_poll_at - time.time()))
         while time.time() < stop_at:
             answer = client.get(settings.status_url, params={"api_key": settings.api_key, "job_id": job_id})

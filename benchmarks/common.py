@@ -13,13 +13,15 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tests.support.cluster import WORKER_READY, Cluster, WorkerProcess
+
+T = TypeVar("T")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -204,6 +206,32 @@ def group_cpu_seconds(leader: int) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     # utime and stime are the 14th and 15th fields of stat, 12th and 13th after the name.
     return sum(int(f[11]) + int(f[12]) for _, f in _group_stats(leader)) / ticks
+
+
+def baseline_app(name: str, queue: str) -> tuple[Any, Any]:
+    """A Celery app for a baseline worker, with exactly the settings ours gets from ``config.celery``.
+
+    Returns (app, settings). Built when ``celery -A`` asks for it, so that importing a
+    benchmark module builds nothing.
+    """
+    from celery import Celery
+
+    from config.celery import celery_config
+    from config.settings import load_settings
+
+    settings = load_settings(role="worker")
+    app = Celery(name)
+    app.config_from_object(celery_config(settings))
+    app.conf.task_default_queue = queue
+    return app, settings
+
+
+def per_process(cache: dict[int, T], make: Callable[[], T]) -> T:
+    """The pool process's own ``make()``, made on first use after the fork and kept."""
+    pid = os.getpid()
+    if pid not in cache:
+        cache[pid] = make()
+    return cache[pid]
 
 
 def start_celery_worker(

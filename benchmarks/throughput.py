@@ -47,8 +47,10 @@ import redis
 
 from benchmarks.common import (
     Row,
+    baseline_app,
     format_table,
     group_cpu_seconds,
+    per_process,
     percentile,
     process_cpu_seconds,
     start_celery_worker,
@@ -77,25 +79,14 @@ ROUND_TIMEOUT_S = 180.0
 
 
 def _make_noop_app() -> Any:
-    """The no-op Celery app, with exactly the settings our worker gets from ``config.celery``."""
-    from celery import Celery
-
-    from config.celery import celery_config
-    from config.settings import load_settings
-
-    settings = load_settings(role="worker")
-    app = Celery("bench-noop")
-    app.config_from_object(celery_config(settings))
-    app.conf.task_default_queue = NOOP_QUEUE
-    clients: dict[int, redis.Redis] = {}
-
+    """The no-op and floor tasks, with exactly the settings our worker gets from ``config.celery``."""
+    app, settings = baseline_app("bench-noop", NOOP_QUEUE)
+    # Connections are made per pool process, after the fork, as our worker does.
+    counters: dict[int, redis.Redis] = {}
     http_clients: dict[int, httpx.Client] = {}
 
     def count(total: int) -> None:
-        # One connection per pool process, made after the fork, as our worker does.
-        client = clients.get(os.getpid())
-        if client is None:
-            client = clients.setdefault(os.getpid(), redis.Redis.from_url(settings.redis_url))
+        client = per_process(counters, lambda: redis.Redis.from_url(settings.redis_url))
         if client.incr(NOOP_COUNTER) == total:
             client.set(NOOP_DONE_AT, repr(time.time()))
 
@@ -103,17 +94,12 @@ def _make_noop_app() -> Any:
     def noop(total: int) -> None:
         count(total)
 
-    # What every job costs whatever does it: its status request and one signed POST
-    # of the data, with the same HTTP library, and nothing else.
-
     @app.task(name=FLOOR_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def floor(job_id: str, callback_url: str, total: int) -> None:
-        http = http_clients.get(os.getpid())
-        if http is None:
-            http = http_clients.setdefault(os.getpid(), httpx.Client(timeout=10, trust_env=False))
-        answer = http.get(
-            f"{settings.base_url}/api/validation/bulk-status", params={"api_key": settings.api_key, "job_id": job_id}
-        )
+        # What every job costs whatever does it: its status request and one signed POST
+        # of the data, with the same HTTP library, and nothing else.
+        http = per_process(http_clients, lambda: httpx.Client(timeout=10, trust_env=False))
+        answer = http.get(settings.status_url, params={"api_key": settings.api_key, "job_id": job_id})
         answer.raise_for_status()
         body = orjson.dumps({"type": "bulk_validation.completed", "data": answer.json()["data"]})
         headers = webhook_headers(settings.webhook_secrets, new_webhook_id(job_id), int(time.time()), body, "bench")
@@ -256,7 +242,7 @@ def run(jobs: int = 1500, rounds: int = 2, concurrency: int = 4, seed: int = 4) 
             cluster, "noop", app="benchmarks.throughput:noop_app", queue=f"{NOOP_QUEUE},{FLOOR_QUEUE}",
             concurrency=concurrency,
             env=cluster.env(**ours_env),
-            # Celery's own per-task lines at INFO, as our worker logs them.
+            # Stock Celery logging at INFO, its per-task lines included (ours keeps those at DEBUG).
             extra_args=("--loglevel", "INFO"),
         )
         ours.wait_ready()

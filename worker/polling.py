@@ -241,7 +241,7 @@ def _stage_completed(
     job of one part is handed back whole instead: the finish call can carry it.
     Should this fail half-way, the bodies staged so far expire on their own.
     """
-    heads: list[EventHead] = []
+    heads: list[Event | EventHead] = []
     try:
         parts = iter_completed_events(
             watch.watch_id, watch.job_id, outcome.data, watch.metadata,
@@ -261,7 +261,7 @@ def _stage_completed(
     finally:
         # A big answer's temporary file is not needed once its parts are stored.
         outcome.close()
-    return list(heads)
+    return heads
 
 
 def _with_polls(watch: Watch, polls: int) -> Watch:
