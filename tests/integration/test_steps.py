@@ -576,3 +576,14 @@ def test_a_single_part_too_big_to_travel_with_the_outcome_is_staged_first(redis_
         assert isinstance(deliver_claimed(world.ctx, event, sent_body, result.deliveries[0][1]), Delivered)
     finally:
         world.ctx.close()
+
+
+def test_the_step_redis_client_packs_and_parses_with_hiredis(world: World) -> None:
+    # The dependency is declared for speed alone: redis-py falls back to its pure
+    # Python parser without a word when hiredis cannot be imported.
+    world.ctx.redis.ping()
+    connection = world.ctx.redis.connection_pool.get_connection()
+    try:
+        assert type(connection._parser).__name__ == "_HiredisParser"
+    finally:
+        world.ctx.redis.connection_pool.release(connection)
