@@ -1,6 +1,6 @@
 """Virtual-time benchmark of the poll schedule against two baselines and an oracle.
 
-    python -m benchmarks.polling [--jobs N] [--seed S] [--json PATH]
+    python -m benchmarks.polling [--jobs N] [--seed S] [--json PATH] [--trade-off]
 
 Synthetic jobs last 5 s to 2 h (log-uniform) and report progress along one of
 five profiles:
@@ -304,6 +304,51 @@ def run(jobs: int = 10_000, seed: int = 1) -> dict[str, Any]:
     }
 
 
+def trade_off(jobs: int = 10_000, seed: int = 1) -> list[dict[str, float]]:
+    """What the lag target costs in polls when ours is made to scan like the fixed interval.
+
+    Each variant polls at most every ``INITIAL_DELAY_S`` while the job is younger than
+    ``young_s`` or its last reading is at least ``from_pct``, and follows ours
+    otherwise. It measures how many polls buy how many fewer late jobs: scanning is
+    the only way to see a completion that progress does not foretell.
+    """
+    rows: list[dict[str, float]] = []
+    for young_s in (0.0, 60.0, 300.0):
+        for from_pct in (101.0, 95.0, 90.0, 80.0, 60.0):
+            def scan(polls: int, t: float, history: list[Observation], y: float = young_s,
+                     f: float = from_pct) -> float:
+                delay = _ours(polls, t, history)
+                last = history[-1].progress if history else None
+                if t < y or (last is not None and last >= f):
+                    return min(delay, INITIAL_DELAY_S)
+                return delay
+
+            rng = random.Random(seed)
+            population = make_jobs(jobs, rng)
+            outcomes = [_run_schedule(j, scan, random.Random(rng.getrandbits(64)), observe=True) for j in population]
+            finishing = [o for o in outcomes if o.lag is not None]
+            bound = _percentile([_fixed_outcome(j).lag or 0.0 for j in population if j.duration is not None], 95)
+            rows.append({
+                "young_s": young_s,
+                "from_pct": from_pct,
+                "polls_over_oracle": sum(o.polls for o in outcomes) / sum(oracle_polls(j) for j in population),
+                "late": sum(1 for o in finishing if o.lag is not None and o.lag > bound),
+                "allowed": math.floor(0.05 * len(finishing)),
+            })
+    return rows
+
+
+def format_trade_off(rows: list[dict[str, float]]) -> str:
+    head = f"{'scan while younger than':<25}{'or last reading >=':>19}{'polls / oracle':>16}{'late':>7}{'allowed':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        pct = "never" if r["from_pct"] > 100 else f"{r['from_pct']:g} %"
+        lines.append(
+            f"{r['young_s']:<25g}{pct:>19}{r['polls_over_oracle']:>16.2f}{int(r['late']):>7}{int(r['allowed']):>9}"
+        )
+    return "\n".join(lines)
+
+
 def _cell(value: float, width: int, digits: int = 2) -> str:
     return f"{value:>{width}.{digits}f}" if math.isfinite(value) else f"{'-':>{width}}"
 
@@ -384,7 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument(
+        "--trade-off", action="store_true",
+        help="print instead what fewer late jobs cost in polls when ours scans like the fixed interval",
+    )
     args = parser.parse_args(argv)
+    if args.trade_off:
+        print(format_trade_off(trade_off(args.jobs, args.seed)))
+        return 0
     figures = run(args.jobs, args.seed)
     print(format_report(figures))
     if args.json:
