@@ -8,12 +8,13 @@ string and would otherwise show up in httpx's request lines.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
-from typing import Any
+from collections.abc import Callable, Iterable, MutableMapping
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -30,21 +31,26 @@ _WHSEC = re.compile(r"whsec_[A-Za-z0-9+/=]+")
 
 
 class Redactor:
-    """A structlog processor that scrubs secrets from every string in the event."""
+    """A structlog processor that scrubs secrets from every string in the event.
 
-    def __init__(self, secrets: Iterable[str]) -> None:
+    ``scrub`` also serves text that leaves the worker by other ways, such as the
+    messages Check365 sends back, with the ``marker`` that suits it.
+    """
+
+    def __init__(self, secrets: Iterable[str], marker: str = REDACTED) -> None:
         # Longest first, so that a secret containing another is replaced whole.
         self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._marker = marker
 
     def scrub(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:
-                text = text.replace(secret, REDACTED)
+                text = text.replace(secret, self._marker)
         # Most strings hold neither pattern: a substring test is far cheaper than a regex pass.
         if "=" in text:
-            text = _API_KEY_PARAM.sub(r"\1" + REDACTED, text)
+            text = _API_KEY_PARAM.sub(lambda m: m.group(1) + self._marker, text)
         if "whsec_" in text:
-            text = _WHSEC.sub("whsec_" + REDACTED, text)
+            text = _WHSEC.sub("whsec_" + self._marker, text)
         return text
 
     def _clean(self, value: Any, depth: int = 0) -> Any:
@@ -81,6 +87,17 @@ class _ScrubRenderedExceptions:
         if isinstance(exc, str):
             event_dict["exception"] = self._redactor.scrub(exc)
         return event_dict
+
+
+def _scrubbed_traceback(redactor: Redactor) -> Callable[[TextIO, Any], None]:
+    """The console's traceback writer: it renders after the redactor ran, so it scrubs its own text."""
+
+    def write(out: TextIO, exc_info: Any) -> None:
+        text = io.StringIO()
+        structlog.dev.plain_traceback(text, exc_info)
+        out.write(redactor.scrub(text.getvalue()))
+
+    return write
 
 
 def _json_dumps(value: Any, **_: Any) -> str:
@@ -121,7 +138,12 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
             structlog.processors.JSONRenderer(serializer=_json_dumps),
         ]
     else:
-        final += [structlog.dev.ConsoleRenderer(colors=hasattr(stream, "isatty") and stream.isatty())]
+        final += [
+            structlog.dev.ConsoleRenderer(
+                colors=hasattr(stream, "isatty") and stream.isatty(),
+                exception_formatter=_scrubbed_traceback(redactor),
+            )
+        ]
 
     formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
     handler = logging.StreamHandler(stream)

@@ -13,10 +13,12 @@ import binascii
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 from worker.errors import SettingsError
 
@@ -62,12 +64,27 @@ class Settings:
     def status_url(self) -> str:
         return self.base_url.rstrip("/") + "/api/validation/bulk-status"
 
-    @property
+    @cached_property
     def redacted_values(self) -> tuple[str, ...]:
-        """Every secret string that must never reach a log line or exception text."""
+        """Every secret string that must never reach a log line or exception text.
+
+        Each secret in every spelling it may come back in: the API key travels
+        percent-encoded in a query string, and a server quoting its request quotes
+        that form.
+        """
         values = [self.api_key, *self.webhook_secrets]
         values += [s.removeprefix("whsec_") for s in self.webhook_secrets]
-        return tuple(v for v in values if v)
+        return tuple(dict.fromkeys(form for v in values if v for form in url_spellings(v)))
+
+
+_ESCAPE = re.compile(r"%[0-9A-F]{2}")
+
+
+def url_spellings(value: str) -> tuple[str, ...]:
+    """``value`` as written and as URLs carry it, with upper- and lower-case escapes."""
+    encoded = (quote_plus(value), quote(value, safe=""))
+    lower = tuple(_ESCAPE.sub(lambda m: m.group().lower(), e) for e in encoded)
+    return tuple(dict.fromkeys((value, *encoded, *lower)))
 
 
 def _parse_float(name: str, raw: str, *, minimum: float = 0.0, strict: bool = False) -> float:

@@ -47,6 +47,7 @@ from typing import IO, Any, Final, NoReturn, TypeGuard
 import httpx
 import orjson
 
+from config.logging import Redactor
 from config.settings import Settings
 from worker import __version__
 from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable
@@ -356,10 +357,9 @@ def _message_of(parsed: dict[str, Any], secrets: tuple[str, ...]) -> str:
     message = parsed.get("message")
     if not isinstance(message, str):
         return ""
-    # Redact before truncating: a cut could otherwise leave most of a secret.
-    for secret in secrets:
-        message = message.replace(secret, _REDACTED)
-    return message[:MAX_MESSAGE_CHARS]
+    # Redact before truncating: a cut could otherwise leave most of a secret. The
+    # message goes into webhook bodies as well as logs, so it gets the log scrubber.
+    return Redactor(secrets, marker=_REDACTED).scrub(message)[:MAX_MESSAGE_CHARS]
 
 
 def _progress(value: object) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -542,6 +543,45 @@ def test_key_is_redacted_before_truncation() -> None:
 
 def test_failed_message_redacts_the_api_key() -> None:
     outcome = fetch(respond(answer(job(status="failed"), message=f"key {API_KEY} is over quota")))
+    assert outcome == Failed(status="failed", message="key [redacted] is over quota")
+
+
+# A key with characters that URLs escape: it leaves in a query string as %2F, %2B, %3D.
+ODD_KEY = "ck365/live+9fQ2xZrT7wLmB4vK=="
+
+
+def quoting_what_it_received(status_code: int, template: str) -> Handler:
+    """A server whose message quotes what it received: the key, or the whole query string."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        query = request.url.query.decode()
+        sent = query.split("api_key=", 1)[1].split("&", 1)[0]
+        lower = re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), sent)
+        message = template.format(query=query, key=sent, lower=lower)
+        return httpx.Response(status_code, content=answer(success=False, message=message))
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["Unknown key '{key}'", "upstream failed for /api/validation/bulk-status?{query}", "bad key {lower}"],
+    ids=["encoded-key", "whole-query", "lower-case-escapes"],
+)
+@pytest.mark.parametrize("status_code", [401, 503])
+def test_a_key_quoted_back_as_it_travelled_is_redacted(template: str, status_code: int) -> None:
+    settings = make_settings(CHECK365_API_KEY=ODD_KEY)
+    with pytest.raises((Check365Rejected, Check365Unavailable)) as caught:
+        fetch(quoting_what_it_received(status_code, template), settings)
+    text = str(caught.value)
+    assert "[redacted]" in text
+    assert "9fq2xzrt7wlmb4vk" not in text.lower()
+
+
+def test_a_failed_jobs_message_quoting_the_encoded_key_is_redacted() -> None:
+    settings = make_settings(CHECK365_API_KEY=ODD_KEY)
+    encoded = "ck365%2Flive%2B9fQ2xZrT7wLmB4vK%3D%3D"
+    outcome = fetch(respond(answer(job(status="failed"), message=f"key {encoded} is over quota")), settings)
     assert outcome == Failed(status="failed", message="key [redacted] is over quota")
 
 

@@ -82,6 +82,33 @@ def test_secrets_are_scrubbed_wherever_they_appear() -> None:
     assert text.count("***") >= 4
 
 
+def test_the_key_as_a_url_carries_it_is_scrubbed_too() -> None:
+    stream = io.StringIO()
+    odd_key = "ck365/live+9fQ2xZrT7wLmB4vK=="
+    settings = load_settings({"CHECK365_API_KEY": odd_key, "WEBHOOK_SECRET": SECRET, "LOG_FORMAT": "json"})
+    configure_logging(settings, stream=stream)
+    structlog.get_logger("check365.test").warning(
+        "poll_failed",
+        error="Unknown key 'ck365%2Flive%2B9fQ2xZrT7wLmB4vK%3D%3D'",
+        other="ck365%2flive%2b9fQ2xZrT7wLmB4vK%3d%3d",
+    )
+    [line] = lines(stream)
+    assert line["error"] == "Unknown key '***'"
+    assert line["other"] == "***"
+
+
+def test_console_tracebacks_are_scrubbed() -> None:
+    # The console renders the traceback after the redactor has run over the event.
+    stream = configured(fmt="console")
+    try:
+        raise RuntimeError(f"boom with {API_KEY}")
+    except RuntimeError:
+        structlog.get_logger("check365.test").exception("poll_crashed")
+    text = stream.getvalue()
+    assert "RuntimeError: boom with ***" in text
+    assert API_KEY not in text
+
+
 def test_httpx_request_lines_are_quiet_at_info() -> None:
     stream = configured(level="info")
     logging.getLogger("httpx").info("HTTP Request: GET https://h/?api_key=k")
