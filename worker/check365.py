@@ -50,7 +50,8 @@ import orjson
 from config.logging import Redactor
 from config.settings import Settings
 from worker import __version__
-from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable
+from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable, OutOfTime
+from worker.leases import head, status_budget_s, within
 
 __all__ = [
     "IN_MEMORY_MAX_BYTES",
@@ -93,6 +94,8 @@ IN_MEMORY_MAX_BYTES: Final = 256 * 1024
 # The body is received, and the spool read, in pieces of these sizes: few system
 # calls, and little next to one webhook part.
 _CHUNK_BYTES: Final = 64 * 1024
+# An error answer matters for its message alone; an endless one must not fill memory.
+_ERROR_BODY_MAX_BYTES: Final = 64 * 1024
 _BLOCK_BYTES: Final = 1 << 20
 # Results checked by one orjson call: about 200 KB, parsed and dropped at once.
 _BATCH: Final = 1000
@@ -191,13 +194,18 @@ _Fetched = tuple[int, httpx.Headers, "bytes | _Spool"]
 
 def _get(client: httpx.Client, settings: Settings, job_id: str, in_memory_max: int) -> _Fetched | str:
     params = {"api_key": settings.api_key, "job_id": job_id}
+    budget = status_budget_s(settings)
+    deadline = time.monotonic() + budget
     try:
         with client.stream("GET", settings.status_url, params=params) as response:
+            chunks = within(response.iter_bytes(_CHUNK_BYTES), deadline)
             if not 200 <= response.status_code < 300:
-                # Error answers are classified whole: only their message matters.
-                return response.status_code, response.headers, response.read()
-            body = _receive(response.iter_bytes(_CHUNK_BYTES), in_memory_max)
+                # Error answers are classified whole, and only their message matters.
+                return response.status_code, response.headers, head(chunks, _ERROR_BODY_MAX_BYTES)
+            body = _receive(chunks, in_memory_max)
             return response.status_code, response.headers, body
+    except OutOfTime:
+        return f"Check365's answer took longer than {budget:g} s (twice CHECK365_TIMEOUT_S) to arrive"
     except httpx.TimeoutException as exc:
         return f"Check365 did not answer in time ({type(exc).__name__})"
     except httpx.RequestError as exc:

@@ -18,7 +18,8 @@ from config.settings import Settings
 from worker import metrics
 from worker.check365 import USER_AGENT, parse_retry_after
 from worker.context import Context, WebhookClients
-from worker.errors import DeliveryFailed, UnsafeCallbackURL
+from worker.errors import DeliveryFailed, OutOfTime, UnsafeCallbackURL
+from worker.leases import delivery_lease_s, head, webhook_budget_s, within
 from worker.outbox import StoredEvent
 from worker.signing import webhook_headers
 from worker.urls import Resolver, pin_callback
@@ -29,6 +30,8 @@ log = structlog.get_logger("check365.delivery")
 MAX_RETRY_AFTER_S = 3600.0
 # Positive jitter only: a retry never comes before the configured delay.
 JITTER = 0.1
+# A receiver's answer body is not used; reading a short one keeps the connection reusable.
+_ANSWER_BODY_MAX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,18 @@ def send_attempt(
     extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
     try:
         client = clients.for_server_name(target.sni_hostname)
-        response = client.post(target.url, content=body, headers=headers, extensions=extensions)
+        request = client.build_request("POST", target.url, content=body, headers=headers, extensions=extensions)
+        response = client.send(request, stream=True)
+        try:
+            # The status and headers are the answer. A short body is read so that the
+            # connection can serve the next attempt; a long, slow or broken one is cut
+            # off (the connection is then closed, not reused), and the status stands.
+            if not response.is_stream_consumed:  # a transport may hand back a body it has read already
+                head(within(response.iter_raw(), started + webhook_budget_s(settings)), _ANSWER_BODY_MAX_BYTES)
+        except (OutOfTime, httpx.HTTPError):
+            pass
+        finally:
+            response.close()
     except httpx.TimeoutException:
         return Attempt(ok=False, error="timeout", duration_s=time.monotonic() - started)
     except httpx.HTTPError as exc:
@@ -144,14 +158,9 @@ def _iso(now: float) -> str:
     return datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def lease_s(settings: Settings) -> float:
-    """How long a delivery step holds its event: one attempt at its worst (connect, then read)."""
-    return 2 * settings.webhook_timeout_s + 10
-
-
 def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
     """Make the attempt the message carrying ``token`` asks for, if that message still holds the event."""
-    claimed = ctx.outbox.claim(webhook_id, token, ctx.clock() + lease_s(ctx.settings))
+    claimed = ctx.outbox.claim(webhook_id, token, ctx.clock() + delivery_lease_s(ctx.settings))
     if claimed is None:
         return Skipped(webhook_id, "stale_token")
     event, body, holder = claimed

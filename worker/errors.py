@@ -52,6 +52,13 @@ class Check365Throttled(RetryableError):
     pass
 
 
+class OutOfTime(RetryableError):
+    """An answer was still arriving when its exchange's total budget ran out (see worker/leases.py)."""
+
+    def __init__(self) -> None:
+        super().__init__("the answer took longer than its budget")
+
+
 class DeliveryFailed(RetryableError):
     def __init__(
         self, message: str, *, status_code: int | None = None, retry_after: float | None = None

@@ -16,10 +16,10 @@ import structlog
 
 from worker import check365, metrics
 from worker.context import Context
-from worker.delivery import lease_s as delivery_lease_s
 from worker.enqueue import WatchRequest
 from worker.errors import Check365Rejected, Check365Throttled, RetryableError
 from worker.events import Event, EventHead, failed_event, iter_completed_events, timed_out_event
+from worker.leases import watch_lease_s
 from worker.outbox import StoredEvent
 from worker.schedule import (
     Observation,
@@ -89,7 +89,7 @@ def start_watch(ctx: Context, request: WatchRequest, queue: str = "") -> StepRes
         first_poll_at=now + delay,
         deadline=now + ctx.settings.watch_timeout_s,
         queue=queue or ctx.settings.queue,
-        lease_until=now + _lease_s(ctx) if poll_now else None,
+        lease_until=now + watch_lease_s(ctx.settings) if poll_now else None,
     )
     if created.token is None or created.watch is None:
         log.info("watch_duplicate", watch_id=created.watch_id)
@@ -99,11 +99,6 @@ def start_watch(ctx: Context, request: WatchRequest, queue: str = "") -> StepRes
     if poll_now:
         return _poll_claimed(ctx, created.watch, created.token)
     return Reschedule(created.watch_id, created.token, delay)
-
-
-def _lease_s(ctx: Context) -> float:
-    # Long enough for one poll at its worst (connect, then read) to finish.
-    return 2 * ctx.settings.check365_timeout_s + 10
 
 
 def _finish(
@@ -117,7 +112,8 @@ def _finish(
     single = events[0] if len(events) == 1 and isinstance(events[0], Event) else None
     finishing = ctx.watches.finish(
         watch, holder, outcome, events, outbox=ctx.outbox, now=now,
-        lease_until=now + delivery_lease_s(ctx.settings) if single is not None else None,
+        # The rest of this task may still deliver it: hold it as long as the task may run.
+        lease_until=now + watch_lease_s(ctx.settings) if single is not None else None,
     )
     if finishing is None:
         return Dropped("lost_claim", watch.watch_id)
@@ -139,7 +135,7 @@ def _progress_out(progress: float | None) -> float | int | None:
 
 def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
     """Run the poll the message carrying ``token`` asks for, if that message still holds the watch."""
-    claimed = ctx.watches.claim(watch_id, token, ctx.clock() + _lease_s(ctx))
+    claimed = ctx.watches.claim(watch_id, token, ctx.clock() + watch_lease_s(ctx.settings))
     if claimed is None:
         return Dropped("stale_token", watch_id)
     watch, holder = claimed

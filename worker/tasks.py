@@ -23,6 +23,7 @@ from worker.context import Context, process_context
 from worker.delivery import DeadLettered, Delivered, DeliveryResult, RetryLater, deliver_claimed, deliver_once
 from worker.enqueue import WatchRequest, validate_watch_request
 from worker.errors import InvalidWatchRequest
+from worker.leases import delivery_time_limit_s, watch_time_limit_s
 from worker.polling import Dropped, Finished, Reschedule, StepResult, poll_once, start_watch
 from worker.sweep import sweep
 
@@ -49,7 +50,11 @@ def send_delivery(webhook_id: str, token: str, queue: str, delay: float = 0.0) -
     )
 
 
-@app.task(name=WATCH_TASK, base=CheckedTask, bind=True, max_retries=None, ignore_result=True)
+# The hard time limits keep every step inside the lease it holds (see worker/leases.py).
+@app.task(
+    name=WATCH_TASK, base=CheckedTask, bind=True, max_retries=None, ignore_result=True,
+    time_limit=watch_time_limit_s(settings),
+)
 def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
     """Start a watch, or run its next poll. Returns a short word for tests and Flower."""
     if args:
@@ -97,7 +102,10 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
     return result.reason
 
 
-@app.task(name=DELIVER_TASK, base=CheckedTask, bind=True, max_retries=None, ignore_result=True)
+@app.task(
+    name=DELIVER_TASK, base=CheckedTask, bind=True, max_retries=None, ignore_result=True,
+    time_limit=delivery_time_limit_s(settings),
+)
 def deliver_webhook(self: Any, *args: Any, **kwargs: Any) -> str:
     webhook_id, token = kwargs.get("webhook_id"), kwargs.get("token")
     if args or set(kwargs) != {"webhook_id", "token"} or not all(

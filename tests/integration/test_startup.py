@@ -7,13 +7,16 @@ has a cluster of its own: nothing here can disturb the shared worker's queues.
 from __future__ import annotations
 
 import base64
+import json
 import secrets
+import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.cluster import BEAT_READY, WORKER_READY, Cluster, WorkerProcess, quiet_period
+from worker.leases import LEASE_MARGIN_S
 
 pytestmark = pytest.mark.integration
 
@@ -103,3 +106,39 @@ def test_valid_settings_start_the_process(startup_cluster: Cluster, role: str) -
         quiet_period(2.0)
     assert process.alive, process.tail()
     process.stop()
+
+
+LIMITS = """
+import json
+from worker.app import app, settings
+from worker.leases import delivery_lease_s, watch_lease_s
+from worker.tasks import deliver_webhook, sweep_task, watch_bulk_job
+print(json.dumps({
+    "watch": [watch_bulk_job.time_limit, watch_lease_s(settings)],
+    "delivery": [deliver_webhook.time_limit, delivery_lease_s(settings)],
+    "sweep": sweep_task.time_limit or app.conf.task_time_limit,
+}))
+"""
+
+
+@pytest.mark.parametrize("timeouts", [("30", "15"), ("2", "3"), ("0.5", "120")], ids=["defaults", "short", "mixed"])
+def test_each_step_task_has_a_hard_time_limit_inside_the_lease_it_holds(
+    startup_cluster: Cluster, timeouts: tuple[str, str]
+) -> None:
+    # httpx times each read, not a whole request: only the pool's hard time limit
+    # stops a step whose answer trickles in, and it must do so while the step still
+    # holds its watch or event, or a second step would be handed the same item.
+    check365_timeout, webhook_timeout = timeouts
+    env = startup_cluster.env(CHECK365_TIMEOUT_S=check365_timeout, WEBHOOK_TIMEOUT_S=webhook_timeout)
+    done = subprocess.run(
+        [sys.executable, "-c", LIMITS], check=False, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    limits = json.loads(done.stdout.splitlines()[-1])
+    for step in ("watch", "delivery"):
+        time_limit, lease = limits[step]
+        assert time_limit is not None
+        assert time_limit + LEASE_MARGIN_S <= lease
+        # Room for the step's own exchanges: a connect and a read, each at its timeout.
+        assert time_limit >= 2 * float(webhook_timeout) + (2 * float(check365_timeout) if step == "watch" else 0)
+    assert limits["sweep"] is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from worker.context import Context, build_context
 from worker.delivery import DeadLettered, Delivered, RetryLater, Skipped, deliver_claimed, deliver_once
 from worker.enqueue import WatchRequest
 from worker.events import completed_events
+from worker.leases import watch_lease_s
 from worker.localredis import LocalRedis
 from worker.outbox import STAGED_BODY_TTL_S
 from worker.polling import Dropped, Finished, Reschedule, poll_once, start_watch
@@ -364,7 +366,8 @@ def test_a_single_event_is_created_claimed_by_the_finishing_step_which_delivers_
     stored = world.ctx.redis.hgetall(f"check365:event:{webhook_id}")
     assert stored[b"token"].decode() == holder
     assert stored[b"armed"] == b"0"
-    assert float(stored[b"due"]) == pytest.approx(world.clock() + 2 * world.settings.webhook_timeout_s + 10)
+    # As long as the rest of the watch task may run: its hard time limit, and a margin.
+    assert float(stored[b"due"]) == pytest.approx(world.clock() + watch_lease_s(world.settings))
     assert sweep(world.ctx) == ([], [])
     assert isinstance(deliver_claimed(world.ctx, event, body, holder), Delivered)
     assert world.receiver_requests[0].content == body
@@ -381,7 +384,7 @@ def test_a_finishing_step_that_dies_before_delivering_is_recovered_after_its_lea
     assert isinstance(result, Finished)
     assert result.leased is not None
     (webhook_id, holder), = result.deliveries
-    world.clock.advance(2 * world.settings.webhook_timeout_s + 10 - 1)
+    world.clock.advance(watch_lease_s(world.settings) - 1)
     assert sweep(world.ctx) == ([], [])
     world.clock.advance(2)
     _, events = sweep(world.ctx)
@@ -587,3 +590,45 @@ def test_the_step_redis_client_packs_and_parses_with_hiredis(world: World) -> No
         assert type(connection._parser).__name__ == "_HiredisParser"
     finally:
         world.ctx.redis.connection_pool.release(connection)
+
+
+@pytest.fixture
+def quick_world(redis_server: LocalRedis) -> Iterator[World]:
+    w = World(redis_server.url, WEBHOOK_TIMEOUT_S="0.1")
+    yield w
+    w.ctx.close()
+
+
+def endless_body(chunk: bytes, pause_s: float = 0.0) -> Iterator[bytes]:
+    """A body that never ends: a chunk at a time, each well inside a read timeout."""
+    while True:
+        yield chunk
+        time.sleep(pause_s)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [lambda: endless_body(b".", pause_s=0.02), lambda: endless_body(b"x" * 65536)],
+    ids=["trickling-past-the-budget", "endless-and-fast"],
+)
+def test_the_receivers_status_is_its_answer_however_its_body_goes_on(
+    quick_world: World, content: Callable[[], Iterator[bytes]]
+) -> None:
+    # The body is cut off at the attempt's budget (twice WEBHOOK_TIMEOUT_S) or at
+    # 64 KiB, so the step never outlives its lease; the 2xx already acknowledged it.
+    webhook_id, token = finish_one(quick_world)
+    quick_world.receiver_answers.append(httpx.Response(200, content=content()))
+    assert isinstance(deliver_once(quick_world.ctx, webhook_id, token), Delivered)
+    event = quick_world.ctx.outbox.get(webhook_id)
+    assert event is not None
+    assert event.state == "delivered"
+
+
+def test_a_failure_status_with_an_endless_body_is_still_a_failure(quick_world: World) -> None:
+    webhook_id, token = finish_one(quick_world)
+    quick_world.receiver_answers.append(httpx.Response(503, content=endless_body(b".", pause_s=0.02)))
+    result = deliver_once(quick_world.ctx, webhook_id, token)
+    assert isinstance(result, RetryLater)
+    event = quick_world.ctx.outbox.get(webhook_id)
+    assert event is not None
+    assert [a["status_code"] for a in event.attempts] == [503]

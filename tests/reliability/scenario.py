@@ -15,13 +15,21 @@ from typing import Any
 
 import pytest
 
+from config.settings import load_settings
 from tests.support.cluster import Cluster, wait_until
+from worker.leases import delivery_lease_s, watch_lease_s
 from worker.receiver import Received
 from worker.simulator import generate_results
 
 # Recovery bounds get this much on top of the bound the settings imply: the machine
 # running the suite may have two cores and other heavy work on them.
 SLACK_S = 20.0
+
+
+def longest_lease_s(env: Mapping[str, str]) -> float:
+    """The longest an interrupted step can hold its watch or event under these settings."""
+    settings = load_settings(env, role="client")
+    return max(watch_lease_s(settings), delivery_lease_s(settings))
 
 
 @dataclass(frozen=True)

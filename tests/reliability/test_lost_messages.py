@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.reliability.scenario import SLACK_S, Row, check_completed_deliveries, wait_settled, watch_outcomes
+from tests.reliability.scenario import (
+    SLACK_S,
+    Row,
+    check_completed_deliveries,
+    longest_lease_s,
+    wait_settled,
+    watch_outcomes,
+)
 from tests.support.cluster import Cluster, wait_until
 from worker.store import text
 
@@ -36,7 +43,7 @@ SETTINGS = {
 }
 GRACE_S = float(SETTINGS["REARM_GRACE_S"])
 SWEEP_S = float(SETTINGS["SWEEP_INTERVAL_S"])
-LEASE_S = 2 * max(float(SETTINGS["CHECK365_TIMEOUT_S"]), float(SETTINGS["WEBHOOK_TIMEOUT_S"])) + 10
+LEASE_S = longest_lease_s(SETTINGS)
 # For each item's re-arm; kept tight because this bound is the point of the test.
 REARM_SLACK_S = 5.0
 # How often the test reads the tokens: the resolution of the measured re-arm times.

@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.reliability.scenario import SLACK_S, Row, check_completed_deliveries, wait_settled, watch_outcomes
+from tests.reliability.scenario import (
+    SLACK_S,
+    Row,
+    check_completed_deliveries,
+    longest_lease_s,
+    wait_settled,
+    watch_outcomes,
+)
 from tests.support.cluster import Cluster, wait_until
 
 SETTINGS = {
@@ -30,7 +37,7 @@ SETTINGS = {
     "WATCH_TIMEOUT_S": "120",
     "CHECK365_MAX_RPS": "1000",
 }
-LEASE_S = 2 * max(float(SETTINGS["CHECK365_TIMEOUT_S"]), float(SETTINGS["WEBHOOK_TIMEOUT_S"])) + 10
+LEASE_S = longest_lease_s(SETTINGS)
 RECOVERY_BOUND_S = (
     float(SETTINGS["BROKER_VISIBILITY_TIMEOUT_S"])
     + float(SETTINGS["REARM_GRACE_S"])

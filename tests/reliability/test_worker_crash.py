@@ -24,7 +24,14 @@ import pytest
 
 from config.celery import celery_config
 from config.settings import load_settings
-from tests.reliability.scenario import SLACK_S, Row, check_completed_deliveries, wait_settled, watch_outcomes
+from tests.reliability.scenario import (
+    SLACK_S,
+    Row,
+    check_completed_deliveries,
+    longest_lease_s,
+    wait_settled,
+    watch_outcomes,
+)
 from tests.support.cluster import Cluster, wait_until
 
 # Small, fast settings; the recovery bound below is derived from them.
@@ -40,9 +47,8 @@ CRASH_SETTINGS = {
     "WATCH_TIMEOUT_S": "120",
     "CHECK365_MAX_RPS": "1000",
 }
-# The lease of an interrupted step: polling.py and delivery.py lease a step for twice its
-# HTTP timeout plus 10 s; the longer of the two counts.
-LEASE_S = 2 * max(float(CRASH_SETTINGS["CHECK365_TIMEOUT_S"]), float(CRASH_SETTINGS["WEBHOOK_TIMEOUT_S"])) + 10
+# The lease of an interrupted step (worker/leases.py); the longer of the two counts.
+LEASE_S = longest_lease_s(CRASH_SETTINGS)
 RECOVERY_BOUND_S = (
     float(CRASH_SETTINGS["BROKER_VISIBILITY_TIMEOUT_S"])
     + float(CRASH_SETTINGS["REARM_GRACE_S"])

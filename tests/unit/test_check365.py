@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -583,6 +584,44 @@ def test_a_failed_jobs_message_quoting_the_encoded_key_is_redacted() -> None:
     encoded = "ck365%2Flive%2B9fQ2xZrT7wLmB4vK%3D%3D"
     outcome = fetch(respond(answer(job(status="failed"), message=f"key {encoded} is over quota")), settings)
     assert outcome == Failed(status="failed", message="key [redacted] is over quota")
+
+
+def trickling(first: bytes, rest: bytes, pause_s: float, status_code: int = 200) -> Handler:
+    """An answer whose second chunk comes ``pause_s`` after its first."""
+
+    def chunks() -> Iterator[bytes]:
+        yield first
+        time.sleep(pause_s)
+        yield rest
+
+    return lambda request: httpx.Response(status_code, content=chunks())
+
+
+def test_an_answer_trickling_in_past_its_budget_is_given_up() -> None:
+    # Each chunk comes well inside the read timeout; the whole answer does not come
+    # inside twice CHECK365_TIMEOUT_S, the budget that keeps a poll within its lease.
+    body = answer(job())
+    settings = make_settings(CHECK365_TIMEOUT_S="0.1")
+    with pytest.raises(Check365Unavailable, match=r"took longer than 0\.2 s"):
+        fetch(trickling(body[:10], body[10:], pause_s=0.3), settings)
+
+
+def test_an_answer_slower_than_one_read_but_inside_its_budget_is_taken() -> None:
+    body = answer(job())
+    outcome = fetch(trickling(body[:10], body[10:], pause_s=0.05), make_settings(CHECK365_TIMEOUT_S="0.1"))
+    assert isinstance(outcome, Completed)
+
+
+def test_an_endless_error_answer_is_read_only_as_far_as_its_message() -> None:
+    prefix = b'{"success": false, "message": "overloaded", "pad": "'
+
+    def endless() -> Iterator[bytes]:
+        yield prefix
+        while True:
+            yield b"x" * 65536
+
+    with pytest.raises(Check365Unavailable, match="HTTP 503"):
+        fetch(lambda request: httpx.Response(503, content=endless()))
 
 
 def test_classify_response_redacts_what_it_is_told() -> None:
