@@ -6,6 +6,7 @@ turns that into a countdown or into delivery messages. Nothing here knows Celery
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import secrets
@@ -68,12 +69,20 @@ class Dropped:
 StepResult = Reschedule | Finished | Dropped
 
 
-def new_watch_id() -> str:
+def new_watch_id(message_id: str | None = None) -> str:
+    """The id of the watch a start message creates: the same for every delivery of that message."""
+    if message_id:
+        return "w_" + hashlib.sha256(message_id.encode()).hexdigest()[:20]
     return "w_" + secrets.token_hex(10)
 
 
-def start_watch(ctx: Context, request: WatchRequest, queue: str = "") -> StepResult:
-    """Create the watch; with no initial delay, also make its first poll."""
+def start_watch(ctx: Context, request: WatchRequest, queue: str = "", message_id: str | None = None) -> StepResult:
+    """Create the watch; with no initial delay, also make its first poll.
+
+    ``message_id`` (the start message's task id) makes a redelivered start message a
+    duplicate even after its watch has ended: a worker that died after finishing the
+    watch, but before acknowledging the message, must not have it start a second one.
+    """
     now = ctx.clock()
     delay = ctx.settings.poll_initial_delay_s
     # POLL_INITIAL_DELAY_S=0: the watch is created claimed by this step, which polls it
@@ -81,7 +90,7 @@ def start_watch(ctx: Context, request: WatchRequest, queue: str = "") -> StepRes
     # broker, at the cost of a publish, a reservation, an ack and a claim.
     poll_now = delay <= 0
     created = ctx.watches.create(
-        watch_id=new_watch_id(),
+        watch_id=new_watch_id(message_id),
         job_id=request.job_id,
         callback_url=request.callback_url,
         metadata=request.metadata,

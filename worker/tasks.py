@@ -74,7 +74,8 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
     ctx = process_context(settings)
     result: StepResult
     if watch_id is None and token is None:
-        result = start_watch(ctx, request, _queue_of(self))
+        message_id = self.request.id if isinstance(self.request.id, str) else None
+        result = start_watch(ctx, request, _queue_of(self), message_id)
     elif isinstance(watch_id, str) and isinstance(token, str) and _ID.fullmatch(watch_id) and _ID.fullmatch(token):
         structlog.contextvars.bind_contextvars(watch_id=watch_id)
         result = poll_once(ctx, watch_id, token)

@@ -23,9 +23,12 @@ from worker.store import ACTIVE, PREFIX, DurableSet, flatten, fmt, members, new_
 
 KIND = "watch"
 
+# A watch id is derived from the start message's id: a message the broker delivers
+# again (its worker died before acknowledging it) finds its watch, even a finished one.
 # KEYS: active key, watch hash, due zset, job index
 # ARGV: watch_id, due, ttl, then field/value pairs
 _CREATE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return ARGV[1] end
 local existing = redis.call('GET', KEYS[1])
 if existing then
   if redis.call('HGET', ARGV[4] .. existing, 'state') == 'active' then return existing end
@@ -199,7 +202,7 @@ class WatchStore:
         queue: str = "",
         lease_until: float | None = None,
     ) -> Created:
-        """Create a watch unless one is active for the pair.
+        """Create a watch unless one is active for the pair, or ``watch_id`` exists already.
 
         The new watch waits for its first poll's message, which must carry the
         returned token. With ``lease_until`` it is created already claimed by the

@@ -289,6 +289,22 @@ def test_enqueueing_the_same_watch_three_times_gives_one_set_of_webhooks(
     assert len(cluster.watch_state(job_id)) == 1, "a duplicate enqueue must not create a second watch"
 
 
+def test_a_start_message_delivered_again_after_its_webhook_starts_nothing(
+    cluster: Cluster, shared_worker: WorkerProcess, job_id: str, hook_path: str
+) -> None:
+    # As the broker does when a worker dies after the watch ended but before it
+    # acknowledged the start message: the same message, with the same task id, again.
+    cluster.sim.add_job(job_id, size=2, duration_s=0.0)
+    kwargs = {"job_id": job_id, "callback_url": cluster.callback_url(hook_path)}
+    task_id = cluster.send_raw(kwargs, task_id=f"start-{job_id}")
+    only_event(cluster, hook_path)
+    assert cluster.send_raw(kwargs, task_id=task_id) == task_id
+    shared_worker.wait_for_task_record(task_id, "watch_duplicate", TIMEOUT)
+    _, body = only_event(cluster, hook_path)
+    assert body["type"] == COMPLETED
+    assert len(cluster.watch_state(job_id)) == 1
+
+
 def test_the_same_job_with_another_callback_url_is_a_second_watch(
     cluster: Cluster, job_id: str, hook_path: str
 ) -> None:

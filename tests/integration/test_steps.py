@@ -632,3 +632,22 @@ def test_a_failure_status_with_an_endless_body_is_still_a_failure(quick_world: W
     event = quick_world.ctx.outbox.get(webhook_id)
     assert event is not None
     assert [a["status_code"] for a in event.attempts] == [503]
+
+
+def test_a_start_message_delivered_again_after_its_watch_ended_starts_nothing(eager_world: World) -> None:
+    # The worker finished the watch in the start step, then died before acknowledging the
+    # message: the broker delivers it again, and it must not start a second watch (whose
+    # events would carry new webhook-ids the receiver could not recognise as repeats).
+    world = eager_world
+    request = WatchRequest("J-1", CALLBACK, None)
+    world.check365_answers.append(status("failed", 50))
+    first = start_watch(world.ctx, request, message_id="celery-task-7")
+    assert isinstance(first, Finished)
+    again = start_watch(world.ctx, request, message_id="celery-task-7")
+    [watch_id] = world.ctx.redis.smembers("check365:job:J-1")
+    assert again == Dropped("duplicate", watch_id.decode())
+    assert len(world.check365_requests) == 1
+    # A new enqueue of the same job, once its watch has ended, is a new watch.
+    world.check365_answers.append(status("failed", 50))
+    assert isinstance(start_watch(world.ctx, request, message_id="celery-task-8"), Finished)
+    assert len(world.ctx.redis.smembers("check365:job:J-1")) == 2

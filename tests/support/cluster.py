@@ -475,8 +475,12 @@ class Cluster:
         *,
         task: str = WATCH_TASK,
         queue: str = DEFAULT_QUEUE,
+        task_id: str | None = None,
     ) -> str:
-        """Send a message by task name with a plain Celery app, as a foreign producer would."""
+        """Send a message by task name with a plain Celery app, as a foreign producer would.
+
+        The same ``task_id`` twice is what the broker does when it delivers a message again.
+        """
         from celery import Celery
 
         app = Celery("foreign-producer", broker=self.redis_url, set_as_current=False)
@@ -486,6 +490,7 @@ class Cluster:
                 args=list(args) if args is not None else None,
                 kwargs=dict(kwargs) if kwargs is not None else None,
                 queue=queue,
+                task_id=task_id,
             )
             return str(result.id)
         finally:
