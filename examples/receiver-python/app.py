@@ -94,7 +94,9 @@ def receive() -> tuple[Response | str, int]:
             "jobFinished": finished,
         }
         accepted.append(record)
-    print(json.dumps(record), flush=True)
+        # Under the lock: print() writes the line and its newline separately, and two
+        # requests printing at once would share a line.
+        print(json.dumps(record), flush=True)
     return "", 204
 
 
