@@ -5,7 +5,7 @@
 
     answer                                        outcome
     2xx, success true, status completed, all in   Completed(data)
-    2xx, success true, status completed, missing  Incomplete (re-poll shortly)
+    2xx, success true, status completed, missing  Incomplete (re-poll; in time, deliver it)
     2xx, success true, failure-like status        Failed
     2xx, success true, any other status           Running
     2xx, success false, job unknown / key refused Check365Rejected
@@ -39,7 +39,7 @@ import tempfile
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import IO, Any, Final, NoReturn, TypeGuard
@@ -123,12 +123,22 @@ class Running:
 
 @dataclass(frozen=True)
 class Incomplete:
-    """Reported completed, but ``received`` results arrived out of ``total``."""
+    """Reported completed, but ``received`` results arrived out of ``total``.
+
+    ``answer`` is the answer as it came, for a caller that has waited long enough
+    for the rest (Check365's own example answer has fewer results than its total).
+    It may hold a temporary file: call ``close`` when it is not used.
+    """
 
     status: str
     progress: float | None
     total: int
     received: int
+    answer: Completed | None = field(default=None, compare=False, repr=False)
+
+    def close(self) -> None:
+        if self.answer is not None:
+            self.answer.close()
 
 
 @dataclass(frozen=True)
@@ -310,7 +320,10 @@ def _classify_completed(data: dict[str, Any], status: str) -> Completed | Incomp
         raise Check365Unavailable("malformed answer: 'data.total' is not a non-negative integer")
     if received == total:
         return Completed(data=data)
-    return Incomplete(status=status, progress=_progress(data.get("progress")), total=total, received=received)
+    return Incomplete(
+        status=status, progress=_progress(data.get("progress")), total=total, received=received,
+        answer=Completed(data=data),
+    )
 
 
 def _raise_for_status(
@@ -534,7 +547,8 @@ def _classify_spool(spool: _Spool, job_id: str, secrets: tuple[str, ...]) -> Pol
             # orjson reads it whole, as it would a small answer.
             parsed = _loads(spool.read(0, spool.size))
         outcome = _classify_parsed(parsed, job_id, secrets)
-        keep = isinstance(outcome, Completed) and isinstance(outcome.data.get("results"), SpooledResults)
+        answer = outcome.answer if isinstance(outcome, Incomplete) else outcome
+        keep = isinstance(answer, Completed) and isinstance(answer.data.get("results"), SpooledResults)
         return outcome
     finally:
         if not keep:

@@ -23,6 +23,7 @@ from worker.events import Event, EventHead, failed_event, iter_completed_events,
 from worker.leases import watch_lease_s
 from worker.outbox import StoredEvent
 from worker.schedule import (
+    SHORT_RESULTS_WAIT_S,
     Observation,
     incomplete_results_delay,
     next_poll_delay,
@@ -198,6 +199,8 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
 
     now = ctx.clock()
     polls = watch.polls + 1
+    short_since = watch.short_since if watch.short_since is not None else now
+    outcome = _short_answer_accepted(watch, outcome, now - short_since)
     if isinstance(outcome, check365.Completed):
         # The watch_completed line that follows says the same at INFO.
         log.debug("poll_done", watch_id=watch_id, status="completed", progress=100, polls=polls)
@@ -215,7 +218,7 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
     metrics.poll("incomplete" if isinstance(outcome, check365.Incomplete) else "running")
     history = remember(watch.history, Observation(at=now, progress=outcome.progress))
     if isinstance(outcome, check365.Incomplete):
-        delay = incomplete_results_delay(settings.poll_initial_delay_s)
+        delay = incomplete_results_delay(settings.poll_initial_delay_s, now - short_since)
     else:
         delay = next_poll_delay(
             history, now=now, started_at=watch.started_at, deadline=watch.deadline,
@@ -233,8 +236,25 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
         "last_progress": "" if outcome.progress is None else repr(float(outcome.progress)),
         "history": _json(observations_to_json(history)),
         "last_poll_at": fmt(now),
+        # When the job was first seen completed with results missing ('' while it runs).
+        "short_since": fmt(short_since) if isinstance(outcome, check365.Incomplete) else "",
     }
     return _reschedule(ctx, watch, holder, delay, fields)
+
+
+def _short_answer_accepted(watch: Watch, outcome: check365.PollOutcome, waited_s: float) -> check365.PollOutcome:
+    """A job still short of results once ``SHORT_RESULTS_WAIT_S`` is over is delivered as it is."""
+    if not isinstance(outcome, check365.Incomplete) or outcome.answer is None:
+        return outcome
+    if waited_s < SHORT_RESULTS_WAIT_S:
+        outcome.close()  # only its counts are used: the job is polled again
+        return outcome
+    # What Check365 has now is what it will send.
+    log.warning(
+        "poll_results_short", watch_id=watch.watch_id, total=outcome.total, received=outcome.received,
+        waited_s=round(waited_s, 3),
+    )
+    return outcome.answer
 
 
 def _stage_completed(

@@ -50,6 +50,7 @@ from typing import NamedTuple
 __all__ = [
     "HISTORY_LIMIT",
     "RETRY_AFTER_CAP_S",
+    "SHORT_RESULTS_WAIT_S",
     "Observation",
     "incomplete_results_delay",
     "next_poll_delay",
@@ -242,14 +243,26 @@ def transient_delay(
     return delay
 
 
-def incomplete_results_delay(initial_delay: float) -> float:
+# How long a job reported completed with results missing is waited for before its
+# results are delivered as they are: Check365's own example answer is such a job.
+SHORT_RESULTS_WAIT_S = 60.0
+_SHORT_RESULTS_MAX_GAP_S = 15.0
+
+
+def incomplete_results_delay(initial_delay: float, waited_s: float = 0.0) -> float:
     """Delay before re-polling a job reported completed with results still missing.
 
-    The job is done and its results are being written: a short pause is enough.
+    The job is done and its results may still be being written: a short pause at
+    first, then half the time waited so far (at most 15 s), so that a job that stays
+    short costs about ten polls before ``SHORT_RESULTS_WAIT_S`` ends the wait.
     """
     if not math.isfinite(initial_delay) or initial_delay <= 0:
-        return _FLOOR_S
-    return max(min(initial_delay, 2.0), _MIN_DELAY_S)
+        first = _FLOOR_S
+    else:
+        first = max(min(initial_delay, 2.0), _MIN_DELAY_S)
+    if not math.isfinite(waited_s) or waited_s <= 0:
+        return first
+    return max(first, min(waited_s / 2, _SHORT_RESULTS_MAX_GAP_S))
 
 
 def _is_number(value: object) -> bool:

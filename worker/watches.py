@@ -141,6 +141,7 @@ class Watch:
     due: float = 0.0
     outcome: str | None = None
     finished_at: float | None = None
+    short_since: float | None = None
     history: list[Observation] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     queue: str = ""
@@ -164,6 +165,7 @@ class Watch:
             due=_float(h.get("due")),
             outcome=h.get("outcome") or None,
             finished_at=_float(h.get("finished_at")) if h.get("finished_at") else None,
+            short_since=_float(h.get("short_since")) if h.get("short_since") else None,
             history=observations_from_json(h.get("history") or "[]"),
             events=list(json.loads(h.get("events") or "[]")),
             queue=h.get("queue", ""),

@@ -25,6 +25,7 @@ from worker.localredis import LocalRedis
 from worker.outbox import STAGED_BODY_TTL_S
 from worker.polling import Dropped, Finished, Reschedule, poll_once, start_watch
 from worker.ratelimit import BLOCKED_KEY
+from worker.schedule import SHORT_RESULTS_WAIT_S
 from worker.simulator import generate_results
 from worker.sweep import sweep
 from worker.watches import INLINE_BODIES_BYTES
@@ -651,3 +652,45 @@ def test_a_start_message_delivered_again_after_its_watch_ended_starts_nothing(ea
     world.check365_answers.append(status("failed", 50))
     assert isinstance(start_watch(world.ctx, request, message_id="celery-task-8"), Finished)
     assert len(world.ctx.redis.smembers("check365:job:J-1")) == 2
+
+
+def test_a_completed_job_short_of_its_total_is_delivered_as_it_is_after_a_minute(world: World) -> None:
+    # Check365's own example answer: completed, "total": 2, one result.
+    step = world.start()
+    started = world.clock()
+    token, watch_id, wait = step.token, step.watch_id, step.delay
+    delays: list[float] = []  # after each poll that reached Check365 (the pool-wide limiter may defer one)
+    for _ in range(60):
+        world.clock.advance(wait)
+        world.check365_answers[:] = [status("completed", 100, RESULTS[:1], total=2)]
+        asked = len(world.check365_requests)
+        result = poll_once(world.ctx, watch_id, token)
+        if not isinstance(result, Reschedule):
+            break
+        token, wait = result.token, result.delay
+        if len(world.check365_requests) > asked:
+            delays.append(result.delay)
+    assert isinstance(result, Finished)
+    assert result.outcome == "completed"
+    # Waited a minute, with growing gaps: about ten polls, not one every two seconds.
+    assert delays == sorted(delays)
+    assert sum(delays) >= SHORT_RESULTS_WAIT_S
+    assert len(world.check365_requests) <= 12
+    assert world.clock() - started < SHORT_RESULTS_WAIT_S + 30
+    (webhook_id, _), = result.deliveries
+    body = json.loads(world.ctx.outbox.body(webhook_id) or b"{}")
+    assert (body["data"]["total"], len(body["data"]["results"])) == (2, 1)
+
+
+def test_results_that_arrive_during_the_wait_are_delivered_whole(world: World) -> None:
+    step = world.start()
+    world.clock.advance(5)
+    world.check365_answers.append(status("completed", 100, RESULTS[:2], total=3))
+    short = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(short, Reschedule)
+    world.clock.advance(short.delay)
+    world.check365_answers.append(status("completed", 100, RESULTS, total=3))
+    done = poll_once(world.ctx, step.watch_id, short.token)
+    assert isinstance(done, Finished)
+    bodies = [json.loads(world.ctx.outbox.body(webhook_id) or b"{}") for webhook_id, _ in done.deliveries]
+    assert [r["email"] for b in bodies for r in b["data"]["results"]] == [r["email"] for r in RESULTS]

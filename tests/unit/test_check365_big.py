@@ -354,7 +354,7 @@ def test_spooled_parts_are_byte_identical_to_parts_built_whole() -> None:
     assert [e.part_count for e in spooled] == [3, 3, 3]
 
 
-def test_the_spool_is_closed_unless_a_completed_outcome_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_spool_is_closed_unless_an_outcome_keeps_it_for_its_results(monkeypatch: pytest.MonkeyPatch) -> None:
     spools: list[Any] = []
     original = check365._Spool
 
@@ -364,12 +364,18 @@ def test_the_spool_is_closed_unless_a_completed_outcome_keeps_it(monkeypatch: py
         return spool
 
     monkeypatch.setattr(check365, "_Spool", recording)
-    for data in (job(RESULTS, status="processing"), job(RESULTS, total=99)):
-        fetch(orjson.dumps(envelope(data)))
+    fetch(orjson.dumps(envelope(job(RESULTS, status="processing"))))
     with pytest.raises(Check365Unavailable):
         fetch(orjson.dumps(envelope(job(RESULTS)))[:-3])
-    assert len(spools) == 3
+    assert len(spools) == 2
     assert all(s.file.closed for s in spools)
+    # A completed answer short of its total keeps its results, for a caller that waited enough.
+    short = fetch(orjson.dumps(envelope(job(RESULTS, total=99))))
+    assert isinstance(short, Incomplete)
+    assert short.answer is not None
+    assert not spools[-1].file.closed
+    short.close()
+    assert spools[-1].file.closed
     outcome = fetch(orjson.dumps(envelope(job(RESULTS))))
     assert isinstance(outcome, Completed)
     assert not spools[-1].file.closed

@@ -385,3 +385,10 @@ def test_only_the_newest_observations_are_kept() -> None:
         history = remember(history, Observation(T0 + i, None))
     assert len(history) == HISTORY_LIMIT
     assert history[-1].at == T0 + HISTORY_LIMIT + 2
+
+
+def test_incomplete_results_delay_grows_with_the_wait_up_to_fifteen_seconds() -> None:
+    gaps = [incomplete_results_delay(5.0, waited) for waited in (0.0, 2.0, 6.0, 20.0, 45.0, 1e9)]
+    assert gaps == [2.0, 2.0, 3.0, 10.0, 15.0, 15.0]
+    assert incomplete_results_delay(5.0, math.nan) == 2.0
+    assert incomplete_results_delay(5.0, -3.0) == 2.0
