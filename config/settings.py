@@ -87,14 +87,21 @@ def url_spellings(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((value, *encoded, *lower)))
 
 
-def _parse_float(name: str, raw: str, *, minimum: float = 0.0, strict: bool = False) -> float:
+# No duration is meant to reach a year; a larger one is a typo, and Redis refuses
+# expiry times far beyond it only when the first watch is created.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
+def _parse_float(
+    name: str, raw: str, *, minimum: float = 0.0, strict: bool = False, maximum: float = MAX_SECONDS
+) -> float:
     try:
         value = float(raw)
     except ValueError:
         raise SettingsError(name, f"must be a number of seconds, got {raw!r}") from None
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum) or value > maximum:
         rule = f"greater than {minimum:g}" if strict else f"at least {minimum:g}"
-        raise SettingsError(name, f"must be a finite number {rule}, got {raw!r}")
+        raise SettingsError(name, f"must be a finite number {rule} and at most {maximum:,.0f}, got {raw!r}")
     return value
 
 
@@ -124,10 +131,23 @@ def _parse_delays(name: str, raw: str) -> tuple[float, ...]:
     return tuple(_parse_float(name, p) for p in parts)
 
 
-def _parse_url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
-    parts = urlsplit(raw)
-    if parts.scheme not in schemes or not parts.hostname:
-        raise SettingsError(name, f"must be an absolute {' or '.join(schemes)} URL")
+def _parse_url(name: str, raw: str, schemes: tuple[str, ...], *, base: bool = False) -> str:
+    # The value is never echoed: a Redis URL may hold a password.
+    rule = f"must be an absolute {' or '.join(schemes)} URL"
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - parsing the port is the check: it raises on 'host:abc'
+    except ValueError:
+        raise SettingsError(name, f"{rule}; this one does not parse (host or port)") from None
+    if parts.scheme not in schemes:
+        raise SettingsError(name, rule)
+    if parts.scheme == "unix" and not parts.path:
+        raise SettingsError(name, f"{rule}; a unix URL needs the socket's path")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise SettingsError(name, rule)
+    if base and (parts.query or parts.fragment):
+        # The endpoint's path is appended to the base: a query or fragment would swallow it.
+        raise SettingsError(name, f"{rule} without a query string or fragment")
     return raw
 
 
@@ -185,7 +205,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, role: Role = "wor
     settings = Settings(
         api_key=api_key,
         webhook_secrets=secrets,
-        base_url=get("CHECK365_BASE_URL", lambda n, r: _parse_url(n, r, ("http", "https")), d.base_url),
+        base_url=get("CHECK365_BASE_URL", lambda n, r: _parse_url(n, r, ("http", "https"), base=True), d.base_url),
         redis_url=get(
             "REDIS_URL", lambda n, r: _parse_url(n, r, ("redis", "rediss", "unix")), d.redis_url
         ),
@@ -211,7 +231,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, role: Role = "wor
             d.broker_visibility_timeout_s,
         ),
         check365_max_rps=get(
-            "CHECK365_MAX_RPS", lambda n, r: _parse_float(n, r, strict=True), d.check365_max_rps
+            "CHECK365_MAX_RPS", lambda n, r: _parse_float(n, r, strict=True, maximum=1e6), d.check365_max_rps
         ),
         check365_timeout_s=get(
             "CHECK365_TIMEOUT_S", lambda n, r: _parse_float(n, r, strict=True), d.check365_timeout_s

@@ -66,7 +66,18 @@ def test_secrets_stay_out_of_repr() -> None:
         ({"WEBHOOK_ALLOW_HTTP": "maybe"}, "WEBHOOK_ALLOW_HTTP"),
         ({"BROKER_VISIBILITY_TIMEOUT_S": "200"}, "BROKER_VISIBILITY_TIMEOUT_S"),
         ({"CHECK365_BASE_URL": "ftp://x"}, "CHECK365_BASE_URL"),
+        ({"CHECK365_BASE_URL": "https://[::1"}, "CHECK365_BASE_URL"),
+        ({"CHECK365_BASE_URL": "https://api.check365.io:abc"}, "CHECK365_BASE_URL"),
+        ({"CHECK365_BASE_URL": "https://api.check365.io?region=eu"}, "CHECK365_BASE_URL"),
+        ({"CHECK365_BASE_URL": "https://api.check365.io#x"}, "CHECK365_BASE_URL"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://[bad"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://:pw@redis:99999/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "unix://"}, "REDIS_URL"),
+        ({"WATCH_TIMEOUT_S": "1e16"}, "WATCH_TIMEOUT_S"),
+        ({"STATE_TTL_S": "1e300"}, "STATE_TTL_S"),
+        ({"WEBHOOK_RETRY_DELAYS_S": "5,1e12"}, "WEBHOOK_RETRY_DELAYS_S"),
+        ({"CHECK365_MAX_RPS": "1e9"}, "CHECK365_MAX_RPS"),
         ({"CHECK365_QUEUE": "bad queue!"}, "CHECK365_QUEUE"),
         ({"CHECK365_MAX_RPS": "0"}, "CHECK365_MAX_RPS"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
@@ -78,6 +89,16 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> Non
         load_settings({**BASE, **env})
     assert caught.value.variable == variable
     assert str(caught.value).startswith(variable + " ")
+
+
+def test_a_bad_redis_url_is_never_echoed() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({**BASE, "REDIS_URL": "redis://:hunter2pw@redis:port/0"})
+    assert "hunter2pw" not in str(caught.value)
+
+
+def test_a_redis_unix_socket_url_is_accepted() -> None:
+    assert load_settings({**BASE, "REDIS_URL": "unix:///var/run/redis/redis.sock"}).redis_url.startswith("unix://")
 
 
 def test_malformed_secret_is_never_echoed() -> None:
