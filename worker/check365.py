@@ -55,6 +55,7 @@ from worker.leases import head, status_budget_s, within
 
 __all__ = [
     "IN_MEMORY_MAX_BYTES",
+    "MAX_ANSWER_BYTES",
     "TERMINAL_FAILURE_STATUSES",
     "USER_AGENT",
     "Completed",
@@ -91,6 +92,12 @@ _MAX_CONNECT_TIMEOUT_S: Final = 10.0
 # completed jobs of about a thousand results. Larger ones are spooled to a file and
 # read in slices (module docstring).
 IN_MEMORY_MAX_BYTES: Final = 256 * 1024
+# About five million results: a larger answer is refused rather than allowed to
+# fill the temporary directory (compressed, a gigabyte fits in a megabyte).
+MAX_ANSWER_BYTES: Final = 1 << 30
+# An answer not shaped like a completed one is parsed whole; legitimate ones are a
+# few hundred bytes, and parsing takes several times the size in memory.
+_WHOLE_READ_MAX_BYTES: Final = 128 << 20
 # The body is received, and the spool read, in pieces of these sizes: few system
 # calls, and little next to one webhook part.
 _CHUNK_BYTES: Final = 64 * 1024
@@ -180,15 +187,22 @@ def make_client(settings: Settings, transport: httpx.BaseTransport | None = None
 
 
 def fetch_status(
-    client: httpx.Client, settings: Settings, job_id: str, *, in_memory_max: int = IN_MEMORY_MAX_BYTES
+    client: httpx.Client,
+    settings: Settings,
+    job_id: str,
+    *,
+    in_memory_max: int = IN_MEMORY_MAX_BYTES,
+    max_answer: int = MAX_ANSWER_BYTES,
+    whole_read_max: int = _WHOLE_READ_MAX_BYTES,
 ) -> PollOutcome:
     """Ask Check365 once about ``job_id``; see the module docstring for the outcomes.
 
     A 2xx answer larger than ``in_memory_max`` bytes is spooled to a temporary
     file and read back in slices; a ``Completed`` outcome of such an answer holds
-    that file until it is closed.
+    that file until it is closed. An answer larger than ``max_answer``, or one over
+    ``whole_read_max`` that cannot be sliced, is a transient failure.
     """
-    answer = _get(client, settings, job_id, in_memory_max)
+    answer = _get(client, settings, job_id, in_memory_max, max_answer)
     # Raised outside the ``except`` blocks of ``_get`` so that the error has no
     # ``__context__`` either: the httpx exception holds the request URL.
     if isinstance(answer, str):
@@ -196,13 +210,15 @@ def fetch_status(
     status_code, headers, body = answer
     if isinstance(body, bytes):
         return classify_response(status_code, headers, body, job_id, redact=settings.redacted_values)
-    return _classify_spool(body, job_id, settings.redacted_values)
+    return _classify_spool(body, job_id, settings.redacted_values, whole_read_max)
 
 
 _Fetched = tuple[int, httpx.Headers, "bytes | _Spool"]
 
 
-def _get(client: httpx.Client, settings: Settings, job_id: str, in_memory_max: int) -> _Fetched | str:
+def _get(
+    client: httpx.Client, settings: Settings, job_id: str, in_memory_max: int, max_answer: int
+) -> _Fetched | str:
     params = {"api_key": settings.api_key, "job_id": job_id}
     budget = status_budget_s(settings)
     deadline = time.monotonic() + budget
@@ -212,7 +228,7 @@ def _get(client: httpx.Client, settings: Settings, job_id: str, in_memory_max: i
             if not 200 <= response.status_code < 300:
                 # Error answers are classified whole, and only their message matters.
                 return response.status_code, response.headers, head(chunks, _ERROR_BODY_MAX_BYTES)
-            body = _receive(chunks, in_memory_max)
+            body = _receive(chunks, in_memory_max, max_answer)
             return response.status_code, response.headers, body
     except OutOfTime:
         return f"Check365's answer took longer than {budget:g} s (twice CHECK365_TIMEOUT_S) to arrive"
@@ -225,18 +241,20 @@ def _get(client: httpx.Client, settings: Settings, job_id: str, in_memory_max: i
         return f"could not spool Check365's answer to a temporary file ({type(exc).__name__})"
 
 
-def _receive(chunks: Iterable[bytes], in_memory_max: int) -> bytes | _Spool:
+def _receive(chunks: Iterable[bytes], in_memory_max: int, max_answer: int) -> bytes | _Spool:
     """The body: as bytes while it is small, else in a temporary file."""
     kept: list[bytes] = []
     size = 0
     spool: _Spool | None = None
     try:
         for chunk in chunks:
+            size += len(chunk)
+            if size > max_answer:
+                raise Check365Unavailable(f"the answer is larger than {max_answer:,} bytes")
             if spool is not None:
                 spool.write(chunk)
                 continue
             kept.append(chunk)
-            size += len(chunk)
             if size > in_memory_max:
                 spool = _Spool()
                 for piece in kept:
@@ -537,7 +555,7 @@ class _Sliced:
     close: int  # just after the array's "]"
 
 
-def _classify_spool(spool: _Spool, job_id: str, secrets: tuple[str, ...]) -> PollOutcome:
+def _classify_spool(spool: _Spool, job_id: str, secrets: tuple[str, ...], whole_read_max: int) -> PollOutcome:
     """``classify_response`` for a 2xx answer spooled to a file."""
     keep = False
     try:
@@ -545,6 +563,10 @@ def _classify_spool(spool: _Spool, job_id: str, secrets: tuple[str, ...]) -> Pol
         if parsed is _WHOLE:
             # Not shaped like a completed answer (or shaped too oddly to slice):
             # orjson reads it whole, as it would a small answer.
+            if spool.size > whole_read_max:
+                raise Check365Unavailable(
+                    f"an answer of {spool.size:,} bytes not shaped like a completed job's is too large to read"
+                )
             parsed = _loads(spool.read(0, spool.size))
         outcome = _classify_parsed(parsed, job_id, secrets)
         answer = outcome.answer if isinstance(outcome, Incomplete) else outcome

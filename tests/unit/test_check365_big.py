@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from config.settings import Settings, load_settings
 from worker import check365
-from worker.check365 import Completed, Incomplete, PollOutcome, SpooledResults, fetch_status, make_client
+from worker.check365 import Completed, Incomplete, PollOutcome, Running, SpooledResults, fetch_status, make_client
 from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable
 from worker.events import completed_events
 from worker.simulator import generate_results
@@ -49,12 +49,14 @@ def pieces(body: bytes, size: int) -> Iterator[bytes]:
         yield body[start : start + size]
 
 
-def fetch(body: bytes, *, chunk: int = WHOLE, in_memory_max: int = 0, status_code: int = 200) -> PollOutcome:
+def fetch(
+    body: bytes, *, chunk: int = WHOLE, in_memory_max: int = 0, status_code: int = 200, **limits: int
+) -> PollOutcome:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(status_code, content=pieces(body, chunk))
 
     with make_client(SETTINGS, transport=httpx.MockTransport(handler)) as client:
-        return fetch_status(client, SETTINGS, JOB_ID, in_memory_max=in_memory_max)
+        return fetch_status(client, SETTINGS, JOB_ID, in_memory_max=in_memory_max, **limits)
 
 
 def results_of(outcome: Completed, loads: Any = orjson.loads) -> list[Any]:
@@ -442,3 +444,33 @@ def test_generated_answers_are_classified_as_whole(body: bytes, block: int, batc
     assert same(spooled, whole)
     if spooled[0] == "Completed":
         assert spooled[1][2] == json.loads(body)["data"]["results"]
+
+
+def test_an_answer_larger_than_the_limit_is_refused_and_its_file_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    spools: list[Any] = []
+    original = check365._Spool
+
+    def recording() -> Any:
+        spool = original()
+        spools.append(spool)
+        return spool
+
+    monkeypatch.setattr(check365, "_Spool", recording)
+    body = orjson.dumps(envelope(job(generate_results(JOB_ID, 1_000))))  # several 64 KiB reads
+    with pytest.raises(Check365Unavailable, match="larger than"):
+        fetch(body, chunk=65_536, max_answer=len(body) // 2)
+    assert len(spools) == 1
+    assert spools[0].file.closed
+    outcome = fetch(body, chunk=65_536, max_answer=len(body))
+    assert isinstance(outcome, Completed)
+    outcome.close()
+
+
+def test_an_oversized_answer_that_cannot_be_sliced_is_not_read_whole() -> None:
+    # A running job's answer is a few hundred bytes; one padded to megabytes (a gzip
+    # bomb inflates that far from a few kilobytes) would be parsed at several times its size.
+    running = {"jobId": JOB_ID, "status": "processing", "creditsUsed": 0, "progress": 10, "total": 12}
+    body = orjson.dumps({"success": True, "message": "Job is running" + " " * 200_000, "data": running})
+    with pytest.raises(Check365Unavailable, match="too large to read"):
+        fetch(body, chunk=65_536, whole_read_max=100_000)
+    assert isinstance(fetch(body, chunk=65_536, whole_read_max=len(body)), Running)
