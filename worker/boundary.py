@@ -20,6 +20,7 @@ from celery.worker.request import Request
 from celery.worker.state import active_requests
 
 from config.celery import DELIVER_TASK
+from worker.enqueue import nested_deeper_than
 
 log = structlog.get_logger("check365.boundary")
 
@@ -80,25 +81,12 @@ def _header_problem(headers: dict[Any, Any]) -> str | None:
 MAX_NESTING = 64
 
 
-def _nested_deeper_than(value: object, limit: int) -> bool:
-    stack: list[tuple[object, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend((v, depth + 1) for v in item)
-    return False
-
-
 def _body_problem(request: Request) -> str | None:
     if not isinstance(request.id, str):
         return "the task id must be a string"  # protocol 1 carries it in the body
     args, kwargs, embed = request._payload
     # The request holds the headers, args and kwargs: all of it goes to the pool.
-    if _nested_deeper_than(request.request_dict, MAX_NESTING) or _nested_deeper_than(embed, MAX_NESTING):
+    if nested_deeper_than(request.request_dict, MAX_NESTING) or nested_deeper_than(embed, MAX_NESTING):
         return f"the message is nested deeper than {MAX_NESTING} levels"
     if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
         return "the body must be [args (a list), kwargs (an object), options]"

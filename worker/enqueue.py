@@ -22,6 +22,9 @@ from worker.urls import validate_callback_url
 
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_METADATA_BYTES = 4096
+# Metadata travels nested in the message, which the worker refuses past 64 levels in
+# all (worker.boundary): refused here, at the producer, with its own reason.
+MAX_METADATA_NESTING = 32
 PUBLIC_FIELDS = frozenset({"job_id", "callback_url", "metadata"})
 # The worker's own re-schedules carry these besides the public fields.
 INTERNAL_FIELDS = frozenset({"watch_id", "token"})
@@ -64,11 +67,27 @@ def _reject_non_finite(value: Any) -> None:
             _reject_non_finite(v)
 
 
+def nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether objects and arrays in ``value`` nest more than ``limit`` levels (without recursing)."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, depth + 1) for v in item)
+    return False
+
+
 def validate_metadata(metadata: object) -> dict[str, Any] | None:
     if metadata is None:
         return None
     if not isinstance(metadata, dict):
         raise InvalidWatchRequest("metadata", f"must be a JSON object, got {type(metadata).__name__}")
+    if nested_deeper_than(metadata, MAX_METADATA_NESTING):
+        raise InvalidWatchRequest("metadata", f"must be nested at most {MAX_METADATA_NESTING} levels deep")
     try:
         encoded = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from config.settings import load_settings
 from worker import cli
-from worker.enqueue import MAX_METADATA_BYTES, enqueue_watch, validate_watch_request
+from worker.enqueue import MAX_METADATA_BYTES, MAX_METADATA_NESTING, enqueue_watch, validate_watch_request
 from worker.errors import InvalidWatchRequest
 
 CLIENT = load_settings({"REDIS_URL": "redis://127.0.0.1:9/0"}, role="client")
@@ -76,6 +76,21 @@ def test_nothing_is_sent_when_a_rule_is_broken() -> None:
     with pytest.raises(InvalidWatchRequest):
         enqueue_watch("bad id", URL, settings=CLIENT, app=app)
     assert app.sent == []
+
+
+def nested(levels: int) -> dict[str, object]:
+    value: dict[str, object] = {"leaf": 1}
+    for _ in range(levels - 1):
+        value = {"n": value}
+    return value
+
+
+def test_metadata_nested_as_deep_as_the_worker_accepts_passes_and_deeper_is_refused_by_name() -> None:
+    assert check({"job_id": "J", "callback_url": URL, "metadata": nested(MAX_METADATA_NESTING)}).metadata
+    for levels in (MAX_METADATA_NESTING + 2, 300):  # orjson gives up past 255 levels: not an integer problem
+        with pytest.raises(InvalidWatchRequest, match="nested at most") as caught:
+            check({"job_id": "J", "callback_url": URL, "metadata": nested(levels)})
+        assert caught.value.field == "metadata"
 
 
 def test_metadata_just_under_the_limit_passes_unchanged() -> None:
