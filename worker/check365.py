@@ -498,7 +498,10 @@ class _Window:
         self.eof = False
 
     def more(self) -> bool:
-        chunk = b"" if self.eof else self._spool.read(self.base + len(self.buf), _BLOCK_BYTES)
+        # A token longer than what is held is matched again from its start after each
+        # read: reading at least as much again as is held keeps that linear in its length.
+        size = max(_BLOCK_BYTES, len(self.buf))
+        chunk = b"" if self.eof else self._spool.read(self.base + len(self.buf), size)
         if not chunk:
             self.eof = True
             return False

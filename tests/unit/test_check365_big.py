@@ -474,3 +474,23 @@ def test_an_oversized_answer_that_cannot_be_sliced_is_not_read_whole() -> None:
     with pytest.raises(Check365Unavailable, match="too large to read"):
         fetch(body, chunk=65_536, whole_read_max=100_000)
     assert isinstance(fetch(body, chunk=65_536, whole_read_max=len(body)), Running)
+
+
+def test_a_long_string_before_the_results_is_scanned_in_linear_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The scanner matches a token cut by the end of what it has read again from the
+    # token's start; with a fixed read size a 16 MiB string was scanned 136 MiB deep
+    # (23 s), an 8 MiB one 36 MiB deep. What each match may scan is the window it is given: count that.
+    scanned: list[int] = []
+    original = check365._Window.more
+
+    def counting(window: Any) -> bool:
+        grew = bool(original(window))
+        scanned.append(len(window.buf))
+        return grew
+
+    monkeypatch.setattr(check365._Window, "more", counting)
+    body = orjson.dumps({"success": True, "message": "x" * (8 << 20), "data": job(RESULTS)})
+    outcome = fetch(body, chunk=65_536)
+    assert isinstance(outcome, Completed)
+    outcome.close()
+    assert sum(scanned) <= 3 * len(body)
