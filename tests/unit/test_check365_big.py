@@ -356,16 +356,22 @@ def test_spooled_parts_are_byte_identical_to_parts_built_whole() -> None:
     assert [e.part_count for e in spooled] == [3, 3, 3]
 
 
-def test_the_spool_is_closed_unless_an_outcome_keeps_it_for_its_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    spools: list[Any] = []
+@pytest.fixture
+def spools(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every temporary file the client opens for an answer, in order."""
+    made: list[Any] = []
     original = check365._Spool
 
     def recording() -> Any:
         spool = original()
-        spools.append(spool)
+        made.append(spool)
         return spool
 
     monkeypatch.setattr(check365, "_Spool", recording)
+    return made
+
+
+def test_the_spool_is_closed_unless_an_outcome_keeps_it_for_its_results(spools: list[Any]) -> None:
     fetch(orjson.dumps(envelope(job(RESULTS, status="processing"))))
     with pytest.raises(Check365Unavailable):
         fetch(orjson.dumps(envelope(job(RESULTS)))[:-3])
@@ -446,16 +452,7 @@ def test_generated_answers_are_classified_as_whole(body: bytes, block: int, batc
         assert spooled[1][2] == json.loads(body)["data"]["results"]
 
 
-def test_an_answer_larger_than_the_limit_is_refused_and_its_file_removed(monkeypatch: pytest.MonkeyPatch) -> None:
-    spools: list[Any] = []
-    original = check365._Spool
-
-    def recording() -> Any:
-        spool = original()
-        spools.append(spool)
-        return spool
-
-    monkeypatch.setattr(check365, "_Spool", recording)
+def test_an_answer_larger_than_the_limit_is_refused_and_its_file_removed(spools: list[Any]) -> None:
     body = orjson.dumps(envelope(job(generate_results(JOB_ID, 1_000))))  # several 64 KiB reads
     with pytest.raises(Check365Unavailable, match="larger than"):
         fetch(body, chunk=65_536, max_answer=len(body) // 2)
