@@ -4,13 +4,14 @@ It records every POST, checks its Standard Webhooks signature with the reference
 ``standardwebhooks`` package (not with this project's own signing code, so that a
 signing bug cannot hide itself), and answers what the test scripted: failures,
 redirects, 429 with Retry-After, 410 Gone, and answers that come late (a slow
-receiver: the POST is recorded at once, the answer is sent after the delay).
+receiver: the POST is recorded at once, the answer is sent after the delay), or
+trickled a byte at a time (each byte inside any read timeout, the whole answer not).
 
 Control surface for tests that run the worker in other processes (paths under
 ``/_rx/`` are reserved and never recorded):
 
     GET  /_rx/received[?path=/hook]   the recorded POSTs, bodies as text
-    POST /_rx/script                  {"path", "responses": [[status, {headers}, delay_s] | status, ...],
+    POST /_rx/script                  {"path", "responses": [[status, {headers}, delay_s, trickle_s] | status, ...],
                                        "default": status | [status, {headers}, delay_s] | null}
 """
 
@@ -31,8 +32,14 @@ import orjson
 
 from worker.localhttp import LocalServer, QuietHandler, ServerThread
 
-# A status, optionally with headers, optionally answered only after a delay in seconds.
-Response = int | tuple[int, Mapping[str, str]] | tuple[int, Mapping[str, str], float]
+# A status, optionally with headers, optionally answered only after a delay in seconds,
+# optionally sent a byte every trickle seconds.
+Response = (
+    int
+    | tuple[int, Mapping[str, str]]
+    | tuple[int, Mapping[str, str], float]
+    | tuple[int, Mapping[str, str], float, float]
+)
 
 CONTROL_PREFIX = "/_rx/"
 # Webhook bodies are a part of at most WEBHOOK_MAX_RESULTS_PER_PART results; this
@@ -86,19 +93,23 @@ class _Answer:
     status: int
     headers: dict[str, str]
     delay_s: float = 0.0
+    trickle_s: float = 0.0
 
 
 def _normalise(response: Response) -> _Answer:
     if isinstance(response, int):
-        status, headers, delay = response, {}, 0.0
+        status, headers, delay, trickle = response, {}, 0.0, 0.0
     else:
         status, headers = int(response[0]), {str(k): str(v) for k, v in response[1].items()}
         delay = float(response[2]) if len(response) > 2 else 0.0
+        trickle = float(response[3]) if len(response) > 3 else 0.0
     if not 100 <= status <= 599:
         raise ValueError(f"not an HTTP status: {status}")
     if not 0.0 <= delay <= 3600.0:
         raise ValueError(f"the delay must be between 0 and 3600 seconds, got {delay}")
-    return _Answer(status, headers, delay)
+    if not 0.0 <= trickle <= 60.0:
+        raise ValueError(f"the trickle must be between 0 and 60 seconds a byte, got {trickle}")
+    return _Answer(status, headers, delay, trickle)
 
 
 class Receiver(LocalServer):
@@ -209,7 +220,8 @@ class Receiver(LocalServer):
     def _control_script(self, payload: Mapping[str, Any]) -> None:
         path = str(payload["path"])
         responses: list[Response] = [
-            r if isinstance(r, int) else (r[0], r[1] if len(r) > 1 else {}, r[2] if len(r) > 2 else 0.0)
+            r if isinstance(r, int)
+            else (r[0], r[1] if len(r) > 1 else {}, r[2] if len(r) > 2 else 0.0, r[3] if len(r) > 3 else 0.0)
             for r in payload.get("responses", [])
         ]
         self.script(path, responses)
@@ -264,9 +276,26 @@ class _ReceiverHandler(QuietHandler):
                 # A slow receiver: the request has arrived and is recorded, the answer
                 # comes late (after a client's timeout, it reaches nobody).
                 time.sleep(answer.delay_s)
-            self.send_json(item.status_sent, {"status": item.status_sent}, answer.headers)
+            if answer.trickle_s:
+                self._trickle(item.status_sent, answer)
+            else:
+                self.send_json(item.status_sent, {"status": item.status_sent}, answer.headers)
         finally:
             self.receiver._answered(item)
+
+    def _trickle(self, status: int, answer: _Answer) -> None:
+        body = orjson.dumps({"status": status})
+        head = [f"HTTP/1.1 {status} Trickled", "Content-Type: application/json", f"Content-Length: {len(body)}"]
+        head += [f"{name}: {value}" for name, value in answer.headers.items()]
+        raw = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        self.close_connection = True
+        for i in range(len(raw)):
+            try:
+                self.wfile.write(raw[i : i + 1])
+                self.wfile.flush()
+            except OSError:
+                return  # the client gave up (or was killed): nobody is reading any more
+            time.sleep(answer.trickle_s)
 
     def _control(self, path: str, body: bytes) -> None:
         if path != CONTROL_PREFIX + "script":
