@@ -61,6 +61,7 @@ from benchmarks.common import (
     format_table,
     group_cpu_seconds,
     group_rss_bytes,
+    lazy_app,
     per_process,
     percentile,
     process_cpu_seconds,
@@ -115,14 +116,7 @@ def _make_naive_app() -> Any:
     return app
 
 
-def __getattr__(name: str) -> Any:
-    # ``celery -A benchmarks.capacity:naive_app`` builds the app on first access, so that
-    # importing this module (python -m benchmarks) builds nothing.
-    if name == "naive_app":
-        app = _make_naive_app()
-        globals()["naive_app"] = app
-        return app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_app(globals(), "naive_app", _make_naive_app)
 
 
 # --------------------------------------------------------------------------- measuring

@@ -226,6 +226,22 @@ def baseline_app(name: str, queue: str) -> tuple[Any, Any]:
     return app, settings
 
 
+def lazy_app(namespace: dict[str, Any], name: str, make: Callable[[], Any]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that builds ``name`` on first access.
+
+    ``celery -A module:name`` finds the app, and importing the module (as
+    ``python -m benchmarks`` does) builds nothing.
+    """
+
+    def module_getattr(attribute: str) -> Any:
+        if attribute == name:
+            namespace[name] = made = make()
+            return made
+        raise AttributeError(f"module {namespace['__name__']!r} has no attribute {attribute!r}")
+
+    return module_getattr
+
+
 def per_process(cache: dict[int, T], make: Callable[[], T]) -> T:
     """The pool process's own ``make()``, made on first use after the fork and kept."""
     pid = os.getpid()

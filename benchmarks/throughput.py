@@ -50,6 +50,7 @@ from benchmarks.common import (
     baseline_app,
     format_table,
     group_cpu_seconds,
+    lazy_app,
     per_process,
     percentile,
     process_cpu_seconds,
@@ -109,14 +110,7 @@ def _make_noop_app() -> Any:
     return app
 
 
-def __getattr__(name: str) -> Any:
-    # ``celery -A benchmarks.throughput:noop_app`` builds the app on first access, so that
-    # importing this module (python -m benchmarks) builds nothing.
-    if name == "noop_app":
-        app = _make_noop_app()
-        globals()["noop_app"] = app
-        return app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_app(globals(), "noop_app", _make_noop_app)
 
 
 # --------------------------------------------------------------------------- one round of each

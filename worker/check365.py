@@ -31,6 +31,7 @@ results reach the receiver as Check365 wrote them.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -398,7 +399,13 @@ def _message_of(parsed: dict[str, Any], secrets: tuple[str, ...]) -> str:
         return ""
     # Redact before truncating: a cut could otherwise leave most of a secret. The
     # message goes into webhook bodies as well as logs, so it gets the log scrubber.
-    return Redactor(secrets, marker=_REDACTED).scrub(message)[:MAX_MESSAGE_CHARS]
+    return _scrubber(secrets).scrub(message)[:MAX_MESSAGE_CHARS]
+
+
+@functools.lru_cache(maxsize=8)
+def _scrubber(secrets: tuple[str, ...]) -> Redactor:
+    # Every poll's message is scrubbed with the same few secrets: build the scrubber once.
+    return Redactor(secrets, marker=_REDACTED)
 
 
 def _progress(value: object) -> float | None:

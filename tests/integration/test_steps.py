@@ -223,12 +223,17 @@ def test_deadline_ends_the_watch_with_the_last_status(world: World) -> None:
                             "metadata": None}
 
 
-def finish_one(world: World) -> tuple[str, str]:
+def finished_by_failure(world: World) -> Finished:
+    """A watch whose first poll finds its job failed: one event."""
     step = world.start()
     world.check365_answers.append(status("failed", 50))
     result = poll_once(world.ctx, step.watch_id, step.token)
     assert isinstance(result, Finished)
-    return result.deliveries[0]
+    return result
+
+
+def finish_one(world: World) -> tuple[str, str]:
+    return finished_by_failure(world).deliveries[0]
 
 
 def test_delivery_is_signed_verifiable_and_marked_delivered(world: World) -> None:
@@ -354,10 +359,7 @@ def test_sweep_rearms_a_poll_whose_message_was_lost(world: World) -> None:
 
 
 def test_a_single_event_is_created_claimed_by_the_finishing_step_which_delivers_it(world: World) -> None:
-    step = world.start()
-    world.check365_answers.append(status("failed", 50))
-    result = poll_once(world.ctx, step.watch_id, step.token)
-    assert isinstance(result, Finished)
+    result = finished_by_failure(world)
     assert result.leased is not None
     event, body = result.leased
     (webhook_id, holder), = result.deliveries
@@ -379,10 +381,7 @@ def test_a_single_event_is_created_claimed_by_the_finishing_step_which_delivers_
 
 
 def test_a_finishing_step_that_dies_before_delivering_is_recovered_after_its_lease(world: World) -> None:
-    step = world.start()
-    world.check365_answers.append(status("failed", 50))
-    result = poll_once(world.ctx, step.watch_id, step.token)
-    assert isinstance(result, Finished)
+    result = finished_by_failure(world)
     assert result.leased is not None
     (webhook_id, holder), = result.deliveries
     world.clock.advance(watch_lease_s(world.settings) - 1)
