@@ -11,7 +11,6 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
-COPY config ./config
 COPY worker ./worker
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 

@@ -50,19 +50,19 @@ import httpx
 import orjson
 import redis
 
-from config.logging import configure_logging
-from config.settings import load_settings
-from worker.check365 import IN_MEMORY_MAX_BYTES, classify_response
-from worker.context import Context, build_context
-from worker.delivery import Delivered, deliver_once
-from worker.enqueue import WatchRequest
-from worker.events import completed_events
-from worker.localredis import LocalRedis
-from worker.polling import Finished, Reschedule, poll_once, start_watch
-from worker.receiver import Receiver
-from worker.simulator import Simulator, generate_results
-from worker.store import PREFIX, fmt, new_token
-from worker.watches import active_key
+from worker.delivery.events import completed_events
+from worker.delivery.step import Delivered, deliver_once
+from worker.intake.enqueue import WatchRequest
+from worker.local.receiver import Receiver
+from worker.local.redisserver import LocalRedis
+from worker.local.simulator import Simulator, generate_results
+from worker.polling.check365 import IN_MEMORY_MAX_BYTES, classify_response
+from worker.polling.step import Finished, Reschedule, poll_once, start_watch
+from worker.runtime.context import Context, build_context
+from worker.runtime.logs import configure_logging
+from worker.settings import load_settings
+from worker.state.store import PREFIX, fmt, new_token
+from worker.state.watches import active_key
 
 API_KEY = "bench-key"
 SECRET = "whsec_YmVuY2htYXJrLWJpZ2pvYi1zZWNyZXQta2V5IQ=="  # noqa: S105 - a throwaway local secret
@@ -132,8 +132,10 @@ def previous_poll(ctx: Context, watch_id: str, token: str) -> list[tuple[str, st
         args += [event.webhook_id, event_token, event.body.decode("utf-8"), json.dumps(fields)]
     script = ctx.redis.register_script(_PREVIOUS_FINISH)
     keys = [
-        ctx.watches.items.key(watch_id), ctx.watches.items.due_key,
-        active_key(watch.job_id, watch.callback_url), ctx.outbox.items.due_key,
+        ctx.watches.items.key(watch_id),
+        ctx.watches.items.due_key,
+        active_key(watch.job_id, watch.callback_url),
+        ctx.outbox.items.due_key,
     ]
     assert script(keys=keys, args=args) == 1
     return deliveries
@@ -232,8 +234,14 @@ def _check_parts(receiver: Receiver, path: str, expected: list[dict[str, object]
 
 
 def _envelope(status: str, results: list[dict[str, object]]) -> bytes:
-    data = {"jobId": "J-1", "status": status, "creditsUsed": len(results), "progress": 100 if results else 40,
-            "total": len(results), "results": results}
+    data = {
+        "jobId": "J-1",
+        "status": status,
+        "creditsUsed": len(results),
+        "progress": 100 if results else 40,
+        "total": len(results),
+        "results": results,
+    }
     return orjson.dumps({"success": True, "message": "Job status", "data": data})
 
 
@@ -279,14 +287,22 @@ def run(results: int = 100_000, per_part: int = 1_000, runs: int = 3) -> dict[st
         sim.add_job(warmup_job, WARMUP_RESULTS, 0.0)
         # The simulator builds a completed answer on first demand: built here, it is
         # neither timed nor counted, and its size is the raw size of the answer.
-        raw = httpx.get(f"{sim.url}/api/validation/bulk-status", params={"api_key": API_KEY, "job_id": job_id},
-                        timeout=120).content
+        raw = httpx.get(
+            f"{sim.url}/api/validation/bulk-status", params={"api_key": API_KEY, "job_id": job_id}, timeout=120
+        ).content
         expected = generate_results(job_id, results)
         env = {
-            "CHECK365_API_KEY": API_KEY, "WEBHOOK_SECRET": SECRET, "CHECK365_BASE_URL": sim.url,
-            "REDIS_URL": redis_server.url, "WEBHOOK_ALLOW_HTTP": "true", "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
-            "WEBHOOK_MAX_RESULTS_PER_PART": str(per_part), "CHECK365_MAX_RPS": "1000", "CHECK365_TIMEOUT_S": "120",
-            "WEBHOOK_TIMEOUT_S": "60", "LOG_LEVEL": "warning",
+            "CHECK365_API_KEY": API_KEY,
+            "WEBHOOK_SECRET": SECRET,
+            "CHECK365_BASE_URL": sim.url,
+            "REDIS_URL": redis_server.url,
+            "WEBHOOK_ALLOW_HTTP": "true",
+            "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+            "WEBHOOK_MAX_RESULTS_PER_PART": str(per_part),
+            "CHECK365_MAX_RPS": "1000",
+            "CHECK365_TIMEOUT_S": "120",
+            "WEBHOOK_TIMEOUT_S": "60",
+            "LOG_LEVEL": "warning",
         }
         samples: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
         for index in range(runs):
@@ -311,8 +327,12 @@ def run(results: int = 100_000, per_part: int = 1_000, runs: int = 3) -> dict[st
     ours, base = figures["ours"], figures["baseline"]
     return {
         "settings": {
-            "results": results, "per_part": per_part, "parts": ours["runs"][0]["parts"], "runs": runs,
-            "raw_bytes": len(raw), "in_memory_max_bytes": IN_MEMORY_MAX_BYTES,
+            "results": results,
+            "per_part": per_part,
+            "parts": ours["runs"][0]["parts"],
+            "runs": runs,
+            "raw_bytes": len(raw),
+            "in_memory_max_bytes": IN_MEMORY_MAX_BYTES,
             "peak_was_reset": all(r["peak_was_reset"] for rows in samples.values() for r in rows),
         },
         "ours": ours,
@@ -335,14 +355,38 @@ def format_report(figures: dict[str, Any]) -> str:
     s, ours, base, r = figures["settings"], figures["ours"], figures["baseline"], figures["ratios"]
     met = "met" if figures["targets"]["peak_memory_within_4x_raw"] else "NOT met"
     rows = [
-        ("peak memory growth (x raw)", f"{ours['peak_multiple']:.2f}x", f"{base['peak_multiple']:.2f}x",
-         f"{r['peak_memory_ours_over_baseline']:.2f}", f"<= {MEMORY_TARGET_X:g}x", met),
-        ("peak memory growth", _mib(ours["peak_growth_bytes"]), _mib(base["peak_growth_bytes"]),
-         f"{r['peak_memory_ours_over_baseline']:.2f}", "-", "-"),
-        ("poll to last part acked", f"{ours['seconds']:.2f} s", f"{base['seconds']:.2f} s",
-         f"{r['latency_ours_over_baseline']:.2f}", "-", "-"),
-        ("  of which the poll", f"{ours['poll_seconds']:.2f} s", f"{base['poll_seconds']:.2f} s",
-         f"{r['poll_ours_over_baseline']:.2f}", "-", "-"),
+        (
+            "peak memory growth (x raw)",
+            f"{ours['peak_multiple']:.2f}x",
+            f"{base['peak_multiple']:.2f}x",
+            f"{r['peak_memory_ours_over_baseline']:.2f}",
+            f"<= {MEMORY_TARGET_X:g}x",
+            met,
+        ),
+        (
+            "peak memory growth",
+            _mib(ours["peak_growth_bytes"]),
+            _mib(base["peak_growth_bytes"]),
+            f"{r['peak_memory_ours_over_baseline']:.2f}",
+            "-",
+            "-",
+        ),
+        (
+            "poll to last part acked",
+            f"{ours['seconds']:.2f} s",
+            f"{base['seconds']:.2f} s",
+            f"{r['latency_ours_over_baseline']:.2f}",
+            "-",
+            "-",
+        ),
+        (
+            "  of which the poll",
+            f"{ours['poll_seconds']:.2f} s",
+            f"{base['poll_seconds']:.2f} s",
+            f"{r['poll_ours_over_baseline']:.2f}",
+            "-",
+            "-",
+        ),
     ]
     head = f"{'figure':<28}{'ours':>11}{'baseline':>11}{'ratio':>8}{'target':>9}{'':>3}met?"
     lines = [

@@ -209,15 +209,15 @@ def group_cpu_seconds(leader: int) -> float:
 
 
 def baseline_app(name: str, queue: str) -> tuple[Any, Any]:
-    """A Celery app for a baseline worker, with exactly the settings ours gets from ``config.celery``.
+    """A Celery app for a baseline worker, with exactly the settings ours gets from ``worker.runtime.celeryconfig``.
 
     Returns (app, settings). Built when ``celery -A`` asks for it, so that importing a
     benchmark module builds nothing.
     """
     from celery import Celery
 
-    from config.celery import celery_config
-    from config.settings import load_settings
+    from worker.runtime.celeryconfig import celery_config
+    from worker.settings import load_settings
 
     settings = load_settings(role="worker")
     app = Celery(name)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from worker.schedule import Observation, next_poll_delay, remember
+from worker.polling.schedule import Observation, next_poll_delay, remember
 
 INITIAL_DELAY_S = 5.0
 MAX_DELAY_S = 300.0
@@ -267,8 +267,11 @@ def run(jobs: int = 10_000, seed: int = 1) -> dict[str, Any]:
     # interval's p95, next to the 5 % a p95 lets be later.
     bound = mixed["fixed-5s"]["lag_p95_s"]
     late = {
-        p: sum(1 for j, o in zip(population, outcomes["ours"], strict=True)
-               if j.profile == p and o.lag is not None and o.lag > bound)
+        p: sum(
+            1
+            for j, o in zip(population, outcomes["ours"], strict=True)
+            if j.profile == p and o.lag is not None and o.lag > bound
+        )
         for p in PROFILE_WEIGHTS
     }
     return {
@@ -315,8 +318,10 @@ def trade_off(jobs: int = 10_000, seed: int = 1) -> list[dict[str, float]]:
     rows: list[dict[str, float]] = []
     for young_s in (0.0, 60.0, 300.0):
         for from_pct in (101.0, 95.0, 90.0, 80.0, 60.0):
-            def scan(polls: int, t: float, history: list[Observation], y: float = young_s,
-                     f: float = from_pct) -> float:
+
+            def scan(
+                polls: int, t: float, history: list[Observation], y: float = young_s, f: float = from_pct
+            ) -> float:
                 delay = _ours(polls, t, history)
                 last = history[-1].progress if history else None
                 if t < y or (last is not None and last >= f):
@@ -328,13 +333,15 @@ def trade_off(jobs: int = 10_000, seed: int = 1) -> list[dict[str, float]]:
             outcomes = [_run_schedule(j, scan, random.Random(rng.getrandbits(64)), observe=True) for j in population]
             finishing = [o for o in outcomes if o.lag is not None]
             bound = _percentile([_fixed_outcome(j).lag or 0.0 for j in population if j.duration is not None], 95)
-            rows.append({
-                "young_s": young_s,
-                "from_pct": from_pct,
-                "polls_over_oracle": sum(o.polls for o in outcomes) / sum(oracle_polls(j) for j in population),
-                "late": sum(1 for o in finishing if o.lag is not None and o.lag > bound),
-                "allowed": math.floor(0.05 * len(finishing)),
-            })
+            rows.append(
+                {
+                    "young_s": young_s,
+                    "from_pct": from_pct,
+                    "polls_over_oracle": sum(o.polls for o in outcomes) / sum(oracle_polls(j) for j in population),
+                    "late": sum(1 for o in finishing if o.lag is not None and o.lag > bound),
+                    "allowed": math.floor(0.05 * len(finishing)),
+                }
+            )
     return rows
 
 
@@ -430,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument(
-        "--trade-off", action="store_true",
+        "--trade-off",
+        action="store_true",
         help="print instead what fewer late jobs cost in polls when ours scans like the fixed interval",
     )
     args = parser.parse_args(argv)

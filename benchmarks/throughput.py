@@ -10,7 +10,7 @@ same Celery settings and concurrency, each on its own queue:
               complete (1-3 results each) are enqueued with the Python helper, with
               POLL_INITIAL_DELAY_S=0; the figure is N divided by the time from the
               first enqueue to the receiver's last 2xx answer.
-    no-op     a Celery app built from the very same settings (``config.celery``)
+    no-op     a Celery app built from the very same settings (``worker.runtime.celeryconfig``)
               whose only task increments a Redis counter; N messages are sent; the
               figure is N divided by the time from the first send to the run that
               brings the counter to N.
@@ -58,8 +58,8 @@ from benchmarks.common import (
     write_json,
 )
 from tests.support.cluster import Cluster, WorkerProcess, wait_until
-from worker.enqueue import client_app, enqueue_watch
-from worker.signing import new_webhook_id, webhook_headers
+from worker.delivery.signing import new_webhook_id, webhook_headers
+from worker.intake.enqueue import client_app, enqueue_watch
 
 NOOP_TASK = "bench.noop"
 NOOP_QUEUE = "bench-noop"
@@ -80,7 +80,7 @@ ROUND_TIMEOUT_S = 180.0
 
 
 def _make_noop_app() -> Any:
-    """The no-op and floor tasks, with exactly the settings our worker gets from ``config.celery``."""
+    """The no-op and floor tasks, with exactly the settings our worker gets from ``worker.runtime.celeryconfig``."""
     app, settings = baseline_app("bench-noop", NOOP_QUEUE)
     # Connections are made per pool process, after the fork, as our worker does.
     counters: dict[int, redis.Redis] = {}
@@ -166,7 +166,10 @@ def run_noop(
     done_at = float(wait_until(lambda: client.get(NOOP_DONE_AT), ROUND_TIMEOUT_S, "no-op tasks", interval=0.01))
     seconds = done_at - started
     return {
-        "tasks": total, "seconds": seconds, "tasks_per_s": total / seconds, "send_seconds": sent - started,
+        "tasks": total,
+        "seconds": seconds,
+        "tasks_per_s": total / seconds,
+        "send_seconds": sent - started,
         **cpu.per_item_ms(total),
     }
 
@@ -233,7 +236,10 @@ def run(jobs: int = 1500, rounds: int = 2, concurrency: int = 4, seed: int = 4) 
             "ours", concurrency=concurrency, env_overrides=ours_env, queue=OURS_QUEUE, wait=False
         )
         noop = start_celery_worker(
-            cluster, "noop", app="benchmarks.throughput:noop_app", queue=f"{NOOP_QUEUE},{FLOOR_QUEUE}",
+            cluster,
+            "noop",
+            app="benchmarks.throughput:noop_app",
+            queue=f"{NOOP_QUEUE},{FLOOR_QUEUE}",
             concurrency=concurrency,
             env=cluster.env(**ours_env),
             # Stock Celery logging at INFO, its per-task lines included (ours keeps those at DEBUG).
@@ -267,8 +273,13 @@ def run(jobs: int = 1500, rounds: int = 2, concurrency: int = 4, seed: int = 4) 
         "settings": {"jobs": jobs, "rounds": rounds, "concurrency": concurrency, "seed": seed},
         "noop": {"tasks_per_s": noop_rate, "cpu": cpu["noop"], "runs": samples["noop"]},
         "floor": {"tasks_per_s": floor_rate, "cpu": cpu["floor"], "runs": samples["floor"]},
-        "ours": {"jobs_per_s": jobs_rate, "tasks_per_s": tasks_rate, "tasks_per_job": tasks_per_job,
-                 "cpu": cpu["ours"], "runs": samples["ours"]},
+        "ours": {
+            "jobs_per_s": jobs_rate,
+            "tasks_per_s": tasks_rate,
+            "tasks_per_job": tasks_per_job,
+            "cpu": cpu["ours"],
+            "runs": samples["ours"],
+        },
         "ratios": {
             "jobs_over_noop_tasks": jobs_rate / noop_rate,
             "tasks_over_noop_tasks": tasks_rate / noop_rate,
@@ -288,31 +299,58 @@ def rows(figures: dict[str, Any]) -> list[Row]:
     return [
         Row.compare(
             "throughput: small jobs completed + acknowledged /s",
-            ours["jobs_per_s"], noop["tasks_per_s"], "/s",
-            target=f">= {TARGET_FRACTION:g} x no-op tasks/s", met=figures["targets"]["jobs_at_least_half_of_noop"],
+            ours["jobs_per_s"],
+            noop["tasks_per_s"],
+            "/s",
+            target=f">= {TARGET_FRACTION:g} x no-op tasks/s",
+            met=figures["targets"]["jobs_at_least_half_of_noop"],
             baseline_name="no-op Celery tasks",
         ),
         Row(
             f"throughput: Celery task runs /s (ours: {ours['tasks_per_job']:.2f} per job)",
-            ours["tasks_per_s"], noop["tasks_per_s"], "/s", "-", None, ratios["tasks_over_noop_tasks"],
+            ours["tasks_per_s"],
+            noop["tasks_per_s"],
+            "/s",
+            "-",
+            None,
+            ratios["tasks_over_noop_tasks"],
             "no-op Celery tasks",
         ),
         Row.compare(
             "throughput: floor (status request + signed POST, nothing else) /s",
-            figures["floor"]["tasks_per_s"], noop["tasks_per_s"], "/s", target="-", met=None,
+            figures["floor"]["tasks_per_s"],
+            noop["tasks_per_s"],
+            "/s",
+            target="-",
+            met=None,
             baseline_name="no-op Celery tasks",
         ),
         Row.compare(
-            "throughput: ours next to the floor", ours["jobs_per_s"], figures["floor"]["tasks_per_s"], "/s",
-            target="-", met=None, baseline_name="floor",
+            "throughput: ours next to the floor",
+            ours["jobs_per_s"],
+            figures["floor"]["tasks_per_s"],
+            "/s",
+            target="-",
+            met=None,
+            baseline_name="floor",
         ),
         Row.compare(
-            "throughput: CPU per job (worker + Redis + simulator/receiver)", cpu_ms("ours"), cpu_ms("noop"), "ms",
-            target="-", met=None, baseline_name="per no-op task",
+            "throughput: CPU per job (worker + Redis + simulator/receiver)",
+            cpu_ms("ours"),
+            cpu_ms("noop"),
+            "ms",
+            target="-",
+            met=None,
+            baseline_name="per no-op task",
         ),
         Row.compare(
-            "throughput: CPU per job of the floor", cpu_ms("floor"), cpu_ms("noop"), "ms",
-            target="-", met=None, baseline_name="per no-op task",
+            "throughput: CPU per job of the floor",
+            cpu_ms("floor"),
+            cpu_ms("noop"),
+            "ms",
+            target="-",
+            met=None,
+            baseline_name="per no-op task",
         ),
     ]
 

@@ -10,9 +10,9 @@ import sys
 
 from celery import Celery
 
-from config.celery import celery_config
-from config.settings import Settings, load_settings
 from worker.errors import SettingsError
+from worker.runtime.celeryconfig import celery_config
+from worker.settings import Settings, load_settings
 
 
 def _settings() -> Settings:
@@ -26,7 +26,7 @@ def _settings() -> Settings:
 settings = _settings()
 app = Celery("check365")
 app.config_from_object(celery_config(settings))
-app.conf.update(include=["worker.tasks"])
+app.conf.update(include=["worker.runtime.tasks"])
 
-import worker.signals  # noqa: E402 - connects logging and context signals
-import worker.tasks  # noqa: E402,F401 - registers the tasks
+import worker.runtime.signals  # noqa: E402 - connects logging and context signals
+import worker.runtime.tasks  # noqa: E402,F401 - registers the tasks

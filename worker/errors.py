@@ -53,16 +53,14 @@ class Check365Throttled(RetryableError):
 
 
 class OutOfTime(RetryableError):
-    """An answer was still arriving when its exchange's total budget ran out (see worker/leases.py)."""
+    """An answer was still arriving when its exchange's total budget ran out (see worker/runtime/leases.py)."""
 
     def __init__(self) -> None:
         super().__init__("the answer took longer than its budget")
 
 
 class DeliveryFailed(RetryableError):
-    def __init__(
-        self, message: str, *, status_code: int | None = None, retry_after: float | None = None
-    ) -> None:
+    def __init__(self, message: str, *, status_code: int | None = None, retry_after: float | None = None) -> None:
         self.status_code = status_code
         super().__init__(message, retry_after=retry_after)
 
@@ -93,7 +91,7 @@ class DeliveryGone(PermanentError):
 
 
 class InvalidSignature(PermanentError):
-    """Raised by ``worker.signing.verify``; the message says which check failed."""
+    """Raised by ``worker.delivery.signing.verify``; the message says which check failed."""
 
     def __init__(self, message: str) -> None:
         super().__init__("invalid_signature", message)

@@ -79,14 +79,26 @@ def test_verify_checks_a_saved_request(cluster: Cluster, tmp_path: Path) -> None
     headers.write_text(f"Webhook-Id: msg_1\nWebhook-Timestamp: {stamp}\nWebhook-Signature: {signature}\n")
     (tmp_path / "body.json").write_bytes(body)
 
-    ok = cluster.cli("verify", "--headers", str(headers), "--body", str(tmp_path / "body.json"),
-                     env_overrides={"WEBHOOK_SECRET": cluster.secret})
+    ok = cluster.cli(
+        "verify",
+        "--headers",
+        str(headers),
+        "--body",
+        str(tmp_path / "body.json"),
+        env_overrides={"WEBHOOK_SECRET": cluster.secret},
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("valid")
 
     (tmp_path / "body.json").write_bytes(body.replace(b"failed", b"FAILED"))
-    tampered = cluster.cli("verify", "--headers", str(headers), "--body", str(tmp_path / "body.json"),
-                           env_overrides={"WEBHOOK_SECRET": cluster.secret})
+    tampered = cluster.cli(
+        "verify",
+        "--headers",
+        str(headers),
+        "--body",
+        str(tmp_path / "body.json"),
+        env_overrides={"WEBHOOK_SECRET": cluster.secret},
+    )
     assert tampered.returncode == 1
     assert tampered.stdout.startswith("invalid")
 

@@ -22,10 +22,10 @@ from tests.support.cluster import (
     wait_until,
     webhook_ids,
 )
-from worker.enqueue import enqueue_watch
-from worker.localredis import free_port
-from worker.outbox import StoredEvent
-from worker.receiver import Received
+from worker.intake.enqueue import enqueue_watch
+from worker.local.receiver import Received
+from worker.local.redisserver import free_port
+from worker.state.outbox import StoredEvent
 
 pytestmark = pytest.mark.integration
 

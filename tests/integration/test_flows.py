@@ -16,9 +16,9 @@ import pytest
 import worker
 from tests.support.cluster import Cluster, WorkerProcess, new_api_key, quiet_period, wait_until, webhook_ids
 from worker.errors import InvalidWatchRequest
-from worker.localredis import free_port
-from worker.receiver import Received
-from worker.simulator import generate_results
+from worker.local.receiver import Received
+from worker.local.redisserver import free_port
+from worker.local.simulator import generate_results
 
 pytestmark = pytest.mark.integration
 
@@ -351,8 +351,11 @@ def test_duplicate_poll_messages_converge_on_one_chain(
     assert body["type"] == COMPLETED
     (finished,) = cluster.watch_state(job_id)
     assert finished.outcome == "completed"
-    dropped = [r for r in shared_worker.log_records() if r.get("event") == "watch_message_dropped"
-               and r.get("watch_id") == watch.watch_id]
+    dropped = [
+        r
+        for r in shared_worker.log_records()
+        if r.get("event") == "watch_message_dropped" and r.get("watch_id") == watch.watch_id
+    ]
     assert [r["reason"] for r in dropped] == ["stale_token"] * 2, "of three messages with one token, one polls"
 
 

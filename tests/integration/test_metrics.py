@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import Cluster, WorkerProcess
 from tests.support.schemas import assert_events_valid
-from worker.localredis import free_port
+from worker.local.redisserver import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ window.
 Why the tolerance below is what it is:
 
 - The limiter hands out slots 1/rps apart on Redis's clock and lets a request through
-  at most half a slot early (see worker/ratelimit.py), so any one-second window
+  at most half a slot early (see worker/polling/ratelimit.py), so any one-second window
   [t, t + 1) holds at most ceil(rps * 1) + 1 grants: 26 at 25 rps.
 - The simulator sees a request when it arrives, not when its slot was granted: between
   the grant and the HTTP request lie a few Python statements and a loopback round trip,
@@ -32,9 +32,9 @@ import pytest
 import redis
 
 from tests.support.cluster import Cluster, webhook_ids
-from worker.localredis import LocalRedis
-from worker.ratelimit import MAX_TURN_AHEAD_S, RateLimiter
-from worker.simulator import max_in_window
+from worker.local.redisserver import LocalRedis
+from worker.local.simulator import max_in_window
+from worker.polling.ratelimit import MAX_TURN_AHEAD_S, RateLimiter
 
 pytestmark = pytest.mark.integration
 

@@ -27,9 +27,9 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.support.cluster import Cluster
 from tests.support.schemas import assert_events_valid
-from worker.enqueue import enqueue_watch
-from worker.localredis import free_port
-from worker.simulator import generate_results
+from worker.intake.enqueue import enqueue_watch
+from worker.local.redisserver import free_port
+from worker.local.simulator import generate_results
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +59,9 @@ class Kit:
         return accepted
 
     def post(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
-        return httpx.post(f"{self.url}{HOOK_PATH}", content=body,
-                          headers={"content-type": "application/json", **headers}, timeout=5)
+        return httpx.post(
+            f"{self.url}{HOOK_PATH}", content=body, headers={"content-type": "application/json", **headers}, timeout=5
+        )
 
     def output(self) -> str:
         return self.stdout.read_text(errors="replace") + self.stderr.read_text(errors="replace")
@@ -80,8 +81,15 @@ def _kit_command(name: str) -> tuple[list[str], Path]:
         pytest.skip("the Node receiver kit needs node and npm, and this machine has neither on PATH")
     directory = EXAMPLES / "receiver-node"
     if not (directory / "node_modules" / "standardwebhooks").is_dir():
-        installed = subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=directory, capture_output=True,
-                                   text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+        installed = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
         assert installed.returncode == 0, f"npm install failed:\n{installed.stdout}\n{installed.stderr}"
     return [node, "server.js"], directory
 
@@ -100,12 +108,16 @@ def kit(request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path) -> Ite
     name: str = request.param
     command, directory = _kit_command(name)
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "WEBHOOK_SECRET": cluster.secret,
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "WEBHOOK_SECRET": cluster.secret,
+        "PYTHONUNBUFFERED": "1",
+    }
     stdout, stderr = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
     with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(command, cwd=directory, env=env, stdout=out, stderr=err,
-                                   stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(command, cwd=directory, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     started = Kit(name, f"http://127.0.0.1:{port}", process, stdout, stderr)
     try:
         deadline = time.monotonic() + 20
@@ -188,8 +200,11 @@ def test_kit_accepts_verified_events_reassembles_parts_rejects_tampering_and_ign
     assert kit.post(captured, {"webhook-id": "msg_unsigned"}).status_code in (400, 401)
     other_secret = Webhook("whsec_" + "A" * 32)
     now = datetime.now(UTC)
-    wrong_key = {"webhook-id": "msg_wrong_key", "webhook-timestamp": str(int(now.timestamp())),
-                 "webhook-signature": other_secret.sign("msg_wrong_key", now, captured.decode())}
+    wrong_key = {
+        "webhook-id": "msg_wrong_key",
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": other_secret.sign("msg_wrong_key", now, captured.decode()),
+    }
     assert kit.post(captured, wrong_key).status_code in (400, 401)
     assert len(kit.accepted()) == 4
 

@@ -27,9 +27,9 @@ import pytest
 import redis
 
 from tests.support.cluster import Cluster, WorkerProcess, cli_command, new_api_key, wait_until
-from worker.enqueue import enqueue_watch
-from worker.localredis import free_port
-from worker.simulator import FaultPlan, Simulator
+from worker.intake.enqueue import enqueue_watch
+from worker.local.redisserver import free_port
+from worker.local.simulator import FaultPlan, Simulator
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +41,9 @@ NO_API_QUEUE = "it-secrets-no-api"
 FAILING = {"WEBHOOK_TIMEOUT_S": "1", "CHECK365_TIMEOUT_S": "0.3"}
 # Every fault whose handling goes through an exception: dropped, too slow, garbage, 5xx, 429...
 # With this seed the first seven requests meet all of them, the eighth is answered.
-FAULTS = FaultPlan(rate=0.6, kinds=("drop", "slow", "malformed", "5xx", "429", "success_false"), seed=61,
-                   slow_s=0.8, retry_after_s=0.2)
+FAULTS = FaultPlan(
+    rate=0.6, kinds=("drop", "slow", "malformed", "5xx", "429", "success_false"), seed=61, slow_s=0.8, retry_after_s=0.2
+)
 # The jobs that end with every event delivered, and those whose event ends dead-lettered.
 DELIVERED_JOBS = ("S-done", "S-refused", "S-retried", "S-faults", "S-no-api", "S-slow-receiver")
 DEAD_JOBS = ("S-dead", "S-unreachable-receiver")
@@ -167,11 +168,16 @@ def secret_flow() -> Iterator[tuple[Cluster, CommandRecorder, list[WorkerProcess
                 wait=False,
             ),
             cluster.start_worker(
-                "secrets-faults", concurrency=1, queue=FAULTS_QUEUE,
-                env_overrides={**debug, "CHECK365_BASE_URL": faulty_api.url}, wait=False,
+                "secrets-faults",
+                concurrency=1,
+                queue=FAULTS_QUEUE,
+                env_overrides={**debug, "CHECK365_BASE_URL": faulty_api.url},
+                wait=False,
             ),
             cluster.start_worker(
-                "secrets-no-api", concurrency=1, queue=NO_API_QUEUE,
+                "secrets-no-api",
+                concurrency=1,
+                queue=NO_API_QUEUE,
                 env_overrides={**debug, "CHECK365_BASE_URL": f"http://127.0.0.1:{free_port()}", "WATCH_TIMEOUT_S": "2"},
                 wait=False,
             ),
@@ -199,7 +205,8 @@ def secret_flow() -> Iterator[tuple[Cluster, CommandRecorder, list[WorkerProcess
             cluster.enqueue("S-dead", "/hooks/S-dead")
             cluster.sim.add_job("S-unreachable-receiver", size=3, duration_s=0.0)
             enqueue_watch(
-                "S-unreachable-receiver", f"http://127.0.0.1:{free_port()}/hooks/S-unreachable-receiver",
+                "S-unreachable-receiver",
+                f"http://127.0.0.1:{free_port()}/hooks/S-unreachable-receiver",
                 settings=cluster.client_settings(),
             )
 
@@ -213,8 +220,11 @@ def secret_flow() -> Iterator[tuple[Cluster, CommandRecorder, list[WorkerProcess
                     for w in watches
                 )
 
-            wait_until(lambda: ended(DELIVERED_JOBS, "delivered") and ended(DEAD_JOBS, "dead"), TIMEOUT,
-                       "every event is recorded as delivered or dead-lettered")
+            wait_until(
+                lambda: ended(DELIVERED_JOBS, "delivered") and ended(DEAD_JOBS, "dead"),
+                TIMEOUT,
+                "every event is recorded as delivered or dead-lettered",
+            )
         finally:
             for process in processes:
                 process.stop()
@@ -274,8 +284,17 @@ def test_the_failures_left_their_exception_texts_and_dead_letters(
 def run_cli_side_by_side(cluster: Cluster, commands: list[list[str]]) -> list[tuple[list[str], int, str]]:
     """(arguments, exit code, everything printed) of each ``check365-worker`` command, run in parallel."""
     runs = [
-        (args, subprocess.Popen([*cli_command(), *args], env=cluster.env(), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        (
+            args,
+            subprocess.Popen(
+                [*cli_command(), *args],
+                env=cluster.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+        )
         for args in commands
     ]
     return [(args, run.wait(60), run.communicate()[0]) for args, run in runs]

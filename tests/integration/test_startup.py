@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.cluster import BEAT_READY, WORKER_READY, Cluster, WorkerProcess, quiet_period
-from worker.leases import LEASE_MARGIN_S
+from worker.runtime.leases import LEASE_MARGIN_S
 
 pytestmark = pytest.mark.integration
 
@@ -111,8 +111,8 @@ def test_valid_settings_start_the_process(startup_cluster: Cluster, role: str) -
 LIMITS = """
 import json
 from worker.app import app, settings
-from worker.leases import delivery_lease_s, watch_lease_s
-from worker.tasks import deliver_webhook, sweep_task, watch_bulk_job
+from worker.runtime.leases import delivery_lease_s, watch_lease_s
+from worker.runtime.tasks import deliver_webhook, sweep_task, watch_bulk_job
 print(json.dumps({
     "watch": [watch_bulk_job.time_limit, watch_lease_s(settings)],
     "delivery": [deliver_webhook.time_limit, delivery_lease_s(settings)],

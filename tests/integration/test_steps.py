@@ -15,20 +15,20 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from config.settings import Settings, load_settings
-from worker.context import Context, build_context
-from worker.delivery import DeadLettered, Delivered, RetryLater, Skipped, deliver_claimed, deliver_once
-from worker.enqueue import WatchRequest
-from worker.events import completed_events
-from worker.leases import watch_lease_s
-from worker.localredis import LocalRedis
-from worker.outbox import STAGED_BODY_TTL_S
-from worker.polling import Dropped, Finished, Reschedule, poll_once, start_watch
-from worker.ratelimit import BLOCKED_KEY
-from worker.schedule import SHORT_RESULTS_WAIT_S
-from worker.simulator import generate_results
-from worker.sweep import sweep
-from worker.watches import INLINE_BODIES_BYTES
+from worker.delivery.events import completed_events
+from worker.delivery.step import DeadLettered, Delivered, RetryLater, Skipped, deliver_claimed, deliver_once
+from worker.intake.enqueue import WatchRequest
+from worker.local.redisserver import LocalRedis
+from worker.local.simulator import generate_results
+from worker.polling.ratelimit import BLOCKED_KEY
+from worker.polling.schedule import SHORT_RESULTS_WAIT_S
+from worker.polling.step import Dropped, Finished, Reschedule, poll_once, start_watch
+from worker.runtime.context import Context, build_context
+from worker.runtime.leases import watch_lease_s
+from worker.runtime.sweep import sweep
+from worker.settings import Settings, load_settings
+from worker.state.outbox import STAGED_BODY_TTL_S
+from worker.state.watches import INLINE_BODIES_BYTES
 
 pytestmark = pytest.mark.integration
 
@@ -108,16 +108,31 @@ class World:
         return result
 
 
-def status(state: str, progress: int = 0, results: list[dict[str, Any]] | None = None,
-           total: int = 3) -> httpx.Response:
-    data: dict[str, Any] = {"jobId": "J-1", "status": state, "creditsUsed": 1, "progress": progress,
-                            "total": total, "results": results or []}
+def status(
+    state: str, progress: int = 0, results: list[dict[str, Any]] | None = None, total: int = 3
+) -> httpx.Response:
+    data: dict[str, Any] = {
+        "jobId": "J-1",
+        "status": state,
+        "creditsUsed": 1,
+        "progress": progress,
+        "total": total,
+        "results": results or [],
+    }
     return httpx.Response(200, json={"success": True, "message": "ok", "data": data})
 
 
 RESULTS = [
-    {"email": f"u{i}@company.com", "emailProvider": "google_workspace", "emailType": "professional",
-     "status": "valid", "safeToSend": True, "risk": "low", "isRole": False, "statusReason": "accepted_email"}
+    {
+        "email": f"u{i}@company.com",
+        "emailProvider": "google_workspace",
+        "emailType": "professional",
+        "status": "valid",
+        "safeToSend": True,
+        "risk": "low",
+        "isRole": False,
+        "statusReason": "accepted_email",
+    }
     for i in range(3)
 ]
 
@@ -219,8 +234,13 @@ def test_deadline_ends_the_watch_with_the_last_status(world: World) -> None:
     assert isinstance(final, Finished)
     assert final.outcome == "timed_out"
     body = json.loads(world.ctx.outbox.body(final.deliveries[0][0]) or b"")
-    assert body["data"] == {"jobId": "J-1", "reason": "timed_out", "status": "processing", "progress": 40,
-                            "metadata": None}
+    assert body["data"] == {
+        "jobId": "J-1",
+        "reason": "timed_out",
+        "status": "processing",
+        "progress": 40,
+        "metadata": None,
+    }
 
 
 def finished_by_failure(world: World) -> Finished:
@@ -362,7 +382,7 @@ def test_a_single_event_is_created_claimed_by_the_finishing_step_which_delivers_
     result = finished_by_failure(world)
     assert result.leased is not None
     event, body = result.leased
-    (webhook_id, holder), = result.deliveries
+    ((webhook_id, holder),) = result.deliveries
     assert event.webhook_id == webhook_id
     assert body == world.ctx.outbox.body(webhook_id)
     # Held by this step: no message exists, so the sweep waits for the lease to run out.
@@ -383,7 +403,7 @@ def test_a_single_event_is_created_claimed_by_the_finishing_step_which_delivers_
 def test_a_finishing_step_that_dies_before_delivering_is_recovered_after_its_lease(world: World) -> None:
     result = finished_by_failure(world)
     assert result.leased is not None
-    (webhook_id, holder), = result.deliveries
+    ((webhook_id, holder),) = result.deliveries
     world.clock.advance(watch_lease_s(world.settings) - 1)
     assert sweep(world.ctx) == ([], [])
     world.clock.advance(2)
@@ -438,8 +458,14 @@ def test_with_no_initial_delay_the_watch_is_created_claimed_and_polled_at_once(e
 def test_a_watch_created_claimed_whose_step_dies_is_polled_after_its_lease(eager_world: World) -> None:
     world = eager_world
     created = world.ctx.watches.create(
-        watch_id="w_dies", job_id="J-1", callback_url=CALLBACK, metadata=None, now=world.clock(),
-        first_poll_at=world.clock(), deadline=world.clock() + 3600, lease_until=world.clock() + 70,
+        watch_id="w_dies",
+        job_id="J-1",
+        callback_url=CALLBACK,
+        metadata=None,
+        now=world.clock(),
+        first_poll_at=world.clock(),
+        deadline=world.clock() + 3600,
+        lease_until=world.clock() + 70,
     )
     assert created.token is not None
     assert created.watch is not None
@@ -471,8 +497,14 @@ def test_an_attempt_is_recorded_even_when_its_step_lost_the_event(world: World) 
 
 
 def completed_body(results: list[dict[str, Any]]) -> bytes:
-    data = {"jobId": "J-1", "status": "completed", "creditsUsed": len(results), "progress": 100,
-            "total": len(results), "results": results}
+    data = {
+        "jobId": "J-1",
+        "status": "completed",
+        "creditsUsed": len(results),
+        "progress": 100,
+        "total": len(results),
+        "results": results,
+    }
     return json.dumps({"success": True, "message": "Job has been completed", "data": data}).encode()
 
 
@@ -537,8 +569,14 @@ def test_finishing_needs_every_staged_body_and_writes_nothing_without(world: Wor
     claimed = world.ctx.watches.claim(step.watch_id, step.token, world.clock() + 60)
     assert claimed is not None
     watch, holder = claimed
-    events = completed_events(step.watch_id, "J-1", {"status": "completed", "total": 3, "results": RESULTS}, None,
-                              per_part=1, now=world.clock())
+    events = completed_events(
+        step.watch_id,
+        "J-1",
+        {"status": "completed", "total": 3, "results": RESULTS},
+        None,
+        per_part=1,
+        now=world.clock(),
+    )
     world.ctx.outbox.stage_bodies(holder, [(e.webhook_id, e.body) for e in events])
     staged = world.ctx.outbox.staged_body_key(holder, events[1].webhook_id)
     assert 0 < world.ctx.redis.ttl(staged) <= STAGED_BODY_TTL_S  # strays expire on their own
@@ -676,7 +714,7 @@ def test_a_completed_job_short_of_its_total_is_delivered_as_it_is_after_a_minute
     assert sum(delays) >= SHORT_RESULTS_WAIT_S
     assert len(world.check365_requests) <= 12
     assert world.clock() - started < SHORT_RESULTS_WAIT_S + 30
-    (webhook_id, _), = result.deliveries
+    ((webhook_id, _),) = result.deliveries
     body = json.loads(world.ctx.outbox.body(webhook_id) or b"{}")
     assert (body["data"]["total"], len(body["data"]["results"])) == (2, 1)
 

@@ -32,8 +32,14 @@ HERE = Path(__file__).parent
 
 # The order of the issue these scenarios answer, which the table follows.
 MODULE_ORDER = (
-    "test_worker_crash", "test_redis_restart", "test_lost_messages", "test_check365_faults",
-    "test_receiver_faults", "test_trickling", "test_ssrf", "test_hostile_messages",
+    "test_worker_crash",
+    "test_redis_restart",
+    "test_lost_messages",
+    "test_check365_faults",
+    "test_receiver_faults",
+    "test_trickling",
+    "test_ssrf",
+    "test_hostile_messages",
 )
 
 

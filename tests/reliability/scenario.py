@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from config.settings import load_settings
 from tests.support.cluster import Cluster, wait_until
-from worker.leases import delivery_lease_s, watch_lease_s
-from worker.receiver import Received
-from worker.simulator import generate_results
+from worker.local.receiver import Received
+from worker.local.simulator import generate_results
+from worker.runtime.leases import delivery_lease_s, watch_lease_s
+from worker.settings import load_settings
 
 # Recovery bounds get this much on top of the bound the settings imply: the machine
 # running the suite may have two cores and other heavy work on them.
@@ -81,7 +81,12 @@ def format_table(rows: Sequence[Row]) -> str:
     """The rows as a Markdown table (readable as plain text too)."""
     cells = [
         [
-            r.scenario, str(r.jobs), str(r.events_expected), str(r.delivered), str(r.duplicates), str(r.lost),
+            r.scenario,
+            str(r.jobs),
+            str(r.events_expected),
+            str(r.delivered),
+            str(r.duplicates),
+            str(r.lost),
             "-" if r.recover_s is None else f"{r.recover_s:.1f}",
         ]
         for r in rows

@@ -30,7 +30,7 @@ import pytest
 
 from tests.reliability.scenario import SLACK_S, Row, check_completed_deliveries, wait_settled, watch_outcomes
 from tests.support.cluster import Cluster
-from worker.simulator import FAULT_KINDS, FaultPlan
+from worker.local.simulator import FAULT_KINDS, FaultPlan
 
 TIMEOUT_S = 0.5
 SETTINGS = {
@@ -86,8 +86,12 @@ def test_every_job_is_delivered_with_its_exact_results_despite_30_percent_faults
     record_row(
         f"Check365 faults at {FAULT_RATE:.0%} ({len(requests)} requests, {faults['429']} x 429, "
         f"{faults['blocked']} inside a Retry-After)",
-        jobs=len(jobs), events_expected=len(jobs), delivered=result.delivered, duplicates=result.duplicates,
-        lost=len(jobs) - result.delivered, recover_s=worst_lag,
+        jobs=len(jobs),
+        events_expected=len(jobs),
+        delivered=result.delivered,
+        duplicates=result.duplicates,
+        lost=len(jobs) - result.delivered,
+        recover_s=worst_lag,
     )
 
     assert result.delivered == len(jobs)

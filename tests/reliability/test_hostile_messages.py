@@ -33,19 +33,24 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from kombu import Connection, Producer
 
-from config.celery import DELIVER_TASK, SWEEP_TASK, WATCH_TASK
 from tests.reliability.scenario import Row, check_completed_deliveries, wait_settled
 from tests.support.cluster import Cluster, WorkerProcess, wait_until
-from worker.enqueue import validate_watch_request
 from worker.errors import InvalidWatchRequest
+from worker.intake.enqueue import validate_watch_request
+from worker.runtime.celeryconfig import DELIVER_TASK, SWEEP_TASK, WATCH_TASK
 
 QUEUE = "hostile"
 TIMEOUT = 20.0
 REJECTED = ("watch_rejected", "delivery_rejected")
 # Log lines that mean something broke: a task raised, the consumer stopped, a timer failed,
 # or the consumer's last-resort guard caught what the checks should have.
-BROKEN = ("raised unexpected", "Unrecoverable error", "Error in timer", "message_crashed_consumer",
-          "Exception raised outside body")
+BROKEN = (
+    "raised unexpected",
+    "Unrecoverable error",
+    "Error in timer",
+    "message_crashed_consumer",
+    "Exception raised outside body",
+)
 
 
 @dataclass
@@ -98,19 +103,44 @@ def hostile() -> Iterator[Hostile]:
 # --------------------------------------------------------------------------- what hostile producers send
 
 ODD_STRINGS = [
-    "", " ", "\x00", "\ud800", "\udfff", "\u202e\u202d", "\u200b\u200d\ufeff", "e\u0301", "\U0001d54f",
-    "\U0001f642" * 200, "A" * 129, "x" * (1 << 20), "../../etc/passwd", "https://", "http://", "J\nK", "%00",
-    "https://user:pw@hooks.example.com/", "https://hooks.example.com/#frag", "https://127.0.0.1/",
-    "https://[::1]/", "https://0x7f.1/", "https://hooks.example.com:99999/", "https://xn--/",
-    "w_" + "0" * 20, "0123456789abcdef",
+    "",
+    " ",
+    "\x00",
+    "\ud800",
+    "\udfff",
+    "\u202e\u202d",
+    "\u200b\u200d\ufeff",
+    "e\u0301",
+    "\U0001d54f",
+    "\U0001f642" * 200,
+    "A" * 129,
+    "x" * (1 << 20),
+    "../../etc/passwd",
+    "https://",
+    "http://",
+    "J\nK",
+    "%00",
+    "https://user:pw@hooks.example.com/",
+    "https://hooks.example.com/#frag",
+    "https://127.0.0.1/",
+    "https://[::1]/",
+    "https://0x7f.1/",
+    "https://hooks.example.com:99999/",
+    "https://xn--/",
+    "w_" + "0" * 20,
+    "0123456789abcdef",
 ]
 texts = st.text(max_size=40) | st.sampled_from(ODD_STRINGS)
 scalars = (
-    st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
-    | st.floats(allow_nan=False, allow_infinity=False) | texts
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | texts
 )
 json_values = st.recursive(
-    scalars, lambda children: st.lists(children, max_size=3) | st.dictionaries(texts, children, max_size=3),
+    scalars,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(texts, children, max_size=3),
     max_leaves=8,
 )
 FIELDS = ["job_id", "callback_url", "metadata", "watch_id", "token", "webhook_id", "self", "args", "kwargs", "id"]
@@ -142,8 +172,11 @@ def starts_a_watch(kwargs: object) -> bool:
 watch_kwargs = (any_kwargs | near_valid_watch).filter(lambda kw: not starts_a_watch(kw))
 delivery_kwargs = any_kwargs | st.fixed_dictionaries({"webhook_id": texts, "token": texts}, optional={"x": json_values})
 args_lists = st.just([]) | st.lists(json_values, max_size=3)
-embeds = st.just({}) | st.none() | json_values | st.dictionaries(
-    st.sampled_from(["callbacks", "errbacks", "chain", "chord", "group"]), json_values, max_size=2
+embeds = (
+    st.just({})
+    | st.none()
+    | json_values
+    | st.dictionaries(st.sampled_from(["callbacks", "errbacks", "chain", "chord", "group"]), json_values, max_size=2)
 )
 
 
@@ -170,8 +203,23 @@ def triple(kwargs: Any) -> st.SearchStrategy[bytes]:
     return st.tuples(args_lists, st.just(kwargs), embeds).map(lambda t: json.dumps(list(t)).encode())
 
 
-JUNK_HEADERS = ["id", "task", "timelimit", "retries", "root_id", "parent_id", "group", "argsrepr", "kwargsrepr",
-                "ignore_result", "shadow", "stamped_headers", "stamps", "origin", "lang"]
+JUNK_HEADERS = [
+    "id",
+    "task",
+    "timelimit",
+    "retries",
+    "root_id",
+    "parent_id",
+    "group",
+    "argsrepr",
+    "kwargsrepr",
+    "ignore_result",
+    "shadow",
+    "stamped_headers",
+    "stamps",
+    "origin",
+    "lang",
+]
 # A date Celery cannot read, or one in the past (run at once). Never a future one: the
 # message would rightly wait for it. Never a past expiry: Celery rightly discards it silently.
 junk_eta = st.sampled_from(["not a date", "", "2000-01-01T00:00:00+00:00", "9999-99-99"]) | scalars
@@ -193,19 +241,29 @@ def messages(draw: st.DrawFn) -> Message:
         content_type = draw(st.sampled_from(["application/json", "application/octet-stream", "text/plain", ""]))
     elif body_kind == "deep":
         depth = draw(st.integers(min_value=500, max_value=100_000))
-        body = b"[[], {\"metadata\": " + b"[" * depth + b"]" * depth + b"}, {}]"
+        body = b'[[], {"metadata": ' + b"[" * depth + b"]" * depth + b"}, {}]"
     elif body_kind == "pickle":
         body = pickle.dumps(([], kwargs, {}))
         content_type = "application/x-python-serialize"
     else:  # Celery's old protocol: everything in the body, no task header
-        body = json.dumps({
-            "task": draw(st.just(task) | json_values), "id": draw(st.just(str(uuid.uuid4())) | json_values),
-            "args": draw(args_lists | json_values), "kwargs": kwargs,
-        }).encode()
+        body = json.dumps(
+            {
+                "task": draw(st.just(task) | json_values),
+                "id": draw(st.just(str(uuid.uuid4())) | json_values),
+                "args": draw(args_lists | json_values),
+                "kwargs": kwargs,
+            }
+        ).encode()
     headers: dict[str, Any] = {} if body_kind == "protocol1" else {"task": task, "id": str(uuid.uuid4()), "lang": "py"}
-    headers.update(draw(st.dictionaries(
-        st.sampled_from(JUNK_HEADERS), json_values | st.sampled_from([[None, None], [1, "2"], [1, 2, 3]]), max_size=2
-    )))
+    headers.update(
+        draw(
+            st.dictionaries(
+                st.sampled_from(JUNK_HEADERS),
+                json_values | st.sampled_from([[None, None], [1, "2"], [1, 2, 3]]),
+                max_size=2,
+            )
+        )
+    )
     headers.update(draw(st.fixed_dictionaries({}, optional={"eta": junk_eta, "expires": junk_expires})))
     return Message(body, content_type, headers)
 
@@ -214,34 +272,65 @@ def messages(draw: st.DrawFn) -> Message:
 
 NAMED_CASES = [
     # The brief's list, always run, besides whatever Hypothesis draws.
-    Message(pickle.dumps(([], {"job_id": "J", "callback_url": "https://hooks.example.com/"}, {})),
-            "application/x-python-serialize", {"task": WATCH_TASK, "id": "pickle"}),
+    Message(
+        pickle.dumps(([], {"job_id": "J", "callback_url": "https://hooks.example.com/"}, {})),
+        "application/x-python-serialize",
+        {"task": WATCH_TASK, "id": "pickle"},
+    ),
     Message(b"\xff\xfe\x00garbage", "application/json", {"task": WATCH_TASK, "id": "garbage"}),
     Message(b'"just a string"', "application/json", {"task": WATCH_TASK, "id": "not-a-triple"}),
-    Message(json.dumps([[], {"job_id": "J" * 1_000_000, "callback_url": "https://hooks.example.com/"}, {}]).encode(),
-            "application/json", {"task": WATCH_TASK, "id": "huge-job-id"}),
-    Message(json.dumps([[], {"job_id": "J-\u202e\ud800", "callback_url": "https://h\u00e9.example/"}, {}]).encode(),
-            "application/json", {"task": WATCH_TASK, "id": "odd-unicode"}),
-    Message(json.dumps([[], {"job_id": "J", "callback_url": "https://hooks.example.com/",
-                             "metadata": {"blob": "x" * 100_000}}, {}]).encode(),
-            "application/json", {"task": WATCH_TASK, "id": "oversized-metadata"}),
-    Message(json.dumps([[], {"callback_url": "https://hooks.example.com/"}, {}]).encode(), "application/json",
-            {"task": WATCH_TASK, "id": "missing-job-id"}),
-    Message(json.dumps([[], {"job_id": "J", "callback_url": "https://hooks.example.com/", "priority": 1}, {}]).encode(),
-            "application/json", {"task": WATCH_TASK, "id": "unknown-field"}),
-    Message(json.dumps([["J", "https://hooks.example.com/"], {}, {}]).encode(), "application/json",
-            {"task": WATCH_TASK, "id": "positional"}),
-    Message(json.dumps([[], {"webhook_id": ["x"], "token": 5, "extra": 1}, {}]).encode(), "application/json",
-            {"task": DELIVER_TASK, "id": "deliver-wrong-args"}),
+    Message(
+        json.dumps([[], {"job_id": "J" * 1_000_000, "callback_url": "https://hooks.example.com/"}, {}]).encode(),
+        "application/json",
+        {"task": WATCH_TASK, "id": "huge-job-id"},
+    ),
+    Message(
+        json.dumps([[], {"job_id": "J-\u202e\ud800", "callback_url": "https://h\u00e9.example/"}, {}]).encode(),
+        "application/json",
+        {"task": WATCH_TASK, "id": "odd-unicode"},
+    ),
+    Message(
+        json.dumps(
+            [[], {"job_id": "J", "callback_url": "https://hooks.example.com/", "metadata": {"blob": "x" * 100_000}}, {}]
+        ).encode(),
+        "application/json",
+        {"task": WATCH_TASK, "id": "oversized-metadata"},
+    ),
+    Message(
+        json.dumps([[], {"callback_url": "https://hooks.example.com/"}, {}]).encode(),
+        "application/json",
+        {"task": WATCH_TASK, "id": "missing-job-id"},
+    ),
+    Message(
+        json.dumps([[], {"job_id": "J", "callback_url": "https://hooks.example.com/", "priority": 1}, {}]).encode(),
+        "application/json",
+        {"task": WATCH_TASK, "id": "unknown-field"},
+    ),
+    Message(
+        json.dumps([["J", "https://hooks.example.com/"], {}, {}]).encode(),
+        "application/json",
+        {"task": WATCH_TASK, "id": "positional"},
+    ),
+    Message(
+        json.dumps([[], {"webhook_id": ["x"], "token": 5, "extra": 1}, {}]).encode(),
+        "application/json",
+        {"task": DELIVER_TASK, "id": "deliver-wrong-args"},
+    ),
     Message(json.dumps([[], {}, {}]).encode(), "application/json", {"task": ["not", "a", "name"], "id": "task-list"}),
-    Message(json.dumps([[], {}, {}]).encode(), "application/json", {"task": SWEEP_TASK, "id": "bad-stamps",
-                                                                     "stamped_headers": 5}),
+    Message(
+        json.dumps([[], {}, {}]).encode(),
+        "application/json",
+        {"task": SWEEP_TASK, "id": "bad-stamps", "stamped_headers": 5},
+    ),
 ]
 
 
 def publish(hostile: Hostile, message: Message) -> None:
     hostile.producer.publish(
-        message.body, routing_key=QUEUE, headers=message.headers, content_type=message.content_type,
+        message.body,
+        routing_key=QUEUE,
+        headers=message.headers,
+        content_type=message.content_type,
         content_encoding="utf-8" if message.content_type == "application/json" else "binary",
     )
 
@@ -252,8 +341,14 @@ def send_and_judge(hostile: Hostile, message: Message) -> None:
     cursor = LogCursor(worker.stderr_path)
     probe = f"probe-{uuid.uuid4()}"
     publish(hostile, message)
-    publish(hostile, Message(json.dumps([[], {"webhook_id": "nothing_here", "token": "nothing"}, {}]).encode(),
-                             "application/json", {"task": DELIVER_TASK, "id": probe}))
+    publish(
+        hostile,
+        Message(
+            json.dumps([[], {"webhook_id": "nothing_here", "token": "nothing"}, {}]).encode(),
+            "application/json",
+            {"task": DELIVER_TASK, "id": probe},
+        ),
+    )
     seen: list[str] = []
 
     def probe_done() -> bool:
@@ -261,8 +356,11 @@ def send_and_judge(hostile: Hostile, message: Message) -> None:
         return f"[{probe}] succeeded" in "".join(seen) or not worker.alive
 
     wait_until(probe_done, TIMEOUT, "the probe after the message has run")
-    wait_until(lambda: cluster.queue_length(QUEUE) == 0 and cluster.unacked_count() == 0, TIMEOUT,
-               "the broker holds nothing: no message re-queued or left reserved")
+    wait_until(
+        lambda: cluster.queue_length(QUEUE) == 0 and cluster.unacked_count() == 0,
+        TIMEOUT,
+        "the broker holds nothing: no message re-queued or left reserved",
+    )
     text = "".join(seen)
     assert worker.alive, f"the worker died: {worker.tail(10)}"
     broken = [line[:300] for line in text.splitlines() if any(b in line for b in BROKEN)]
@@ -286,9 +384,14 @@ def test_each_named_hostile_message_is_rejected_with_a_reason(hostile: Hostile, 
 
 
 @settings(
-    max_examples=200, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large,
-                           HealthCheck.large_base_example],
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
 )
 @given(message=messages())
 @example(message=Message(b"[[], {}, {}]", "application/json", {"task": WATCH_TASK, "id": "no-kwargs"}))
@@ -309,8 +412,12 @@ def test_the_worker_that_took_all_of_that_is_the_same_one_and_still_completes_jo
     result = check_completed_deliveries(cluster, jobs, path_of)
     record_row(
         f"hostile messages ({hostile.rejected} rejected, {hostile.accepted} stale but well-formed), then valid jobs",
-        jobs=len(jobs), events_expected=len(jobs), delivered=result.delivered, duplicates=result.duplicates,
-        lost=len(jobs) - result.delivered, recover_s=None,
+        jobs=len(jobs),
+        events_expected=len(jobs),
+        delivered=result.delivered,
+        duplicates=result.duplicates,
+        lost=len(jobs) - result.delivered,
+        recover_s=None,
     )
     assert worker.alive and [p.pid for p in cluster.processes] == [worker.pid], "never restarted"
     assert result.delivered == len(jobs)

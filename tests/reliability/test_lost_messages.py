@@ -26,7 +26,7 @@ from tests.reliability.scenario import (
     watch_outcomes,
 )
 from tests.support.cluster import Cluster, wait_until
-from worker.store import text
+from worker.state.store import text
 
 SETTINGS = {
     "POLL_INITIAL_DELAY_S": "0.3",
@@ -132,8 +132,11 @@ def test_deleted_broker_messages_are_re_armed_by_the_sweep_and_everything_comple
         accepted = {r.path for r in received if r.status_sent == 200}
         return all(p in failed for p in retrying_paths) and not accepted.intersection(retrying_paths)
 
-    wait_until(lambda: retries_pending() and cluster.active_watch_count() >= 30, 60,
-               "webhook retries waiting as countdowns and watches between polls")
+    wait_until(
+        lambda: retries_pending() and cluster.active_watch_count() >= 30,
+        60,
+        "webhook retries waiting as countdowns and watches between polls",
+    )
     cluster.processes[0].kill()
     deleted = cluster.drop_broker_messages()
     lost_at = time.time()
@@ -146,14 +149,16 @@ def test_deleted_broker_messages_are_re_armed_by_the_sweep_and_everything_comple
     result = check_completed_deliveries(cluster, jobs, path_of)
     record_row(
         f"broker messages deleted ({deleted} queued or reserved; {len(items)} items re-armed)",
-        jobs=len(jobs), events_expected=len(jobs), delivered=result.delivered, duplicates=result.duplicates,
-        lost=len(jobs) - result.delivered, recover_s=result.last_arrival() - lost_at,
+        jobs=len(jobs),
+        events_expected=len(jobs),
+        delivered=result.delivered,
+        duplicates=result.duplicates,
+        lost=len(jobs) - result.delivered,
+        recover_s=result.last_arrival() - lost_at,
     )
 
     assert deleted >= len(items) // 2, "the deletion took the messages of the items"
-    assert {item.kind for item in items if item.armed} == {"watch", "event"}, (
-        "lost polls and lost webhook retries both"
-    )
+    assert {item.kind for item in items if item.armed} == {"watch", "event"}, "lost polls and lost webhook retries both"
     never = [item.key for item in items if item.rearmed_at is None]
     assert not never, f"never re-armed: {never[:5]}"
     for item in items:

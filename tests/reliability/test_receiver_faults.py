@@ -24,9 +24,9 @@ import pytest
 
 from tests.reliability.scenario import SLACK_S, Row, accepted_ids_by_path, tally
 from tests.support.cluster import Cluster, WorkerProcess, wait_until
-from worker.enqueue import enqueue_watch
-from worker.outbox import StoredEvent
-from worker.receiver import Receiver
+from worker.intake.enqueue import enqueue_watch
+from worker.local.receiver import Receiver
+from worker.state.outbox import StoredEvent
 
 WEBHOOK_TIMEOUT_S = 1.0
 COMMON = {
@@ -149,9 +149,13 @@ def test_an_answer_slower_than_the_timeout_is_a_failed_attempt_and_the_retry_kee
     result = tally(received, paths.values())
     gaps = [rs[1].at - rs[0].at for rs in result.accepted.values() if len(rs) > 1]
     record_row(
-        f"receiver slower than WEBHOOK_TIMEOUT_S ({WEBHOOK_TIMEOUT_S:g} s)", jobs=len(jobs),
-        events_expected=len(jobs), delivered=result.delivered, duplicates=result.duplicates,
-        lost=len(jobs) - result.delivered, recover_s=max(gaps, default=None),
+        f"receiver slower than WEBHOOK_TIMEOUT_S ({WEBHOOK_TIMEOUT_S:g} s)",
+        jobs=len(jobs),
+        events_expected=len(jobs),
+        delivered=result.delivered,
+        duplicates=result.duplicates,
+        lost=len(jobs) - result.delivered,
+        recover_s=max(gaps, default=None),
     )
 
     assert result.delivered == len(jobs)
@@ -192,9 +196,13 @@ def test_every_non_2xx_answer_but_410_is_retried_and_410_stops_at_once(
     received = cluster.receiver.received()
     result = tally(received, paths.values())
     record_row(
-        f"receiver 3xx/4xx/5xx then 2xx ({len(RETRIED)} statuses), 5xx then 410", jobs=len(paths) + 1,
-        events_expected=len(paths), delivered=result.delivered, duplicates=result.duplicates,
-        lost=len(paths) - result.delivered, recover_s=None,
+        f"receiver 3xx/4xx/5xx then 2xx ({len(RETRIED)} statuses), 5xx then 410",
+        jobs=len(paths) + 1,
+        events_expected=len(paths),
+        delivered=result.delivered,
+        duplicates=result.duplicates,
+        lost=len(paths) - result.delivered,
+        recover_s=None,
     )
 
     for job, event in retried.items():
@@ -259,9 +267,13 @@ def test_exhausted_events_are_dead_lettered_listed_shown_and_replayed_with_their
     received = cluster.receiver.received()
     result = tally(received, paths.values())
     record_row(
-        "dead letters (retries exhausted) listed, shown, replayed one and --all", jobs=len(jobs),
-        events_expected=len(jobs), delivered=result.delivered, duplicates=result.duplicates,
-        lost=len(jobs) - result.delivered, recover_s=result.last_arrival() - replay_started,
+        "dead letters (retries exhausted) listed, shown, replayed one and --all",
+        jobs=len(jobs),
+        events_expected=len(jobs),
+        delivered=result.delivered,
+        duplicates=result.duplicates,
+        lost=len(jobs) - result.delivered,
+        recover_s=result.last_arrival() - replay_started,
     )
     for job, webhook_id in ids.items():
         requests = [r for r in received if r.path == paths[job]]
@@ -289,8 +301,12 @@ def test_a_receiver_refusing_connections_for_a_minute_gets_every_event_when_it_i
     received = outage.receiver.received()
     result = tally(received)
     record_row(
-        f"receiver refusing connections for {OUTAGE_S:.0f} s", jobs=len(ids), events_expected=len(ids),
-        delivered=result.delivered, duplicates=result.duplicates, lost=len(ids) - result.delivered,
+        f"receiver refusing connections for {OUTAGE_S:.0f} s",
+        jobs=len(ids),
+        events_expected=len(ids),
+        delivered=result.delivered,
+        duplicates=result.duplicates,
+        lost=len(ids) - result.delivered,
         recover_s=result.last_arrival() - outage.back_at,
     )
 

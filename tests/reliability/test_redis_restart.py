@@ -99,7 +99,8 @@ def test_a_redis_crash_and_restart_loses_nothing_and_needs_no_process_restart(
 
     wait_until(
         lambda: cluster.active_watch_count() >= LATE_JOBS and cluster.receiver.in_flight() and failed_once(),
-        60, "watches active, deliveries in flight and retries pending",
+        60,
+        "watches active, deliveries in flight and retries pending",
     )
     active_before = cluster.active_watch_count()
     pending_before = cluster.pending_event_count()
@@ -116,8 +117,12 @@ def test_a_redis_crash_and_restart_loses_nothing_and_needs_no_process_restart(
     record_row(
         f"Redis SIGKILL + restart, AOF ({active_before} watches active, {pending_before} events pending, "
         f"{in_flight} in flight)",
-        jobs=len(jobs), events_expected=len(jobs), delivered=result.delivered, duplicates=result.duplicates,
-        lost=len(jobs) - result.delivered, recover_s=result.last_arrival() - crashed_at,
+        jobs=len(jobs),
+        events_expected=len(jobs),
+        delivered=result.delivered,
+        duplicates=result.duplicates,
+        lost=len(jobs) - result.delivered,
+        recover_s=result.last_arrival() - crashed_at,
     )
 
     assert result.delivered == len(jobs)

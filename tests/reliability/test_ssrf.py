@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from config.settings import Settings, load_settings
 from tests.reliability.scenario import row_recorder
 from tests.support.cluster import Cluster, WorkerProcess, cli_command, wait_until
-from worker.context import Context, build_context
-from worker.delivery import DeadLettered, Delivered, RetryLater, deliver_once
-from worker.enqueue import WatchRequest, enqueue_watch
+from worker.delivery.step import DeadLettered, Delivered, RetryLater, deliver_once
 from worker.errors import InvalidWatchRequest
-from worker.polling import Finished, Reschedule, poll_once, start_watch
+from worker.intake.enqueue import WatchRequest, enqueue_watch
+from worker.polling.step import Finished, Reschedule, poll_once, start_watch
+from worker.runtime.context import Context, build_context
+from worker.settings import Settings, load_settings
 
 STRICT = {"WEBHOOK_ALLOW_PRIVATE_NETWORKS": "false", "WEBHOOK_ALLOW_HTTP": "false"}
 STRICT_QUEUE = "ssrf-strict"
@@ -90,8 +90,12 @@ def test_an_ip_literal_of_every_non_public_class_is_refused_by_the_helper_and_th
     env = cluster.env(**STRICT)
     runs = {
         name: subprocess.Popen(
-            [*cli_command(), "enqueue", "J-ssrf", f"https://{address}:8443/hook"], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            [*cli_command(), "enqueue", "J-ssrf", f"https://{address}:8443/hook"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
         )
         for address, name in CLASSES
     }
@@ -178,9 +182,13 @@ def refused(request: pytest.FixtureRequest) -> Iterator[dict[str, tuple[bool, in
     if outcomes:
         dead = sum(was_dead for was_dead, _ in outcomes.values())
         row_recorder(request.config)(
-            f"SSRF: host names resolving to non-public addresses ({len(outcomes)} classes)", jobs=len(outcomes),
-            events_expected=0, delivered=sum(n for _, n in outcomes.values()), duplicates=0,
-            lost=len(outcomes) - dead, recover_s=None,
+            f"SSRF: host names resolving to non-public addresses ({len(outcomes)} classes)",
+            jobs=len(outcomes),
+            events_expected=0,
+            delivered=sum(n for _, n in outcomes.values()),
+            duplicates=0,
+            lost=len(outcomes) - dead,
+            recover_s=None,
         )
 
 

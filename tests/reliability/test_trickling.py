@@ -3,7 +3,7 @@
 Each byte comes well inside WEBHOOK_TIMEOUT_S, so httpx never times out, and the bytes
 before the status line are not the body the budget checks. The step delivering the
 event must be killed by its task's time limit while it still holds the event (see
-worker/leases.py); the sweep then re-arms the event once the lease has ended, and the
+worker/runtime/leases.py); the sweep then re-arms the event once the lease has ended, and the
 next attempt delivers it with the same webhook-id. Two steps never hold it at once.
 """
 
@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from config.settings import load_settings
 from tests.reliability.scenario import SLACK_S, Row, tally
 from tests.support.cluster import Cluster, WorkerProcess, wait_until
-from worker.leases import watch_lease_s, watch_time_limit_s
+from worker.runtime.leases import watch_lease_s, watch_time_limit_s
+from worker.settings import load_settings
 
 SETTINGS = {
     "POLL_INITIAL_DELAY_S": "0.2",
@@ -60,7 +60,11 @@ def test_a_receiver_trickling_its_answer_is_cut_off_by_the_time_limit_and_the_ev
     result = tally([first, second], [path])
     record_row(
         f"receiver trickling its answer (a byte every {TRICKLE_S:g} s) past the step's time limit",
-        jobs=1, events_expected=1, delivered=result.delivered, duplicates=result.duplicates, lost=1 - result.delivered,
+        jobs=1,
+        events_expected=1,
+        delivered=result.delivered,
+        duplicates=result.duplicates,
+        lost=1 - result.delivered,
         recover_s=second.at - first.at,
     )
 
@@ -73,7 +77,8 @@ def test_a_receiver_trickling_its_answer_is_cut_off_by_the_time_limit_and_the_ev
     [watch] = cluster.watch_state(job)
     event = wait_until(
         lambda: (e := cluster.outbox().get(watch.events[0])) is not None and e.state == "delivered" and e,
-        30, "the event is delivered",
+        30,
+        "the event is delivered",
     )
     # The killed step recorded nothing; the attempt after it did.
     assert [(a["ok"], a["status_code"]) for a in event.attempts] == [(True, 200)]

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from config.celery import celery_config
-from config.settings import load_settings
 from tests.reliability.scenario import (
     SLACK_S,
     Row,
@@ -33,6 +31,8 @@ from tests.reliability.scenario import (
     watch_outcomes,
 )
 from tests.support.cluster import Cluster, wait_until
+from worker.runtime.celeryconfig import celery_config
+from worker.settings import load_settings
 
 # Small, fast settings; the recovery bound below is derived from them.
 CRASH_SETTINGS = {
@@ -47,7 +47,7 @@ CRASH_SETTINGS = {
     "WATCH_TIMEOUT_S": "120",
     "CHECK365_MAX_RPS": "1000",
 }
-# The lease of an interrupted step (worker/leases.py); the longer of the two counts.
+# The lease of an interrupted step (worker/runtime/leases.py); the longer of the two counts.
 LEASE_S = longest_lease_s(CRASH_SETTINGS)
 RECOVERY_BOUND_S = (
     float(CRASH_SETTINGS["BROKER_VISIBILITY_TIMEOUT_S"])
@@ -74,9 +74,7 @@ def crash_cluster() -> Iterator[Cluster]:
         yield cluster
 
 
-def test_kill_9_of_a_worker_loses_no_watch_and_no_event(
-    crash_cluster: Cluster, record_row: Callable[..., Row]
-) -> None:
+def test_kill_9_of_a_worker_loses_no_watch_and_no_event(crash_cluster: Cluster, record_row: Callable[..., Row]) -> None:
     cluster = crash_cluster
     survivor, victim = cluster.processes[0], cluster.processes[1]
     jobs: dict[str, int] = {}
@@ -102,7 +100,8 @@ def test_kill_9_of_a_worker_loses_no_watch_and_no_event(
     # The victim itself is in the middle of a delivery: the receiver has it, the victim will never know.
     wait_until(
         lambda: cluster.active_watch_count() >= 200 and victims_deliveries_in_flight() >= 1,
-        60, "200 active watches and a delivery of the victim in flight",
+        60,
+        "200 active watches and a delivery of the victim in flight",
     )
     active_at_kill = cluster.active_watch_count()
     in_flight_at_kill = len(cluster.receiver.in_flight())
@@ -117,8 +116,12 @@ def test_kill_9_of_a_worker_loses_no_watch_and_no_event(
     recover_s = result.last_arrival() - killed_at
     record_row(
         f"worker kill -9 ({active_at_kill} watches active, {in_flight_at_kill} deliveries in flight)",
-        jobs=len(jobs), events_expected=len(jobs), delivered=result.delivered, duplicates=result.duplicates,
-        lost=len(jobs) - result.delivered, recover_s=recover_s,
+        jobs=len(jobs),
+        events_expected=len(jobs),
+        delivered=result.delivered,
+        duplicates=result.duplicates,
+        lost=len(jobs) - result.delivered,
+        recover_s=recover_s,
     )
 
     assert result.delivered == len(jobs)
@@ -182,10 +185,13 @@ def test_sigterm_hands_reserved_countdowns_back_to_another_worker(
             cluster.enqueue(job, path_of[job])
         # Every watch has started and the holder keeps each first poll as a countdown in memory.
         wait_until(
-            lambda: cluster.active_watch_count() == HAND_BACK_JOBS
-            and cluster.unacked_count() == HAND_BACK_JOBS
-            and cluster.queue_length() == 0,
-            30, "the holder has reserved every first poll",
+            lambda: (
+                cluster.active_watch_count() == HAND_BACK_JOBS
+                and cluster.unacked_count() == HAND_BACK_JOBS
+                and cluster.queue_length() == 0
+            ),
+            30,
+            "the holder has reserved every first poll",
         )
         taker = cluster.start_worker("taker", concurrency=2, env_overrides=HAND_BACK_SETTINGS)
         assert cluster.unacked_count() == HAND_BACK_JOBS, "the holder must still hold every countdown"
@@ -198,8 +204,12 @@ def test_sigterm_hands_reserved_countdowns_back_to_another_worker(
         result = check_completed_deliveries(cluster, jobs, path_of)
         recover_s = result.last_arrival() - signalled_at
         record_row(
-            f"{label}: countdowns handed back", jobs=len(jobs), events_expected=len(jobs),
-            delivered=result.delivered, duplicates=result.duplicates, lost=len(jobs) - result.delivered,
+            f"{label}: countdowns handed back",
+            jobs=len(jobs),
+            events_expected=len(jobs),
+            delivered=result.delivered,
+            duplicates=result.duplicates,
+            lost=len(jobs) - result.delivered,
             recover_s=recover_s,
         )
 
@@ -216,5 +226,8 @@ def test_sigterm_hands_reserved_countdowns_back_to_another_worker(
         waited = soft_shutdown_s if remap == "SIGQUIT" else 0.0
         first_poll_s = float(HAND_BACK_SETTINGS["POLL_INITIAL_DELAY_S"])
         assert recover_s <= waited + first_poll_s + SLACK_S
-        assert recover_s < min(float(HAND_BACK_SETTINGS["BROKER_VISIBILITY_TIMEOUT_S"]),
-                               float(HAND_BACK_SETTINGS["REARM_GRACE_S"])) / 5
+        assert (
+            recover_s
+            < min(float(HAND_BACK_SETTINGS["BROKER_VISIBILITY_TIMEOUT_S"]), float(HAND_BACK_SETTINGS["REARM_GRACE_S"]))
+            / 5
+        )

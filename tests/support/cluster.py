@@ -35,14 +35,14 @@ from typing import Any
 
 import redis
 
-from config.celery import WATCH_TASK
-from config.settings import Settings, load_settings
-from worker.enqueue import enqueue_watch
-from worker.localredis import LocalRedis
-from worker.outbox import Outbox
-from worker.receiver import Receiver
-from worker.simulator import Simulator
-from worker.watches import Watch, WatchStore
+from worker.intake.enqueue import enqueue_watch
+from worker.local.receiver import Receiver
+from worker.local.redisserver import LocalRedis
+from worker.local.simulator import Simulator
+from worker.runtime.celeryconfig import WATCH_TASK
+from worker.settings import Settings, load_settings
+from worker.state.outbox import Outbox
+from worker.state.watches import Watch, WatchStore
 
 DEFAULT_QUEUE = "check365"
 
@@ -96,7 +96,7 @@ def new_api_key() -> str:
 def cli_command() -> list[str]:
     """The installed ``check365-worker`` console script of this interpreter's environment."""
     script = Path(sys.executable).with_name("check365-worker")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "worker.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "worker.ops.cli"]
 
 
 def _read(path: Path) -> str:

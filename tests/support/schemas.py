@@ -7,7 +7,7 @@ from typing import Any
 
 import jsonschema
 
-from worker.payloads import validate_event
+from worker.delivery.payloads import validate_event
 
 
 def _body_and_name(item: Any) -> tuple[bytes, str]:

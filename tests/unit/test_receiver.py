@@ -17,7 +17,7 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from worker.receiver import Received, Receiver
+from worker.local.receiver import Received, Receiver
 
 TLS = ssl.create_default_context()  # shared: loading CA certificates dominates a new client's cost
 

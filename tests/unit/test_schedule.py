@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.schedule import (
+from worker.polling.schedule import (
     HISTORY_LIMIT,
     RETRY_AFTER_CAP_S,
     Observation,

@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
-from config.settings import load_settings
 from worker.errors import SettingsError
+from worker.settings import load_settings
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 24).decode()
 BASE = {"CHECK365_API_KEY": "key-123", "WEBHOOK_SECRET": SECRET}
@@ -29,9 +29,16 @@ def test_defaults_are_the_contracts() -> None:
 
 def test_fractional_durations_and_rotation_secrets() -> None:
     other = "whsec_" + base64.b64encode(b"o" * 32).decode()
-    s = load_settings({**BASE, "POLL_INITIAL_DELAY_S": "0.2", "POLL_MAX_DELAY_S": "1.5",
-                       "WEBHOOK_RETRY_DELAYS_S": "0.1, 0.5,2", "WEBHOOK_SECRET": f"{SECRET} {other}",
-                       "WEBHOOK_ALLOW_HTTP": "TRUE"})
+    s = load_settings(
+        {
+            **BASE,
+            "POLL_INITIAL_DELAY_S": "0.2",
+            "POLL_MAX_DELAY_S": "1.5",
+            "WEBHOOK_RETRY_DELAYS_S": "0.1, 0.5,2",
+            "WEBHOOK_SECRET": f"{SECRET} {other}",
+            "WEBHOOK_ALLOW_HTTP": "TRUE",
+        }
+    )
     assert s.poll_initial_delay_s == 0.2
     assert s.poll_max_delay_s == 1.5
     assert s.webhook_retry_delays_s == (0.1, 0.5, 2.0)

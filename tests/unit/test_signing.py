@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from worker.delivery.signing import decode_secret, new_webhook_id, sign, verify, webhook_headers
 from worker.errors import InvalidSignature, PermanentError
-from worker.signing import decode_secret, new_webhook_id, sign, verify, webhook_headers
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(100, 132))

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.simulator import (
+from worker.local.simulator import (
     BEHAVIOURS,
     STATUS_PATH,
     FaultPlan,
@@ -545,5 +545,5 @@ def test_the_url_needs_a_started_simulator() -> None:
 
 
 def test_the_simulator_imports_without_celery() -> None:
-    code = "import sys, worker.simulator; sys.exit('celery' in sys.modules)"
+    code = "import sys, worker.local.simulator; sys.exit('celery' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0

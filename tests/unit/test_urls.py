@@ -18,8 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.errors import DeliveryFailed, InvalidWatchRequest, PermanentError, RetryableError, UnsafeCallbackURL
-from worker.urls import (
+from worker.delivery.urls import (
     MAX_URL_LENGTH,
     PinnedTarget,
     Resolver,
@@ -29,6 +28,7 @@ from worker.urls import (
     system_resolver,
     validate_callback_url,
 )
+from worker.errors import DeliveryFailed, InvalidWatchRequest, PermanentError, RetryableError, UnsafeCallbackURL
 
 HOOK = "https://hooks.example.com/check365"
 

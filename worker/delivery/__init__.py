@@ -1,0 +1,1 @@
+"""Telling the receiver: webhook events, signing, callback URL rules, the delivery step."""

@@ -1,0 +1,143 @@
+"""Building webhook events from a watch's outcome.
+
+The body bytes built here are stored as they are and signed and sent unchanged on
+every attempt, so a receiver always verifies exactly what was signed.
+
+A completed job is split into parts built one at a time (``iter_completed_events``):
+a caller that stores each part before asking for the next holds one part's results
+and body, however big the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
+
+import orjson
+
+from worker.delivery.signing import new_webhook_id
+
+COMPLETED = "bulk_validation.completed"
+FAILED = "bulk_validation.failed"
+TIMED_OUT = "bulk_validation.timed_out"
+
+
+@dataclass(frozen=True)
+class EventHead:
+    """An event without its body: what the outbox records next to the stored body."""
+
+    webhook_id: str
+    type: str
+    part_index: int = 1
+    part_count: int = 1
+
+
+@dataclass(frozen=True)
+class Event:
+    webhook_id: str
+    type: str
+    body: bytes
+    part_index: int = 1
+    part_count: int = 1
+
+    @property
+    def head(self) -> EventHead:
+        return EventHead(self.webhook_id, self.type, self.part_index, self.part_count)
+
+
+def iso_timestamp(now: float) -> str:
+    return datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@runtime_checkable
+class JsonSlices(Protocol):
+    """Results kept as JSON text (a big answer's): counted, and read back in slices."""
+
+    def __len__(self) -> int: ...
+
+    def json_slices(self, size: int) -> Iterator[bytes]:
+        """JSON arrays of ``size`` results each, in order (the last may be shorter)."""
+        ...
+
+
+def _body(event_type: str, now: float, data: dict[str, Any]) -> bytes:
+    return orjson.dumps({"type": event_type, "timestamp": iso_timestamp(now), "data": data})
+
+
+def completed_events(
+    watch_id: str,
+    job_id: str,
+    data: dict[str, Any],
+    metadata: dict[str, Any] | None,
+    *,
+    per_part: int,
+    now: float,
+) -> list[Event]:
+    """One event per slice of ``results``; every other field of ``data`` is kept unchanged."""
+    return list(iter_completed_events(watch_id, job_id, data, metadata, per_part=per_part, now=now))
+
+
+def iter_completed_events(
+    watch_id: str,
+    job_id: str,
+    data: dict[str, Any],
+    metadata: dict[str, Any] | None,
+    *,
+    per_part: int,
+    now: float,
+) -> Iterator[Event]:
+    """The events of ``completed_events``, each built only when asked for.
+
+    ``data["results"]`` is a list, or the ``JsonSlices`` of a big answer, whose
+    results go into the bodies as the JSON text Check365 sent.
+    """
+    results: Sequence[Any] | JsonSlices = data.get("results") or []
+    count = max(1, -(-len(results) // per_part))
+    slices: Iterator[Any]
+    if isinstance(results, JsonSlices):
+        # JSON text checked when the answer was read: written into the bodies as it is.
+        slices = (orjson.Fragment(raw) for raw in results.json_slices(per_part))
+    else:
+        slices = (results[start : start + per_part] for start in range(0, count * per_part, per_part))
+    for index, results_slice in enumerate(slices, start=1):
+        part_data = dict(data)
+        # Receivers key on jobId: supply it should Check365 ever leave it out.
+        part_data.setdefault("jobId", job_id)
+        part_data["results"] = results_slice
+        part_data["part"] = {"index": index, "count": count}
+        part_data["metadata"] = metadata
+        yield Event(
+            webhook_id=new_webhook_id(watch_id, COMPLETED, str(index)),
+            type=COMPLETED,
+            body=_body(COMPLETED, now, part_data),
+            part_index=index,
+            part_count=count,
+        )
+
+
+def failed_event(
+    watch_id: str, job_id: str, reason: str, message: str, metadata: dict[str, Any] | None, *, now: float
+) -> Event:
+    data = {"jobId": job_id, "reason": reason, "message": message, "metadata": metadata}
+    return Event(webhook_id=new_webhook_id(watch_id, FAILED), type=FAILED, body=_body(FAILED, now, data))
+
+
+def timed_out_event(
+    watch_id: str,
+    job_id: str,
+    status: str | None,
+    progress: float | None,
+    metadata: dict[str, Any] | None,
+    *,
+    now: float,
+) -> Event:
+    data = {
+        "jobId": job_id,
+        "reason": "timed_out",
+        "status": status,
+        "progress": progress,
+        "metadata": metadata,
+    }
+    return Event(webhook_id=new_webhook_id(watch_id, TIMED_OUT), type=TIMED_OUT, body=_body(TIMED_OUT, now, data))

@@ -1,0 +1,1 @@
+"""Where a watch enters: validation of producers' messages at the Celery boundary."""

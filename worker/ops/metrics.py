@@ -1,0 +1,386 @@
+"""Prometheus metrics of a worker: counters and histograms from every pool process,
+and pool-wide gauges read from Redis.
+
+Celery's prefork pool runs tasks in child processes, each with its own memory, so the
+counters use prometheus_client's multiprocess mode: every process writes its values
+to files in one directory, and the HTTP server in the worker's main process adds them
+up when scraped. Counts of dead children stay in the sum, as counters must.
+
+prometheus_client chooses between in-memory values and files once, when its
+``values`` module is first imported, by looking for PROMETHEUS_MULTIPROC_DIR. So this
+module imports prometheus_client only inside functions: the worker's main process
+creates a fresh directory and sets the variable in ``worker_init``, which runs before
+the pool forks and before any metric object exists; the metric objects are created on
+first use, in the process that uses them, and children inherit the variable.
+
+With METRICS_PORT=0 nothing is set up: the metrics live in prometheus_client's
+default in-process registry, which costs a few attribute look-ups per call and which
+nobody reads. A metric must never break the step that records it, so every recording
+function swallows (and logs once) any error, for example a full disk under the
+multiprocess directory.
+
+The gauges (active watches, pending deliveries, dead letters) describe the whole
+deployment, not one worker: they are read from Redis at scrape time, so every worker
+reports the same values and a dashboard should use ``max`` rather than ``sum`` for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, ParamSpec
+
+import redis
+import structlog
+
+from worker.settings import Settings
+from worker.state.outbox import DEAD_KEY, Outbox
+from worker.state.watches import WatchStore
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.registry import Collector
+
+log = structlog.get_logger("check365.metrics")
+
+P = ParamSpec("P")
+
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+# In containers the endpoint must be reachable from the scraper, outside the container.
+DEFAULT_ADDR: Final = "0.0.0.0"  # noqa: S104 - deliberate, see the line above
+
+WATCH_OUTCOMES: Final = ("completed", "failed", "timed_out")
+POLL_OUTCOMES: Final = ("running", "completed", "incomplete", "failed", "rejected", "transient", "throttled")
+DELIVERY_OUTCOMES: Final = ("delivered", "failed", "dead_lettered")
+DEAD_LETTER_REASONS: Final = ("gone", "retries_exhausted", "unsafe_callback")
+
+# Check365 answers in well under a second when healthy; the read timeout defaults to 30 s.
+REQUEST_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Gaps between polls grow to POLL_MAX_DELAY_S (300 s by default) for slow jobs.
+DETECTION_LAG_BUCKETS: Final = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# A webhook attempt times out after WEBHOOK_TIMEOUT_S (15 s by default).
+DELIVERY_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0)
+# A scrape must answer even when Redis does not: Prometheus' default scrape timeout is 10 s.
+REDIS_TIMEOUT_S: Final = 2.0
+
+
+@dataclass(frozen=True)
+class _Metrics:
+    watches_started: Counter
+    watch_outcomes: Counter
+    polls: Counter
+    request_seconds: Histogram
+    detection_lag: Histogram
+    deliveries: Counter
+    delivery_seconds: Histogram
+    dead_letters: Counter
+
+
+_lock = threading.Lock()
+_metrics: _Metrics | None = None
+_failure_logged = False
+
+
+def _create() -> _Metrics:
+    from prometheus_client import Counter, Histogram
+
+    metrics = _Metrics(
+        watches_started=Counter("check365_watches_started", "Watches created (duplicate enqueues excluded)."),
+        watch_outcomes=Counter("check365_watch_outcomes", "Watches finished, by outcome.", ["outcome"]),
+        polls=Counter(
+            "check365_polls",
+            "Poll steps, by outcome: what Check365 answered (running, completed, incomplete, failed), "
+            "rejected (refused for good), transient (5xx, 429, timeout, garbage) or throttled "
+            "(deferred by the pool-wide rate limit, no request sent).",
+            ["outcome"],
+        ),
+        request_seconds=Histogram(
+            "check365_request_seconds", "Latency of bulk-status requests to Check365.", buckets=REQUEST_BUCKETS
+        ),
+        detection_lag=Histogram(
+            "check365_detection_lag_seconds",
+            "At the poll that saw a job completed, seconds since the previous poll: an upper bound "
+            "of how late the completion was noticed.",
+            buckets=DETECTION_LAG_BUCKETS,
+        ),
+        deliveries=Counter(
+            "check365_deliveries",
+            "Webhook attempts, by outcome: delivered (2xx), failed (will be retried) or dead_lettered.",
+            ["outcome"],
+        ),
+        delivery_seconds=Histogram(
+            "check365_delivery_seconds", "Latency of webhook attempts.", buckets=DELIVERY_BUCKETS
+        ),
+        dead_letters=Counter("check365_dead_letters", "Events dead-lettered, by reason.", ["reason"]),
+    )
+    # Every known label value starts at zero, so that rate() and alerts see a series
+    # from the first scrape instead of a gap until the first such event.
+    for outcome in WATCH_OUTCOMES:
+        metrics.watch_outcomes.labels(outcome)
+    for outcome in POLL_OUTCOMES:
+        metrics.polls.labels(outcome)
+    for outcome in DELIVERY_OUTCOMES:
+        metrics.deliveries.labels(outcome)
+    for reason in DEAD_LETTER_REASONS:
+        metrics.dead_letters.labels(reason)
+    return metrics
+
+
+def _get() -> _Metrics:
+    global _metrics  # noqa: PLW0603 - one set of metric objects per process is the point
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = _create()
+    return _metrics
+
+
+def _safely(func: Callable[P, None]) -> Callable[P, None]:
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        global _failure_logged  # noqa: PLW0603 - one log line per process, not one per call
+        try:
+            func(*args, **kwargs)
+        except Exception as exc:  # a metric must never fail the poll or delivery it describes
+            if not _failure_logged:
+                _failure_logged = True
+                log.warning("metrics_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------- recording
+
+
+@_safely
+def watch_started() -> None:
+    _get().watches_started.inc()
+
+
+@_safely
+def watch_finished(outcome: str) -> None:
+    _get().watch_outcomes.labels(outcome).inc()
+
+
+@_safely
+def poll(outcome: str) -> None:
+    _get().polls.labels(outcome).inc()
+
+
+@_safely
+def detection_lag(seconds: float) -> None:
+    _get().detection_lag.observe(max(0.0, seconds))
+
+
+@_safely
+def _observe_request(seconds: float) -> None:
+    _get().request_seconds.observe(seconds)
+
+
+@contextlib.contextmanager
+def check365_request() -> Iterator[None]:
+    """Time one bulk-status request, whether it answers or raises."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        _observe_request(time.monotonic() - started)
+
+
+@_safely
+def delivery(outcome: str) -> None:
+    _get().deliveries.labels(outcome).inc()
+
+
+@_safely
+def delivery_attempt(seconds: float, *, sent: bool = True) -> None:
+    # An attempt refused before sending (unsafe URL) took no time worth measuring.
+    if sent:
+        _get().delivery_seconds.observe(seconds)
+
+
+@_safely
+def dead_lettered(reason: str) -> None:
+    metrics = _get()
+    metrics.deliveries.labels("dead_lettered").inc()
+    metrics.dead_letters.labels(reason).inc()
+
+
+# --------------------------------------------------------------------------- exposition
+
+
+def _pool_collector(redis_url: str) -> Collector:
+    # Defined here, not at module level, because subclassing Collector imports
+    # prometheus_client, which must wait until the multiprocess directory is set.
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    class PoolCollector(Collector):
+        """Pool-wide gauges, read from Redis at every scrape."""
+
+        def __init__(self) -> None:
+            self._redis = redis.Redis.from_url(
+                redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+            )
+            # The stores name their own keys; asking them keeps the gauges on the right ones.
+            self._keys = (
+                WatchStore(self._redis, state_ttl_s=1).items.due_key,
+                Outbox(self._redis, state_ttl_s=1).items.due_key,
+                DEAD_KEY,
+            )
+
+        def collect(self) -> Iterable[GaugeMetricFamily]:
+            up = GaugeMetricFamily("check365_redis_up", "1 when Redis answered this scrape's gauge reads.")
+            try:
+                with self._redis.pipeline(transaction=False) as pipe:
+                    for key in self._keys:
+                        pipe.zcard(key)
+                    watches, events, dead = pipe.execute()
+            except redis.RedisError:
+                # No value is better than a wrong one: the gauges are left out of this scrape.
+                up.add_metric([], 0)
+                yield up
+                return
+            up.add_metric([], 1)
+            yield up
+            yield GaugeMetricFamily(
+                "check365_watches_active", "Watches not yet finished, in the whole deployment.", value=watches
+            )
+            yield GaugeMetricFamily(
+                "check365_deliveries_pending",
+                "Webhook events not yet delivered nor dead-lettered, in the whole deployment.",
+                value=events,
+            )
+            yield GaugeMetricFamily(
+                "check365_dead_letters_stored",
+                "Dead-lettered events waiting for a replay, in the whole deployment.",
+                value=dead,
+            )
+
+    return PoolCollector()
+
+
+def make_registry(redis_url: str) -> CollectorRegistry:
+    """What the endpoint serves: every process's counters, plus the Redis gauges."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+    registry.register(_pool_collector(redis_url))
+    return registry
+
+
+def _enable_multiprocess(directory: str) -> None:
+    os.environ[MULTIPROC_ENV] = directory
+    values: Any = sys.modules.get("prometheus_client.values")
+    # Something imported prometheus_client before the worker started, so it chose
+    # in-memory values: choose again, before any metric of ours is created.
+    if values is not None and not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.get_value_class()
+
+
+@dataclass
+class MetricsServer:
+    server: WSGIServer
+    thread: threading.Thread
+    directory: str
+    addr: str
+    port: int
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_server(settings: Settings, addr: str = DEFAULT_ADDR) -> MetricsServer:
+    """Switch this process (and the children it forks later) to multiprocess mode and serve /metrics.
+
+    Call it in the worker's main process before the pool forks.
+    """
+    from prometheus_client import start_http_server
+
+    # A fresh directory per worker: after a restart, PIDs repeat (always, in
+    # containers) and stale files of a previous run would be added to the counts.
+    directory = tempfile.mkdtemp(prefix="check365-metrics-")
+    _enable_multiprocess(directory)
+    try:
+        server, thread = start_http_server(settings.metrics_port, addr=addr, registry=make_registry(settings.redis_url))
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    # Created now, in the main process, so that every series is served from the first
+    # scrape (at zero); pool children inherit the objects and write their own files.
+    _get()
+    return MetricsServer(server, thread, directory, addr, settings.metrics_port)
+
+
+# --------------------------------------------------------------------------- Celery signals
+
+_server: MetricsServer | None = None
+_settings: Settings | None = None
+
+
+def _on_worker_init(**_: Any) -> None:
+    global _server  # noqa: PLW0603 - the one endpoint of this worker process
+    if _settings is None or _settings.metrics_port == 0 or _server is not None:
+        return
+    try:
+        _server = start_server(_settings, addr=_settings.metrics_addr)
+    except OSError as exc:
+        # Like a bad setting: stop at start-up with one line naming the variable.
+        # SystemExit passes through Celery's signal dispatch, which logs and
+        # swallows ordinary exceptions.
+        print(
+            f"check365-worker: configuration error: METRICS_PORT {_settings.metrics_port} cannot be served ({exc})",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+
+
+def _on_worker_ready(**_: Any) -> None:
+    # Logged here rather than at start: logging is configured after worker_init.
+    if _server is not None:
+        log.info("metrics_started", port=_server.port, addr=_server.addr, directory=_server.directory)
+
+
+def _on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
+    # Runs in the exiting pool child, which inherited the main process's server object.
+    if _server is None:
+        return
+    from prometheus_client import multiprocess
+
+    # Only "live" gauges are removed; counters of the dead child stay in the sums.
+    with contextlib.suppress(OSError):
+        multiprocess.mark_process_dead(pid or os.getpid(), path=_server.directory)  # type: ignore[no-untyped-call]
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    global _server  # noqa: PLW0603 - see _on_worker_init
+    if _server is not None:
+        _server.stop()
+        _server = None
+
+
+def connect_worker_signals(settings: Settings) -> None:
+    """Serve metrics from every ``celery worker`` whose METRICS_PORT is set (beat is not a worker)."""
+    global _settings  # noqa: PLW0603 - read by the signal receivers
+    _settings = settings
+    from celery import signals
+
+    signals.worker_init.connect(_on_worker_init)
+    signals.worker_ready.connect(_on_worker_ready)
+    signals.worker_process_shutdown.connect(_on_worker_process_shutdown)
+    signals.worker_shutdown.connect(_on_worker_shutdown)

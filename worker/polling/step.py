@@ -1,0 +1,339 @@
+"""Watching a job: one poll at a time, as a plain function of a context.
+
+``start_watch`` and ``poll_once`` return what should happen next; the task module
+turns that into a countdown or into delivery messages. Nothing here knows Celery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import structlog
+
+from worker.delivery.events import Event, EventHead, failed_event, iter_completed_events, timed_out_event
+from worker.errors import Check365Rejected, Check365Throttled, RetryableError
+from worker.intake.enqueue import WatchRequest
+from worker.ops import metrics
+from worker.polling import check365
+from worker.polling.schedule import (
+    SHORT_RESULTS_WAIT_S,
+    Observation,
+    incomplete_results_delay,
+    next_poll_delay,
+    observations_to_json,
+    remember,
+    transient_delay,
+)
+from worker.runtime.context import Context
+from worker.runtime.leases import watch_lease_s
+from worker.state.outbox import StoredEvent
+from worker.state.store import fmt
+from worker.state.watches import Watch
+
+log = structlog.get_logger("check365.polling")
+
+
+@dataclass(frozen=True)
+class Reschedule:
+    """Send the next poll message with ``token`` after ``delay`` seconds."""
+
+    watch_id: str
+    token: str
+    delay: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The watch has its outcome; deliver these (webhook_id, token) pairs.
+
+    ``leased`` is a single event created claimed by this step, for it to deliver
+    itself (``deliveries`` then holds its id and the holder token).
+    """
+
+    outcome: str
+    deliveries: list[tuple[str, str]]
+    leased: tuple[StoredEvent, bytes] | None = None
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """Nothing to do: a duplicate enqueue, or a message that lost its claim."""
+
+    reason: str
+    watch_id: str | None = None
+
+
+StepResult = Reschedule | Finished | Dropped
+
+
+def new_watch_id(message_id: str | None = None) -> str:
+    """The id of the watch a start message creates: the same for every delivery of that message."""
+    if message_id:
+        return "w_" + hashlib.sha256(message_id.encode()).hexdigest()[:20]
+    return "w_" + secrets.token_hex(10)
+
+
+def start_watch(ctx: Context, request: WatchRequest, queue: str = "", message_id: str | None = None) -> StepResult:
+    """Create the watch; with no initial delay, also make its first poll.
+
+    ``message_id`` (the start message's task id) makes a redelivered start message a
+    duplicate even after its watch has ended: a worker that died after finishing the
+    watch, but before acknowledging the message, must not have it start a second one.
+    """
+    now = ctx.clock()
+    delay = ctx.settings.poll_initial_delay_s
+    # POLL_INITIAL_DELAY_S=0: the watch is created claimed by this step, which polls it
+    # at once. A message with no countdown would only come straight back from the
+    # broker, at the cost of a publish, a reservation, an ack and a claim.
+    poll_now = delay <= 0
+    created = ctx.watches.create(
+        watch_id=new_watch_id(message_id),
+        job_id=request.job_id,
+        callback_url=request.callback_url,
+        metadata=request.metadata,
+        now=now,
+        first_poll_at=now + delay,
+        deadline=now + ctx.settings.watch_timeout_s,
+        queue=queue or ctx.settings.queue,
+        lease_until=now + watch_lease_s(ctx.settings) if poll_now else None,
+    )
+    if created.token is None or created.watch is None:
+        log.info("watch_duplicate", watch_id=created.watch_id)
+        return Dropped("duplicate", created.watch_id)
+    log.info("watch_enqueued", watch_id=created.watch_id, first_poll_in_s=round(delay, 3))
+    metrics.watch_started()
+    if poll_now:
+        return _poll_claimed(ctx, created.watch, created.token)
+    return Reschedule(created.watch_id, created.token, delay)
+
+
+def _finish(ctx: Context, watch: Watch, holder: str, outcome: str, events: Sequence[Event | EventHead]) -> StepResult:
+    now = ctx.clock()
+    # A single event (every outcome but a completed job of several parts) is created
+    # claimed by this step, which delivers it: its first attempt would otherwise cost a
+    # message, a task run and a claim. Several parts go out as messages instead, so
+    # that free slots on any worker send them in parallel.
+    single = events[0] if len(events) == 1 and isinstance(events[0], Event) else None
+    finishing = ctx.watches.finish(
+        watch,
+        holder,
+        outcome,
+        events,
+        outbox=ctx.outbox,
+        now=now,
+        # The rest of this task may still deliver it: hold it as long as the task may run.
+        lease_until=now + watch_lease_s(ctx.settings) if single is not None else None,
+    )
+    if finishing is None:
+        return Dropped("lost_claim", watch.watch_id)
+    metrics.watch_finished(outcome)
+    log.info(
+        f"watch_{outcome}",
+        watch_id=watch.watch_id,
+        polls=watch.polls,
+        events=len(events),
+        duration_s=round(now - watch.started_at, 3),
+    )
+    if single is not None and finishing.leased:
+        return Finished(outcome, finishing.tokens, (finishing.leased[0], single.body))
+    return Finished(outcome, finishing.tokens)
+
+
+def _progress_out(progress: float | None) -> float | int | None:
+    if progress is not None and progress == int(progress):
+        return int(progress)
+    return progress
+
+
+def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
+    """Run the poll the message carrying ``token`` asks for, if that message still holds the watch."""
+    claimed = ctx.watches.claim(watch_id, token, ctx.clock() + watch_lease_s(ctx.settings))
+    if claimed is None:
+        return Dropped("stale_token", watch_id)
+    watch, holder = claimed
+    return _poll_claimed(ctx, watch, holder)
+
+
+def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
+    settings = ctx.settings
+    now = ctx.clock()
+    watch_id = watch.watch_id
+    # Every line of this step names the job and which poll it is.
+    structlog.contextvars.bind_contextvars(job_id=watch.job_id, watch_id=watch_id, attempt=watch.polls + 1)
+
+    if now >= watch.deadline:
+        event = timed_out_event(
+            watch_id,
+            watch.job_id,
+            watch.last_status,
+            _progress_out(watch.last_progress),
+            watch.metadata,
+            now=now,
+        )
+        return _finish(ctx, watch, holder, "timed_out", [event])
+
+    wait = ctx.limiter.acquire()
+    if wait > 0:
+        delay = min(wait, settings.poll_max_delay_s, max(watch.deadline - now, 0.001))
+        log.debug("poll_throttled", watch_id=watch_id, wait_s=round(wait, 3))
+        metrics.poll("throttled")
+        return _reschedule(ctx, watch, holder, delay, {})
+
+    try:
+        with metrics.check365_request():
+            outcome = check365.fetch_status(ctx.check365, settings, watch.job_id)
+    except Check365Rejected as exc:
+        metrics.poll("rejected")
+        log.warning("poll_rejected", watch_id=watch_id, reason=exc.reason, error=str(exc))
+        event = failed_event(watch_id, watch.job_id, exc.reason, str(exc), watch.metadata, now=ctx.clock())
+        return _finish(ctx, watch, holder, "failed", [event])
+    except RetryableError as exc:
+        metrics.poll("transient")
+        if exc.retry_after:
+            ctx.limiter.block(exc.retry_after)
+        failures = watch.failures + 1
+        delay = transient_delay(
+            failures,
+            initial_delay=settings.poll_initial_delay_s,
+            max_delay=settings.poll_max_delay_s,
+            retry_after=exc.retry_after,
+            rng=ctx.rng,
+        )
+        delay = min(delay, settings.poll_max_delay_s, max(watch.deadline - ctx.clock(), 0.001))
+        log.warning(
+            "poll_failed",
+            watch_id=watch_id,
+            error=str(exc),
+            retry_after_s=exc.retry_after,
+            throttled=isinstance(exc, Check365Throttled),
+            failures=failures,
+            next_poll_in_s=round(delay, 3),
+        )
+        return _reschedule(ctx, watch, holder, delay, {"failures": str(failures), "polls": str(watch.polls + 1)})
+
+    now = ctx.clock()
+    polls = watch.polls + 1
+    short_since = watch.short_since if watch.short_since is not None else now
+    outcome = _short_answer_accepted(watch, outcome, now - short_since)
+    if isinstance(outcome, check365.Completed):
+        # The watch_completed line that follows says the same at INFO.
+        log.debug("poll_done", watch_id=watch_id, status="completed", progress=100, polls=polls)
+        metrics.poll("completed")
+        metrics.detection_lag(now - (watch.history[-1].at if watch.history else watch.started_at))
+        heads = _stage_completed(ctx, watch, holder, outcome, now)
+        return _finish(ctx, _with_polls(watch, polls), holder, "completed", heads)
+    if isinstance(outcome, check365.Failed):
+        log.debug("poll_done", watch_id=watch_id, status=outcome.status, polls=polls)
+        metrics.poll("failed")
+        message = outcome.message or f"Check365 reports the job as {outcome.status}"
+        event = failed_event(watch_id, watch.job_id, "job_failed", message, watch.metadata, now=now)
+        return _finish(ctx, _with_polls(watch, polls), holder, "failed", [event])
+
+    metrics.poll("incomplete" if isinstance(outcome, check365.Incomplete) else "running")
+    history = remember(watch.history, Observation(at=now, progress=outcome.progress))
+    if isinstance(outcome, check365.Incomplete):
+        delay = incomplete_results_delay(settings.poll_initial_delay_s, now - short_since)
+    else:
+        delay = next_poll_delay(
+            history,
+            now=now,
+            started_at=watch.started_at,
+            deadline=watch.deadline,
+            initial_delay=settings.poll_initial_delay_s,
+            max_delay=settings.poll_max_delay_s,
+        )
+    delay = min(delay, settings.poll_max_delay_s, max(watch.deadline - now, 0.001))
+    log.info(
+        "poll_done",
+        watch_id=watch_id,
+        status=outcome.status,
+        progress=outcome.progress,
+        polls=polls,
+        incomplete_results=isinstance(outcome, check365.Incomplete),
+        next_poll_in_s=round(delay, 3),
+    )
+    fields = {
+        "polls": str(polls),
+        "failures": "0",
+        "last_status": outcome.status[:100],
+        "last_progress": "" if outcome.progress is None else repr(float(outcome.progress)),
+        "history": _json(observations_to_json(history)),
+        "last_poll_at": fmt(now),
+        # When the job was first seen completed with results missing ('' while it runs).
+        "short_since": fmt(short_since) if isinstance(outcome, check365.Incomplete) else "",
+    }
+    return _reschedule(ctx, watch, holder, delay, fields)
+
+
+def _short_answer_accepted(watch: Watch, outcome: check365.PollOutcome, waited_s: float) -> check365.PollOutcome:
+    """A job still short of results once ``SHORT_RESULTS_WAIT_S`` is over is delivered as it is."""
+    if not isinstance(outcome, check365.Incomplete) or outcome.answer is None:
+        return outcome
+    if waited_s < SHORT_RESULTS_WAIT_S:
+        outcome.close()  # only its counts are used: the job is polled again
+        return outcome
+    # What Check365 has now is what it will send.
+    log.warning(
+        "poll_results_short",
+        watch_id=watch.watch_id,
+        total=outcome.total,
+        received=outcome.received,
+        waited_s=round(waited_s, 3),
+    )
+    return outcome.answer
+
+
+def _stage_completed(
+    ctx: Context, watch: Watch, holder: str, outcome: check365.Completed, now: float
+) -> list[Event | EventHead]:
+    """Build the parts one at a time and stage each body as soon as it is built.
+
+    Only one part's results and body are held at once, whatever the job's size. A
+    job of one part is handed back whole instead: the finish call can carry it.
+    Should this fail half-way, the bodies staged so far expire on their own.
+    """
+    heads: list[Event | EventHead] = []
+    try:
+        parts = iter_completed_events(
+            watch.watch_id,
+            watch.job_id,
+            outcome.data,
+            watch.metadata,
+            per_part=ctx.settings.webhook_max_results_per_part,
+            now=now,
+        )
+        first = next(parts)
+        second = next(parts, None)
+        if second is None:
+            return [first]
+
+        def bodies() -> Iterator[tuple[str, bytes]]:
+            for event in itertools.chain((first, second), parts):
+                heads.append(event.head)
+                yield event.webhook_id, event.body
+
+        ctx.outbox.stage_bodies(holder, bodies())
+    finally:
+        # A big answer's temporary file is not needed once its parts are stored.
+        outcome.close()
+    return heads
+
+
+def _with_polls(watch: Watch, polls: int) -> Watch:
+    return replace(watch, polls=polls)
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _reschedule(ctx: Context, watch: Watch, holder: str, delay: float, fields: dict[str, str]) -> StepResult:
+    due = ctx.clock() + delay
+    if not ctx.watches.advance(watch.watch_id, holder, due, fields):
+        return Dropped("lost_claim", watch.watch_id)
+    return Reschedule(watch.watch_id, holder, delay)

@@ -1,0 +1,61 @@
+"""Celery settings derived from ``Settings``.
+
+Each choice here answers a Redis-broker pitfall; see docs/design.md.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from worker.settings import Settings
+
+WATCH_TASK = "check365.watch_bulk_job"
+DELIVER_TASK = "check365.deliver_webhook"
+SWEEP_TASK = "check365.sweep"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    visibility = settings.broker_visibility_timeout_s
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        # Every process sharing the broker must use the same value: kombu restores
+        # any message unacked for longer, and the shortest setting wins.
+        "broker_transport_options": {
+            "visibility_timeout": visibility,
+            "polling_interval": 0.1,
+        },
+        # No result backend: outcomes live in the watch state, not in task results.
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # A poll is read-only and a delivery is idempotent per webhook-id, so a task
+        # interrupted by a crash may safely run again.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue,
+        "task_routes": {"check365.*": {"queue": settings.queue}},
+        "task_create_missing_queues": True,
+        # Hung connections must not pin a slot forever; the HTTP timeouts are far shorter.
+        "task_time_limit": max(settings.check365_timeout_s, settings.webhook_timeout_s) * 4 + 60,
+        # A message Celery cannot take apart is rejected and logged instead of stopping the
+        # worker (and, put back on the queue, every worker after it): see worker/runtime/tasks.py.
+        "worker_consumer": "worker.intake.boundary:CheckedConsumer",
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Warm shutdown hands reserved messages back at once; the soft timeout lets a
+        # running poll or delivery finish first.
+        "worker_soft_shutdown_timeout": 10.0,
+        "worker_enable_soft_shutdown_on_idle": True,
+        "beat_schedule": {
+            "check365-sweep": {
+                "task": SWEEP_TASK,
+                "schedule": timedelta(seconds=settings.sweep_interval_s),
+                "options": {"queue": settings.queue, "expires": settings.sweep_interval_s * 2},
+            }
+        },
+    }

@@ -1,0 +1,138 @@
+"""The collaborators a step needs, built once per worker process.
+
+Celery's prefork pool forks after the app is imported: connections made before the
+fork would be shared by every child. ``process_context`` builds them lazily in the
+process that uses them, and again after a fork.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import httpx
+import redis
+
+from worker.delivery.urls import Resolver, system_resolver
+from worker.polling.check365 import make_client
+from worker.polling.ratelimit import RateLimiter
+from worker.settings import Settings
+from worker.state.outbox import Outbox
+from worker.state.store import Clock
+from worker.state.watches import WatchStore
+
+
+@dataclass
+class Context:
+    settings: Settings
+    redis: redis.Redis
+    watches: WatchStore
+    outbox: Outbox
+    check365: httpx.Client
+    webhooks: WebhookClients
+    limiter: RateLimiter
+    clock: Clock
+    rng: random.Random
+    resolver: Resolver
+
+    def close(self) -> None:
+        self.check365.close()
+        self.webhooks.close()
+        self.redis.close()
+
+
+def make_webhook_client(settings: Settings, transport: httpx.BaseTransport | None = None) -> httpx.Client:
+    t = settings.webhook_timeout_s
+    return httpx.Client(
+        timeout=httpx.Timeout(t, connect=min(10.0, t)),
+        limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+        # A redirect is a failed attempt: following it would send signed results to
+        # an address nobody checked.
+        follow_redirects=False,
+        # A proxy from the environment would resolve the host itself and undo the
+        # address pinning that defeats DNS rebinding.
+        trust_env=False,
+        transport=transport,
+    )
+
+
+class WebhookClients:
+    """One webhook client per TLS server name.
+
+    Requests go to the checked IP address, and httpx pools connections by address:
+    a connection whose certificate was verified for one name must never carry a
+    request for another name served from the same address.
+    """
+
+    MAX_CLIENTS = 64
+
+    def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
+        self._settings = settings
+        self._transport = transport
+        self._clients: OrderedDict[str | None, httpx.Client] = OrderedDict()
+
+    def for_server_name(self, server_name: str | None) -> httpx.Client:
+        client = self._clients.get(server_name)
+        if client is None:
+            client = make_webhook_client(self._settings, self._transport)
+            self._clients[server_name] = client
+            if len(self._clients) > self.MAX_CLIENTS:
+                _, oldest = self._clients.popitem(last=False)
+                oldest.close()
+        else:
+            self._clients.move_to_end(server_name)
+        return client
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        retry_on_timeout=True,
+    )
+
+
+def build_context(
+    settings: Settings,
+    *,
+    check365_transport: httpx.BaseTransport | None = None,
+    webhook_transport: httpx.BaseTransport | None = None,
+    clock: Clock = time.time,
+    resolver: Resolver = system_resolver,
+    rng: random.Random | None = None,
+) -> Context:
+    client = redis_client(settings)
+    return Context(
+        settings=settings,
+        redis=client,
+        watches=WatchStore(client, state_ttl_s=settings.state_ttl_s),
+        outbox=Outbox(client, state_ttl_s=settings.state_ttl_s),
+        check365=make_client(settings, transport=check365_transport),
+        webhooks=WebhookClients(settings, transport=webhook_transport),
+        limiter=RateLimiter(client, settings.check365_max_rps),
+        clock=clock,
+        rng=rng or random.Random(),
+        resolver=resolver,
+    )
+
+
+_context: Context | None = None
+_context_pid: int | None = None
+
+
+def process_context(settings: Settings) -> Context:
+    global _context, _context_pid  # noqa: PLW0603 - one context per process is the point
+    if _context is None or _context_pid != os.getpid():
+        _context = build_context(settings)
+        _context_pid = os.getpid()
+    return _context

@@ -1,0 +1,171 @@
+"""One structlog pipeline for our logs, Celery's and httpx's.
+
+Every record, whether it comes from ``structlog.get_logger()`` or from a stdlib
+logger (Celery, kombu, httpx), goes through the same processors, so the secret
+redaction below applies to all of them: the Check365 API key travels in a query
+string and would otherwise show up in httpx's request lines.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable, Iterable, MutableMapping
+from typing import Any, TextIO
+
+import orjson
+import structlog
+
+from worker.settings import Settings
+
+REDACTED = "***"
+# The loggers of Celery's per-task "received" and "succeeded" lines.
+CELERY_PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+# Any api_key query parameter, whoever logs it and whatever its value.
+_API_KEY_PARAM = re.compile(r"(api_key=)[^&\s\"']+", re.IGNORECASE)
+# Whatever the key, a webhook secret literal never belongs in a log line.
+_WHSEC = re.compile(r"whsec_[A-Za-z0-9+/=]+")
+
+
+class Redactor:
+    """A structlog processor that scrubs secrets from every string in the event.
+
+    ``scrub`` also serves text that leaves the worker by other ways, such as the
+    messages Check365 sends back, with the ``marker`` that suits it.
+    """
+
+    def __init__(self, secrets: Iterable[str], marker: str = REDACTED) -> None:
+        # Longest first, so that a secret containing another is replaced whole.
+        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._marker = marker
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, self._marker)
+        # Most strings hold neither pattern: a substring test is far cheaper than a regex pass.
+        if "=" in text:
+            text = _API_KEY_PARAM.sub(lambda m: m.group(1) + self._marker, text)
+        if "whsec_" in text:
+            text = _WHSEC.sub("whsec_" + self._marker, text)
+        return text
+
+    def _clean(self, value: Any, depth: int = 0) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if depth > 4:
+            return value
+        if isinstance(value, dict):
+            return {k: self._clean(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self._clean(v, depth + 1) for v in value)
+        if isinstance(value, BaseException):
+            return self.scrub(f"{type(value).__name__}: {value}")
+        return value
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in list(event_dict.items()):
+            event_dict[key] = self._clean(value)
+        return event_dict
+
+
+class _ScrubRenderedExceptions:
+    """Tracebacks are rendered to text by format_exc_info: scrub them after that."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        self._redactor = redactor
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        exc = event_dict.get("exception")
+        if isinstance(exc, str):
+            event_dict["exception"] = self._redactor.scrub(exc)
+        return event_dict
+
+
+def _scrubbed_traceback(redactor: Redactor) -> Callable[[TextIO, Any], None]:
+    """The console's traceback writer: it renders after the redactor ran, so it scrubs its own text."""
+
+    def write(out: TextIO, exc_info: Any) -> None:
+        text = io.StringIO()
+        structlog.dev.plain_traceback(text, exc_info)
+        out.write(redactor.scrub(text.getvalue()))
+
+    return write
+
+
+def _json_dumps(value: Any, **_: Any) -> str:
+    # orjson: several times faster than json.dumps on every line; str() for the odd object.
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except orjson.JSONEncodeError:
+        # A lone surrogate (from a hostile message) is not UTF-8; json escapes it instead.
+        return json.dumps(value, default=str)
+
+
+def _use_json(settings: Settings, stream: Any) -> bool:
+    if settings.log_format == "json":
+        return True
+    if settings.log_format == "console":
+        return False
+    return not (hasattr(stream, "isatty") and stream.isatty())
+
+
+def configure_logging(settings: Settings, *, stream: Any = None) -> None:
+    """Route structlog and the stdlib loggers through one redacting pipeline."""
+    stream = stream or sys.stderr
+    redactor = Redactor(settings.redacted_values)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
+        redactor,
+    ]
+    as_json = _use_json(settings, stream)
+    final: list[Any] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+    if as_json:
+        final += [
+            structlog.processors.format_exc_info,
+            _ScrubRenderedExceptions(redactor),
+            structlog.processors.JSONRenderer(serializer=_json_dumps),
+        ]
+    else:
+        final += [
+            structlog.dev.ConsoleRenderer(
+                colors=hasattr(stream, "isatty") and stream.isatty(),
+                exception_formatter=_scrubbed_traceback(redactor),
+            )
+        ]
+
+    formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    # httpx logs every request URL at INFO; the URL carries the API key. It is
+    # redacted anyway, but one line per poll is noise at INFO.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    for celery_logger in ("celery", "kombu"):
+        logging.getLogger(celery_logger).propagate = True
+    # Celery's "Task ... received" and "... succeeded in" lines come twice per task run,
+    # and every step already logs what it did, with the job and the task id. They stay
+    # at DEBUG; task failures (ERROR) are still logged.
+    per_task_level = logging.DEBUG if root.level <= logging.DEBUG else max(logging.WARNING, root.level)
+    for per_task in CELERY_PER_TASK_LOGGERS:
+        logging.getLogger(per_task).setLevel(per_task_level)
+
+    structlog.configure(
+        # Lines below the level are dropped before any processor runs.
+        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )

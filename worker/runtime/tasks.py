@@ -1,0 +1,160 @@
+"""Thin Celery tasks: validate the message, call a plain function, translate its result.
+
+Every message is validated here, at the boundary: a message that breaks the contract
+(from a foreign producer) is logged with its reason and dropped, never retried and
+never allowed to crash the worker.
+
+Two layers do that: ``worker.intake.boundary`` checks what Celery takes apart before any task
+code runs, then the tasks check their kwargs. Either way the rejection is logged as
+``watch_rejected`` or ``delivery_rejected``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import structlog
+
+from worker.app import app, settings
+from worker.delivery.step import DeadLettered, Delivered, DeliveryResult, RetryLater, deliver_claimed, deliver_once
+from worker.errors import InvalidWatchRequest
+from worker.intake.boundary import CheckedTask, reject
+from worker.intake.enqueue import WatchRequest, validate_watch_request
+from worker.polling.step import Dropped, Finished, Reschedule, StepResult, poll_once, start_watch
+from worker.runtime.celeryconfig import DELIVER_TASK, SWEEP_TASK, WATCH_TASK
+from worker.runtime.context import Context, process_context
+from worker.runtime.leases import delivery_time_limit_s, watch_time_limit_s
+from worker.runtime.sweep import sweep
+
+log = structlog.get_logger("check365.tasks")
+
+_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def _queue_of(task: Any) -> str:
+    """The queue this message came on: follow-ups stay on it."""
+    delivery = getattr(task.request, "delivery_info", None) or {}
+    routing_key = delivery.get("routing_key")
+    return routing_key if isinstance(routing_key, str) and routing_key else settings.queue
+
+
+def _send_poll(request: WatchRequest, watch_id: str, token: str, delay: float, queue: str) -> None:
+    kwargs = {**request.kwargs(), "watch_id": watch_id, "token": token}
+    watch_bulk_job.apply_async(kwargs=kwargs, countdown=delay, queue=queue)
+
+
+def send_delivery(webhook_id: str, token: str, queue: str, delay: float = 0.0) -> None:
+    deliver_webhook.apply_async(kwargs={"webhook_id": webhook_id, "token": token}, countdown=delay or None, queue=queue)
+
+
+# The hard time limits keep every step inside the lease it holds (see worker/runtime/leases.py).
+@app.task(
+    name=WATCH_TASK,
+    base=CheckedTask,
+    bind=True,
+    max_retries=None,
+    ignore_result=True,
+    time_limit=watch_time_limit_s(settings),
+)
+def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
+    """Start a watch, or run its next poll. Returns a short word for tests and Flower."""
+    if args:
+        reject("watch_rejected", "positional arguments are not accepted; send kwargs")
+        return "rejected"
+    try:
+        request = validate_watch_request(
+            kwargs,
+            allow_http=settings.webhook_allow_http,
+            allow_private=settings.webhook_allow_private_networks,
+            allow_internal=True,
+        )
+    except InvalidWatchRequest as exc:
+        reject("watch_rejected", str(exc))
+        return "rejected"
+    watch_id, token = kwargs.get("watch_id"), kwargs.get("token")
+    ctx = process_context(settings)
+    result: StepResult
+    if watch_id is None and token is None:
+        message_id = self.request.id if isinstance(self.request.id, str) else None
+        result = start_watch(ctx, request, _queue_of(self), message_id)
+    elif isinstance(watch_id, str) and isinstance(token, str) and _ID.fullmatch(watch_id) and _ID.fullmatch(token):
+        structlog.contextvars.bind_contextvars(watch_id=watch_id)
+        result = poll_once(ctx, watch_id, token)
+    else:
+        reject("watch_rejected", "watch_id and token must both be short identifiers")
+        return "rejected"
+
+    if isinstance(result, Reschedule):
+        _send_poll(request, result.watch_id, result.token, result.delay, _queue_of(self))
+        return "scheduled"
+    if isinstance(result, Finished):
+        if result.leased is not None:
+            # Created claimed by this step: delivered here. The event is already durable,
+            # so a crash now is recovered like any delivery step's, once its lease ends.
+            event, body = result.leased
+            _settle(deliver_claimed(ctx, event, body, result.deliveries[0][1]), _queue_of(self))
+        else:
+            for webhook_id, event_token in result.deliveries:
+                send_delivery(webhook_id, event_token, _queue_of(self))
+        return result.outcome
+    assert isinstance(result, Dropped)  # noqa: S101 - exhaustive over StepResult
+    if result.reason != "duplicate":  # a duplicate enqueue has its own watch_duplicate line
+        # A redelivered or superseded message: rare, and the only trace its run leaves.
+        log.info("watch_message_dropped", reason=result.reason, watch_id=result.watch_id)
+    return result.reason
+
+
+@app.task(
+    name=DELIVER_TASK,
+    base=CheckedTask,
+    bind=True,
+    max_retries=None,
+    ignore_result=True,
+    time_limit=delivery_time_limit_s(settings),
+)
+def deliver_webhook(self: Any, *args: Any, **kwargs: Any) -> str:
+    webhook_id, token = kwargs.get("webhook_id"), kwargs.get("token")
+    if (
+        args
+        or set(kwargs) != {"webhook_id", "token"}
+        or not all(isinstance(v, str) and _ID.fullmatch(v) for v in (webhook_id, token))
+    ):
+        reject("delivery_rejected", "expects exactly the kwargs webhook_id and token, as short identifiers")
+        return "rejected"
+    assert isinstance(webhook_id, str) and isinstance(token, str)  # noqa: S101 - checked just above
+    return _deliver(process_context(settings), webhook_id, token, _queue_of(self))
+
+
+def _deliver(ctx: Context, webhook_id: str, token: str, queue: str) -> str:
+    structlog.contextvars.bind_contextvars(webhook_id=webhook_id)
+    return _settle(deliver_once(ctx, webhook_id, token), queue)
+
+
+def _settle(result: DeliveryResult, queue: str) -> str:
+    """Send the retry of a delivery attempt as a countdown when it is short enough."""
+    if isinstance(result, RetryLater):
+        if result.countdown:
+            send_delivery(result.webhook_id, result.token, queue, result.delay)
+        return "retry"
+    if isinstance(result, Delivered):
+        return "delivered"
+    if isinstance(result, DeadLettered):
+        return "dead"
+    log.info("delivery_message_dropped", reason=result.reason, webhook_id=result.webhook_id)
+    return result.reason
+
+
+@app.task(name=SWEEP_TASK, base=CheckedTask, ignore_result=True)
+def sweep_task(*args: Any, **kwargs: Any) -> str:
+    # Beat sends no arguments; a foreign message with some must not fail in the pool.
+    if args or kwargs:
+        reject("watch_rejected", "the sweep takes no arguments")
+        return "rejected"
+    watches, events = sweep(process_context(settings))
+    for item in watches:
+        request = WatchRequest(item.watch.job_id, item.watch.callback_url, item.watch.metadata)
+        _send_poll(request, item.watch.watch_id, item.token, 0.0, item.watch.queue or settings.queue)
+    for event in events:
+        send_delivery(event.webhook_id, event.token, event.queue)
+    return f"rearmed {len(watches)} watches, {len(events)} events"

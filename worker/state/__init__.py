@@ -1,0 +1,1 @@
+"""Durable state in Redis: watches, webhook events and the protocol they share."""
