@@ -204,6 +204,13 @@ def test_timestamp_must_be_whole_unix_seconds(value: str) -> None:
         verify([SECRET_A], {**headers, "webhook-timestamp": value}, body, now=ts)
 
 
+@pytest.mark.parametrize("digits", [13, 400, 5000])
+def test_an_overlong_timestamp_is_an_invalid_signature_not_a_crash(digits: int) -> None:
+    headers, body, ts = fresh_message([SECRET_A])
+    with pytest.raises(InvalidSignature, match="digits"):
+        verify([SECRET_A], {**headers, "webhook-timestamp": "9" * digits}, body, now=ts)
+
+
 def test_malformed_and_foreign_entries_are_skipped_not_fatal() -> None:
     headers, body, ts = fresh_message([SECRET_A])
     noisy = f"v2,AAAA garbage v1,!!! {headers['webhook-signature']}"

@@ -24,6 +24,9 @@ SIGNATURE_VERSION = "v1"
 # 32 base32 characters carry 160 bits of the digest: collisions between distinct
 # events are out of reach, and the id stays short enough to read in logs.
 _WEBHOOK_ID_CHARS = 32
+# Unix seconds have 10 digits until the year 2286; a longer value is refused before
+# int() parses it (Python refuses to parse past 4,300 digits with a ValueError).
+_MAX_TIMESTAMP_DIGITS = 12
 
 
 def decode_secret(secret: str) -> bytes:
@@ -142,6 +145,8 @@ def verify(
     raw_ts = values["webhook-timestamp"]
     if not (raw_ts.isascii() and raw_ts.isdigit()):
         raise InvalidSignature("webhook-timestamp is not a whole number of unix seconds")
+    if len(raw_ts) > _MAX_TIMESTAMP_DIGITS:
+        raise InvalidSignature(f"webhook-timestamp has more than {_MAX_TIMESTAMP_DIGITS} digits")
     timestamp = int(raw_ts)
     if timestamp < now - tolerance_s:
         raise InvalidSignature(f"webhook-timestamp is too old: {now - timestamp:.0f}s ago, tolerance {tolerance_s:g}s")
