@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import signal
 import sys
@@ -21,6 +23,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from worker.errors import Check365WorkerError, InvalidSignature, InvalidWatchRequest, SettingsError
+from worker.local.simulator import FAULT_KINDS
 from worker.runtime.celeryconfig import DELIVER_TASK
 from worker.settings import Settings, load_settings
 
@@ -237,9 +240,6 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                 )
         return 0
     ids = outbox.dead_letters() if args.all else [args.webhook_id]
-    if not args.all and not args.webhook_id:
-        print("dead-letters replay needs a WEBHOOK_ID or --all", file=sys.stderr)
-        return 2
     replayed = []
     for n, webhook_id in enumerate(ids, 1):
         if _replay(settings, outbox, webhook_id):
@@ -257,17 +257,40 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 # -- verify ----------------------------------------------------------------------------------
 
 
+def _read_file(option: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read the {option} file: {_os_error(exc)}") from None
+
+
+def _verify_secrets(args: argparse.Namespace) -> tuple[str, ...]:
+    from worker.delivery.signing import decode_secret
+
+    if not args.secret:
+        secrets = _settings().webhook_secrets
+        if not secrets:
+            raise SettingsError("WEBHOOK_SECRET", "is needed to verify (or pass --secret)")
+        return secrets
+    # Settings are not read at all: a malformed WEBHOOK_SECRET must not block checking another one.
+    secrets = tuple(args.secret.split())
+    for secret in secrets:
+        try:
+            decode_secret(secret)
+        except ValueError as exc:  # its message never quotes the secret
+            raise UsageError(f"--secret is not usable: {exc}") from None
+    return secrets
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check a saved webhook request (headers file + raw body file) against the secret."""
     from worker.delivery.signing import verify
 
-    settings = _settings()
-    secrets = tuple(args.secret.split()) if args.secret else settings.webhook_secrets
-    if not secrets:
-        raise SettingsError("WEBHOOK_SECRET", "is needed to verify (or pass --secret)")
+    secrets = _verify_secrets(args)
+    raw = _read_file("--headers", args.headers).decode("utf-8", "replace")
+    body = _read_file("--body", args.body)
     headers: dict[str, str] = {}
-    with open(args.headers, encoding="utf-8") as fh:
-        raw = fh.read()
     try:
         loaded = json.loads(raw)
         headers = {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
@@ -276,23 +299,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
             if ":" in line:
                 name, _, value = line.partition(":")
                 headers[name.strip()] = value.strip()
-    with open(args.body, "rb") as fh:
-        body = fh.read()
     lowered = {k.lower(): v for k, v in headers.items()}
     try:
         # Without --check-time a saved request is judged as of its own timestamp.
         now = time.time() if args.check_time else float(lowered.get("webhook-timestamp") or time.time())
-    except ValueError:
+    except (ValueError, OverflowError):
         now = time.time()
+    reason = None
     try:
         verify(secrets, headers, body, now=now)
-    except ValueError as exc:  # a malformed secret
-        raise SettingsError("WEBHOOK_SECRET", f"is not usable: {exc}") from None
     except InvalidSignature as exc:
-        print(f"invalid: {exc}")
-        return 1
-    print("valid: the signature matches this body and secret")
-    return 0
+        reason = str(exc)
+    if args.json:
+        _print_json({"valid": reason is None, "webhook_id": lowered.get("webhook-id"), "reason": reason})
+    elif reason is None:
+        print("valid: the signature matches this body and secret")
+    else:
+        print(f"invalid: {reason}")
+    return 0 if reason is None else 1
 
 
 # -- simulate / demo -------------------------------------------------------------------------
@@ -305,7 +329,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.fault_rate > 0:
         faults = FaultPlan(
             rate=args.fault_rate,
-            kinds=tuple(args.fault_kinds.split(",")),
+            kinds=args.fault_kinds,
             seed=args.seed,
             slow_s=args.slow_s,
             retry_after_s=args.retry_after_s,
@@ -318,9 +342,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     # Containers stop with SIGTERM: shut down as cleanly as on Ctrl-C.
     signal.signal(signal.SIGTERM, interrupt)
-    serve_forever(
-        api_key, args.host, args.port, faults, on_ready=lambda url: print(f"Check365 simulator on {url}", flush=True)
-    )
+    try:
+        serve_forever(
+            api_key,
+            args.host,
+            args.port,
+            faults,
+            on_ready=lambda url: print(f"Check365 simulator on {url}", flush=True),
+        )
+    except OSError as exc:
+        print(f"check365-worker: cannot listen on {args.host}:{args.port}: {_os_error(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -337,6 +369,49 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------
+
+
+def _number(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {raw!r}")
+    return value
+
+
+def _fraction(raw: str) -> float:
+    value = _number(raw)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {raw!r}")
+    return value
+
+
+def _seconds(raw: str) -> float:
+    value = _number(raw)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {raw!r}")
+    return value
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {raw!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {raw!r}")
+    return value
+
+
+def _fault_kinds(raw: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in raw.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    if unknown or not kinds:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5]) or "none given"
+        raise argparse.ArgumentTypeError(f"unknown fault kind ({shown}); choose from {','.join(FAULT_KINDS)}")
+    return kinds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body", required=True, help="file with the raw body, byte for byte")
     p.add_argument("--secret", help="whsec_... (default: WEBHOOK_SECRET)")
     p.add_argument("--check-time", action="store_true", help="also reject timestamps older than 5 minutes")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("doctor", help="check settings, Redis, the Check365 endpoint and key, the secret, clock")
@@ -388,14 +464,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("simulate", help="serve a local Check365 simulator")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8365)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument(
+        "--port", type=_port, default=8365, help="port to listen on, 0 for any free one (default: %(default)s)"
+    )
     p.add_argument("--api-key", help="the key it accepts (default: CHECK365_API_KEY, else demo-key)")
-    p.add_argument("--fault-rate", type=float, default=0.0)
-    p.add_argument("--fault-kinds", default="5xx,429,slow,malformed,success_false,truncated,drop")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--slow-s", type=float, default=5.0)
-    p.add_argument("--retry-after-s", type=float, default=1.0)
+    p.add_argument(
+        "--fault-rate",
+        type=_fraction,
+        default=0.0,
+        help="share of status requests that meet a fault, from 0 to 1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fault-kinds",
+        type=_fault_kinds,
+        default=FAULT_KINDS,
+        help=f"comma-separated faults to draw from (default: all of {','.join(FAULT_KINDS)})",
+    )
+    p.add_argument(
+        "--seed", type=int, default=1, help="seed of the fault draws, for repeatable runs (default: %(default)s)"
+    )
+    p.add_argument(
+        "--slow-s", type=_seconds, default=5.0, help="how long a 'slow' fault delays its answer (default: %(default)s)"
+    )
+    p.add_argument(
+        "--retry-after-s",
+        type=_seconds,
+        default=1.0,
+        help="the Retry-After of a '429' fault, in seconds (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="run the whole system locally and watch a few jobs end to end")
@@ -404,25 +501,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, as usage errors, the combinations argparse cannot express."""
+    if args.command == "dead-letters":
+        if args.action == "replay" and args.all and args.webhook_id:
+            parser.error("dead-letters replay takes a WEBHOOK_ID or --all, not both")
+        if args.action == "replay" and not (args.all or args.webhook_id):
+            parser.error("dead-letters replay needs a WEBHOOK_ID or --all")
+        if args.action == "show" and not args.webhook_id:
+            parser.error("dead-letters show needs a WEBHOOK_ID")
+        if args.action != "replay" and args.all:
+            parser.error(f"--all applies to dead-letters replay, not {args.action}")
+        if args.action == "list" and args.webhook_id:
+            parser.error("dead-letters list takes no WEBHOOK_ID")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_combinations(parser, args)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        # Flushed here, so that a closed pipe is reported like any other failure to write.
+        sys.stdout.flush()
+        return code
+    except UsageError as exc:
+        return _fail(args, 2, "usage", str(exc))
     except SettingsError as exc:
-        print(f"check365-worker: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, 2, "configuration", f"configuration error: {exc}", variable=exc.variable)
     except InvalidWatchRequest as exc:
-        print(f"check365-worker: invalid request: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, 2, "invalid_request", f"invalid request: {exc}", field=exc.field)
     except Check365WorkerError as exc:
-        print(f"check365-worker: {exc}", file=sys.stderr)
-        return 1
-    except (KombuOperationalError, RedisError, OSError) as exc:
+        return _fail(args, 1, "error", str(exc))
+    except (KombuOperationalError, RedisError) as exc:
         # Never print the URL: it may carry the Redis password.
-        print(f"check365-worker: cannot reach Redis: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
-        return 1
+        return _fail(args, 1, "redis", f"cannot reach Redis: {type(exc).__name__}: {_first_line(exc)}")
+    except BrokenPipeError:
+        # The reader went away (``| head``): nothing more to say to it, and Python's
+        # flush at exit must not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        return _fail(args, 1, "os", _os_error(exc))
     except KeyboardInterrupt:
         return 130
+
+
+class UsageError(Exception):
+    """A command's arguments cannot be used (exit status 2, like argparse's own errors)."""
+
+
+def _fail(args: argparse.Namespace, status: int, kind: str, message: str, **fields: str) -> int:
+    """Report an error: on stdout as ``{"error": ...}`` with ``--json``, else on stderr; return ``status``."""
+    if getattr(args, "json", False):
+        _print_json({"error": {"kind": kind, "message": message, **fields}})
+    else:
+        print(f"check365-worker: {message}", file=sys.stderr)
+    return status
+
+
+def _os_error(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or type(exc).__name__}"
 
 
 def _first_line(exc: BaseException) -> str:
