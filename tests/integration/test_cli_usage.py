@@ -14,6 +14,7 @@ import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -207,3 +208,107 @@ def test_a_bad_secret_option_is_blamed_on_the_option(tmp_path: Path) -> None:
     assert "--secret is not usable" in result.stderr
     assert "WEBHOOK_SECRET" not in result.stderr
     assert "nope" not in result.stderr
+
+
+# -- one --json shape --------------------------------------------------------------------------
+
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+TIME_KEYS = {"at", "started_at", "deadline", "next_poll", "finished_at", "created_at", "next_attempt"}
+
+
+def cli_json(cluster: Cluster, *args: str) -> Any:
+    result = cluster.cli(*args, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def assert_one_shape(value: Any, where: str = "") -> int:
+    """Every time is ISO 8601 UTC with milliseconds, every part an object; the number of times seen."""
+    seen = 0
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in TIME_KEYS and item is not None:
+                assert isinstance(item, str) and ISO_UTC.fullmatch(item), f"{where}.{key} = {item!r}"
+                seen += 1
+            elif key == "part":
+                assert isinstance(item, dict) and set(item) == {"index", "count"}, f"{where}.part = {item!r}"
+            else:
+                seen += assert_one_shape(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        seen += sum(assert_one_shape(item, f"{where}[{n}]") for n, item in enumerate(value))
+    elif isinstance(value, float):
+        assert value < 1e9, f"{where} looks like epoch seconds: {value}"
+    return seen
+
+
+def test_json_output_has_one_shape(cluster: Cluster, job_id: str) -> None:
+    dead = dead_letter(cluster, job_id)
+    running = job_id + "-running"
+    cluster.sim.add_job(running, size=1, duration_s=3600, behaviour="never")
+    cluster.enqueue(running, f"/hooks/{running}")
+    wait_until(lambda: any(w.polls >= 1 for w in cluster.watch_state(running)), 25, "a first poll")
+
+    outputs = {
+        "status": cli_json(cluster, "status", job_id),
+        "status (running)": cli_json(cluster, "status", running),
+        "watches": cli_json(cluster, "watches", "--job", running),
+        "dead-letters list": [r for r in cli_json(cluster, "dead-letters", "list") if r["webhook_id"] == dead],
+        "dead-letters show": cli_json(cluster, "dead-letters", "show", dead),
+    }
+    for name, output in outputs.items():
+        assert output, name
+        assert assert_one_shape(output, name) or name == "dead-letters list", f"{name} shows no time"
+    [watch] = outputs["status"]
+    assert watch["events"][0]["part"] == {"index": 1, "count": 1}
+    assert watch["events"][0]["attempts"][0]["at"] >= watch["started_at"]
+    assert outputs["dead-letters show"]["part"] == {"index": 1, "count": 1}
+    cluster.cli("cancel", running)
+
+
+def test_enqueue_json_reports_an_error_as_json() -> None:
+    result = run("enqueue", "J-1", "https://hooks.example.com/x", "--metadata", "[1]", "--json")
+    assert result.returncode == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "invalid_request"
+    assert error["field"] == "metadata"
+    assert "must be a JSON object" in error["message"]
+
+
+def test_replaying_a_delivered_event_says_why_nothing_happened(cluster: Cluster, job_id: str) -> None:
+    path = f"/hooks/{job_id}"
+    cluster.sim.add_job(job_id, size=1, duration_s=0.0)
+    cluster.enqueue(job_id, path)
+    cluster.receiver.wait_for(lambda rx: any(r.path == path for r in rx), 25)
+    webhook_id = cluster.receiver.received(path)[0].headers["webhook-id"]
+    outbox = cluster.outbox()
+    wait_until(lambda: getattr(outbox.get(webhook_id), "state", None) == "delivered", 25, "delivered")
+
+    as_json = cluster.cli("dead-letters", "replay", webhook_id, "--json")
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout) == {
+        "replayed": [],
+        "not_replayed": [{"webhook_id": webhook_id, "reason": "already delivered: nothing to replay"}],
+    }
+    plain = cluster.cli("dead-letters", "replay", webhook_id)
+    assert f"{webhook_id} not replayed: already delivered" in plain.stdout
+
+
+# -- status shows Check365's text safely -----------------------------------------------------
+
+
+def test_status_escapes_control_characters_from_check365(cluster: Cluster, job_id: str) -> None:
+    cluster.sim.add_job(job_id, size=1, duration_s=3600, behaviour="never")
+    cluster.enqueue(job_id, f"/hooks/{job_id}")
+    wait_until(lambda: any(w.polls >= 1 for w in cluster.watch_state(job_id)), 25, "a first poll")
+    [watch] = cluster.watch_state(job_id)
+    assert cluster.cli("cancel", job_id).returncode == 0  # no poll overwrites what is stored below
+    # What a poll stores from an answer whose status clears the screen and rings the bell.
+    hostile = "\x1b[2J\x1b]0;pwned\x07processing\r\n"
+    cluster.redis().hset(cluster.watches().items.key(watch.watch_id), "last_status", hostile)
+
+    text = cluster.cli("status", job_id)
+    assert text.returncode == 0, text.stderr
+    assert not any(c in text.stdout for c in "\x1b\x07\r")
+    assert "last status \\x1b[2J\\x1b]0;pwned\\x07processing\\r\\n" in text.stdout
+    [shown] = cli_json(cluster, "status", job_id)
+    assert shown["last_status"] == hostile, "JSON carries the value itself, escaped by JSON"

@@ -47,8 +47,14 @@ class Event:
         return EventHead(self.webhook_id, self.type, self.part_index, self.part_count)
 
 
-def iso_timestamp(now: float) -> str:
-    return datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def iso_timestamp(now: float, *, milliseconds: bool = False) -> str:
+    """``now`` (unix seconds) in ISO 8601 UTC ending in ``Z``: the one form of every time we write.
+
+    Whole seconds in event bodies (the contract's form); milliseconds where attempts a
+    fraction of a second apart must stay distinct (attempt records, the CLI).
+    """
+    stamp = datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds" if milliseconds else "seconds")
+    return stamp.replace("+00:00", "Z")
 
 
 @runtime_checkable

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import httpx
 import structlog
 
+from worker.delivery.events import iso_timestamp
 from worker.delivery.signing import webhook_headers
 from worker.delivery.urls import Resolver, pin_callback
 from worker.errors import DeliveryFailed, OutOfTime, UnsafeCallbackURL
@@ -155,10 +155,6 @@ def retry_delay(tries: int, settings: Settings, retry_after: float | None, jitte
     return delay
 
 
-def _iso(now: float) -> str:
-    return datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
     """Make the attempt the message carrying ``token`` asks for, if that message still holds the event."""
     claimed = ctx.outbox.claim(webhook_id, token, ctx.clock() + delivery_lease_s(ctx.settings))
@@ -191,7 +187,7 @@ def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) 
     # Recorded by whichever call settles the step below, in the same round trip.
     record = {
         "attempt": len(event.attempts) + 1,
-        "at": _iso(now),
+        "at": iso_timestamp(now, milliseconds=True),
         "ok": attempt.ok,
         "status_code": attempt.status_code,
         "error": attempt.error,

@@ -16,12 +16,12 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
+from worker.delivery.events import iso_timestamp
 from worker.errors import Check365WorkerError, InvalidSignature, InvalidWatchRequest, SettingsError
 from worker.local.simulator import FAULT_KINDS
 from worker.runtime.celeryconfig import DELIVER_TASK
@@ -41,10 +41,20 @@ def _stores(settings: Settings) -> tuple[Any, Any]:
     return WatchStore(client, state_ttl_s=settings.state_ttl_s), Outbox(client, state_ttl_s=settings.state_ttl_s)
 
 
-def _when(ts: float | None) -> str:
-    if not ts:
+def _when(ts: float | None) -> str | None:
+    """A stored time as the CLI shows it everywhere, text and ``--json`` alike; None when unset."""
+    return iso_timestamp(ts, milliseconds=True) if ts else None
+
+
+def _part(index: int, count: int) -> dict[str, int]:
+    return {"index": index, "count": count}
+
+
+def _shown(value: object) -> str:
+    """``value`` for a terminal: control characters (from Check365 or a receiver) escaped, ``-`` for nothing."""
+    if value is None or value == "":
         return "-"
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
 
 
 def _print_json(value: Any) -> None:
@@ -85,7 +95,7 @@ def _watch_dict(watch: Any, outbox: Any) -> dict[str, Any]:
             {
                 "webhook_id": webhook_id,
                 "type": event.type,
-                "part": f"{event.part_index}/{event.part_count}",
+                "part": _part(event.part_index, event.part_count),
                 "state": event.state,
                 "tries": event.tries,
                 "last_error": event.last_error,
@@ -121,18 +131,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     for w in found:
         progress = "-" if w["last_progress"] is None else f"{w['last_progress']:g}%"
-        print(f"watch {w['watch_id']}  job {w['job_id']}  -> {w['callback_url']}")
+        print(f"watch {w['watch_id']}  job {w['job_id']}  -> {_shown(w['callback_url'])}")
         print(
-            f"  state {w['state']}  outcome {w['outcome'] or '-'}  polls {w['polls']}  "
-            f"last status {w['last_status'] or '-'} ({progress})"
+            f"  state {w['state']}  outcome {_shown(w['outcome'])}  polls {w['polls']}  "
+            f"last status {_shown(w['last_status'])} ({progress})"
         )
-        print(f"  started {w['started_at']}  next poll {w['next_poll'] or '-'}  deadline {w['deadline']}")
+        print(
+            f"  started {_shown(w['started_at'])}  next poll {_shown(w['next_poll'])}  deadline {_shown(w['deadline'])}"
+        )
         for e in w["events"]:
-            print(f"  event {e['webhook_id']} {e.get('type', '')} part {e.get('part', '-')}: {e['state']}")
+            part = e.get("part")
+            shown_part = f"{part['index']}/{part['count']}" if part else "-"
+            print(f"  event {e['webhook_id']} {e.get('type', '')} part {shown_part}: {e['state']}")
             for a in e.get("attempts", []):
-                result = a.get("status_code") or a.get("error")
-                print(f"    attempt {a.get('attempt')} at {a.get('at')}: {result} ({a.get('duration_ms')} ms)")
+                print(_attempt_line(a))
     return 0
+
+
+def _attempt_line(a: dict[str, Any]) -> str:
+    result = a.get("status_code") or a.get("error")
+    return f"    attempt {a.get('attempt')} at {_shown(a.get('at'))}: {_shown(result)} ({a.get('duration_ms')} ms)"
 
 
 def cmd_watches(args: argparse.Namespace) -> int:
@@ -160,8 +178,8 @@ def cmd_watches(args: argparse.Namespace) -> int:
     for r in rows:
         progress = "-" if r["last_progress"] is None else f"{r['last_progress']:g}%"
         print(
-            f"  {r['job_id']:<32} polls {r['polls']:>4}  {r['last_status'] or 'pending':<12} {progress:>6}"
-            f"  next {r['next_poll']}"
+            f"  {r['job_id']:<32} polls {r['polls']:>4}  {_shown(r['last_status'] or 'pending'):<12} {progress:>6}"
+            f"  next {_shown(r['next_poll'])}"
         )
     return 0
 
@@ -179,16 +197,43 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 # -- dead letters ---------------------------------------------------------------------------
 
 
-def _replay(settings: Settings, outbox: Any, webhook_id: str) -> bool:
+def _replay(settings: Settings, outbox: Any, webhook_id: str) -> str | None:
+    """Replay one dead letter; None when done, else why nothing happened."""
     from worker.intake.enqueue import client_app
 
     event = outbox.get(webhook_id)
     token = outbox.replay(webhook_id, time.time())
     if token is None:
-        return False
+        event = outbox.get(webhook_id)  # as of now: the replay script read it after the line above
+        if event is None:
+            return "no such event (never created, or expired)"
+        if event.state == "delivered":
+            return "already delivered: nothing to replay"
+        if event.state == "active":
+            return "not dead-lettered: still being delivered"
+        return f"not dead-lettered (state {event.state})"
     queue = (event.queue if event else "") or settings.queue
     client_app(settings).send_task(DELIVER_TASK, kwargs={"webhook_id": webhook_id, "token": token}, queue=queue)
-    return True
+    return None
+
+
+def _event_dict(e: Any) -> dict[str, Any]:
+    return {
+        "webhook_id": e.webhook_id,
+        "watch_id": e.watch_id,
+        "job_id": e.job_id,
+        "type": e.type,
+        "part": _part(e.part_index, e.part_count),
+        "callback_url": e.callback_url,
+        "state": e.state,
+        "tries": e.tries,
+        "replays": e.replays,
+        "last_error": e.last_error,
+        "created_at": _when(e.created_at),
+        "next_attempt": _when(e.due) if e.state == "active" else None,
+        "queue": e.queue,
+        "attempts": e.attempts,
+    }
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -205,7 +250,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                         "webhook_id": webhook_id,
                         "job_id": e.job_id,
                         "type": e.type,
-                        "part": f"{e.part_index}/{e.part_count}",
+                        "part": _part(e.part_index, e.part_count),
                         "attempts": len(e.attempts),
                         "last_error": e.last_error,
                         "callback_url": e.callback_url,
@@ -217,8 +262,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             print(f"{len(rows)} dead-lettered event(s)")
             for r in rows:
                 print(
-                    f"  {r['webhook_id']}  {r['job_id']}  {r['type']} part {r['part']}  "
-                    f"{r['attempts']} attempts  last: {r['last_error']}"
+                    f"  {r['webhook_id']}  {r['job_id']}  {r['type']} part {r['part']['index']}/{r['part']['count']}  "
+                    f"{r['attempts']} attempts  last: {_shown(r['last_error'])}"
                 )
         return 0
     if action == "show":
@@ -226,31 +271,36 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         if e is None:
             print(f"no event {args.webhook_id}", file=sys.stderr)
             return 1
-        record = {**e.__dict__}
+        record = _event_dict(e)
         if args.json:
             _print_json(record)
         else:
             for key, value in record.items():
-                if key != "attempts":
-                    print(f"{key}: {value}")
+                if key == "part":
+                    print(f"part: {value['index']}/{value['count']}")
+                elif key != "attempts":
+                    print(f"{key}: {_shown(value)}")
             for a in e.attempts:
-                print(
-                    f"  attempt {a.get('attempt')} at {a.get('at')}: "
-                    f"{a.get('status_code') or a.get('error')} ({a.get('duration_ms')} ms)"
-                )
+                print(_attempt_line(a))
         return 0
     ids = outbox.dead_letters() if args.all else [args.webhook_id]
     replayed = []
+    not_replayed = []
     for n, webhook_id in enumerate(ids, 1):
-        if _replay(settings, outbox, webhook_id):
+        why_not = _replay(settings, outbox, webhook_id)
+        if why_not is None:
             replayed.append(webhook_id)
+        else:
+            not_replayed.append({"webhook_id": webhook_id, "reason": why_not})
         if not args.json and len(ids) > 1:
-            # Progress for long lists, on stderr so that stdout keeps the one-line summary.
+            # Progress for long lists, on stderr so that stdout keeps the summary.
             print(f"  {n}/{len(ids)} {webhook_id}", file=sys.stderr)
     if args.json:
-        _print_json({"replayed": replayed})
+        _print_json({"replayed": replayed, "not_replayed": not_replayed})
     else:
         print(f"replayed {len(replayed)} event(s)")
+        for skipped in not_replayed:
+            print(f"  {skipped['webhook_id']} not replayed: {skipped['reason']}")
     return 0 if replayed or args.all else 1
 
 
