@@ -6,16 +6,20 @@ only come from that change.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jsonschema
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from worker.delivery.events import COMPLETED, FAILED, TIMED_OUT, completed_events, failed_event, timed_out_event
 from worker.delivery.payloads import EVENT_TYPES, load_schema, validate_event
+from worker.delivery.signing import webhook_headers
 from worker.local.simulator import generate_results
 
 NOW = 1_795_000_000.0  # a fixed instant, so that failures are reproducible
@@ -166,6 +170,21 @@ def test_broken_events_are_rejected(build: Callable[[], bytes], change: Callable
 def test_bodies_that_are_not_event_objects_are_rejected(body: bytes) -> None:
     with pytest.raises(jsonschema.ValidationError):
         validate_event(body)
+
+
+def test_the_object_a_standard_webhooks_library_returns_validates_too() -> None:
+    secret = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+    (event,) = completed_events("w_10", "J-10", check365_data("J-10", 2), {"k": 1}, per_part=10, now=NOW)
+    headers = webhook_headers([secret], event.webhook_id, int(time.time()), event.body, "check365-worker/test")
+    verified = Webhook(secret).verify(event.body, headers)
+    assert isinstance(verified, dict)
+    validate_event(verified)
+    validate_event(event.body.decode())
+    del verified["data"]["part"]
+    with pytest.raises(jsonschema.ValidationError, match="part"):
+        validate_event(verified)
+    with pytest.raises(TypeError, match="raw body or its parsed object"):
+        validate_event(42)  # type: ignore[arg-type]
 
 
 def test_the_completed_schema_documents_the_eight_result_fields() -> None:

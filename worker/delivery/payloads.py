@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
@@ -31,23 +32,30 @@ def load_schema(event_type: str) -> dict[str, Any]:
     return schema
 
 
-def validate_event(body: bytes) -> None:
+def validate_event(event: bytes | str | Mapping[str, Any]) -> None:
     """Check one webhook body against the schema of its ``type``.
 
-    Raises ``jsonschema.ValidationError`` for any violation, including a body that
-    is not JSON or names no known event type.
+    ``event`` is the raw body (bytes or text), or the object a Standard Webhooks
+    library's ``verify`` returns (its parsed body). Raises ``jsonschema.ValidationError``
+    for any violation, including a body that is not JSON or names no known event type.
     """
     import jsonschema  # type: ignore[import-untyped]  # a dev dependency without type information
 
-    try:
-        event = json.loads(body)
-    except ValueError as exc:
-        raise jsonschema.ValidationError(f"the body is not JSON: {exc}") from None
-    event_type = event.get("type") if isinstance(event, dict) else None
+    parsed: object
+    if isinstance(event, Mapping):
+        parsed = dict(event)
+    elif isinstance(event, bytes | bytearray | str):
+        try:
+            parsed = json.loads(event)
+        except ValueError as exc:
+            raise jsonschema.ValidationError(f"the body is not JSON: {exc}") from None
+    else:
+        raise TypeError(f"validate_event takes the raw body or its parsed object, not {type(event).__name__}")
+    event_type = parsed.get("type") if isinstance(parsed, dict) else None
     if event_type not in EVENT_TYPES:
         raise jsonschema.ValidationError(f"'type' must be one of {', '.join(EVENT_TYPES)}, got {event_type!r}")
     validator_class = jsonschema.Draft202012Validator
     validator = validator_class(load_schema(event_type), format_checker=validator_class.FORMAT_CHECKER)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(event))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(parsed))
     if error is not None:
         raise error
