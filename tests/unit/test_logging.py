@@ -7,9 +7,15 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from types import SimpleNamespace
 
+import celery
 import pytest
 import structlog
+from celery import states
+from celery.app.trace import TraceInfo
+from celery.exceptions import InvalidTaskError
+from celery.worker.consumer import Consumer
 
 from worker.runtime.logs import CELERY_PER_TASK_LOGGERS, Redactor, configure_logging
 from worker.settings import load_settings
@@ -135,6 +141,69 @@ def test_celerys_per_task_lines_show_at_debug() -> None:
     logging.getLogger("celery.worker.strategy").info("Task %s[%s] received", "check365.watch_bulk_job", "t-9")
     logging.getLogger("celery.app.trace").info(CELERY_SUCCEEDED, CELERY_ARGS)
     assert [line["logger"] for line in lines(stream)] == list(CELERY_PER_TASK_LOGGERS)
+
+
+# A producer's callback URL with its receiver's token, and its metadata: neither belongs in a log.
+TASK_KWARGS = {
+    "job_id": "J-7",
+    "callback_url": "https://hooks.example.com/check365?token=rcv-token-4242",
+    "metadata": {"customer": "private-name-7"},
+}
+
+
+def assert_no_task_arguments(output: str) -> None:
+    assert "rcv-token-4242" not in output
+    assert "private-name-7" not in output
+
+
+def test_a_failed_task_is_logged_without_its_arguments() -> None:
+    stream = configured(level="debug")
+    app = celery.Celery("logging-test", set_as_current=False)
+
+    @app.task(name="check365.watch_bulk_job", bind=True)  # type: ignore[untyped-decorator]
+    def watch(self: object, **kwargs: object) -> None:
+        raise AssertionError("never run")
+
+    watch.push_request(id="t-10", args=[], kwargs=TASK_KWARGS, hostname="w1")
+    try:
+        raise RuntimeError("redis went away")
+    except RuntimeError as exc:
+        # Celery's own failure path, as the worker's tracer runs it.
+        TraceInfo(states.FAILURE, exc).handle_failure(watch, watch.request, store_errors=False, call_errbacks=False)
+    finally:
+        watch.pop_request()
+
+    [failure] = [line for line in lines(stream) if line["level"] == "error"]
+    assert failure["event"] == "Task check365.watch_bulk_job[t-10] raised unexpected: RuntimeError('redis went away')"
+    assert failure["data"]["kwargs"] == "***"  # type: ignore[index]
+    assert_no_task_arguments(stream.getvalue())
+
+
+def test_a_refused_message_is_logged_with_its_reason_but_not_its_contents() -> None:
+    stream = configured()
+    body = [[], TASK_KWARGS, {}]
+    message = SimpleNamespace(
+        body=json.dumps(body).encode(),
+        # What a producer's send_task puts in the headers.
+        headers={"task": "check365.watch_bulk_job", "kwargsrepr": repr(TASK_KWARGS)},
+        content_type="application/json",
+        content_encoding="utf-8",
+        reject_log_error=lambda *args: None,
+        ack=lambda: None,
+    )
+    consumer = SimpleNamespace(connection_errors=())
+    # Celery's consumer, as it meets a message it cannot run or cannot decode.
+    Consumer.on_invalid_task(consumer, body, message, InvalidTaskError("the body's options must be an object"))
+    Consumer.on_decode_error(consumer, message, ValueError("bad utf-8"))
+
+    invalid, undecodable = lines(stream)
+    assert invalid["event"] == (
+        "Received invalid task message: the body's options must be an object (the message's contents are not logged)"
+    )
+    assert undecodable["event"] == (
+        "Can't decode message body: ValueError('bad utf-8') (the message's contents are not logged)"
+    )
+    assert_no_task_arguments(stream.getvalue())
 
 
 def test_lines_below_the_level_are_dropped() -> None:

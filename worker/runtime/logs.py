@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
+from celery.worker.consumer import consumer as celery_consumer
 
 from worker.settings import Settings
 
@@ -72,6 +73,38 @@ class Redactor:
         return event_dict
 
 
+# Celery's records that quote a message whole (its body, or headers holding kwargsrepr).
+_MESSAGE_DUMPS = (
+    celery_consumer.INVALID_TASK_ERROR,
+    celery_consumer.UNKNOWN_TASK_ERROR,
+    celery_consumer.UNKNOWN_FORMAT,
+    celery_consumer.MESSAGE_DECODE_ERROR,
+)
+
+
+def hide_task_arguments(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Keep a task's arguments out of Celery's lines, as secrets are kept out of every line.
+
+    A callback URL may carry the receiver's token in its query, and metadata is the
+    producer's business: Celery puts both in a failed (or received) task's ``data`` and
+    quotes whole messages when it refuses one. The job id is bound to each task's
+    lines anyway (worker/runtime/signals.py), and the reason of a refusal is kept.
+    """
+    data = event_dict.get("data")
+    if isinstance(data, dict) and ("args" in data or "kwargs" in data):
+        event_dict["data"] = {**data, **{k: REDACTED for k in ("args", "kwargs") if k in data}}
+    record = event_dict.get("_record")
+    template = getattr(record, "msg", None)
+    if isinstance(record, logging.LogRecord) and isinstance(template, str) and template in _MESSAGE_DUMPS:
+        first_line = str(event_dict.get("event", "")).split("\n", 1)[0]
+        if template == celery_consumer.MESSAGE_DECODE_ERROR:
+            first_line = first_line.split(" [type:", 1)[0]  # the headers follow, with kwargsrepr
+        event_dict["event"] = f"{first_line} (the message's contents are not logged)"
+    return event_dict
+
+
 class _ScrubRenderedExceptions:
     """Tracebacks are rendered to text by format_exc_info: scrub them after that."""
 
@@ -123,6 +156,7 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.stdlib.ExtraAdder(),
+        hide_task_arguments,
         redactor,
     ]
     as_json = _use_json(settings, stream)
