@@ -5,6 +5,7 @@
     ├── InvalidWatchRequest      enqueue kwargs break the contract (nothing is enqueued)
     ├── RetryableError           try again later; ``retry_after`` is a server-given delay
     │   ├── Check365Unavailable  5xx, timeout, connection error, garbage, success:false
+    │   │   └── Check365Misconfigured  an answer that is not Check365's: the deployment is wrong
     │   ├── Check365Throttled    429 from Check365, or the pool-wide rate limit
     │   └── DeliveryFailed       the receiver did not answer 2xx
     └── PermanentError           trying again cannot help
@@ -50,6 +51,14 @@ class Check365Unavailable(RetryableError):
 
 class Check365Throttled(RetryableError):
     pass
+
+
+class Check365Misconfigured(Check365Unavailable):
+    """Whatever answered is not Check365 (a web server's 404 page, a proxy's 401, HTML).
+
+    A wrong ``CHECK365_BASE_URL`` or proxy is the operator's fault, not the job's: it is
+    retried like an outage, but logged as an error and counted apart, and never ends a watch.
+    """
 
 
 class OutOfTime(RetryableError):

@@ -8,60 +8,23 @@ across processes by the multiprocess collector.
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import Cluster, WorkerProcess
+from tests.support.metrics import scrape, scrape_until, total, value
 from tests.support.schemas import assert_events_valid
 from worker.local.redisserver import free_port
 
 pytestmark = pytest.mark.integration
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
 COMPLETED_JOBS = ("M-ok-1", "M-ok-2")
 FAILING_JOB = "M-fail"
 GONE_JOB = "M-gone"  # completes, but its receiver answers 410 Gone
 SLOW_JOB = "M-slow"  # still running when the counters are checked; cancelled at the end
-
-
-def scrape(url: str) -> Samples:
-    response = httpx.get(url, timeout=5)
-    response.raise_for_status()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-def total(samples: Samples, name: str) -> float:
-    return sum(v for (n, _), v in samples.items() if n == name)
-
-
-def scrape_until(url: str, condition: Callable[[Samples], bool], timeout: float = 20.0) -> Samples:
-    deadline = time.monotonic() + timeout
-    last: Samples | str = "no answer yet"
-    while time.monotonic() < deadline:
-        try:
-            last = scrape(url)
-        except httpx.HTTPError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        else:
-            if condition(last):
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"the metrics never met the condition within {timeout:g} s; last scrape: {last}")
 
 
 def wait_for_events(worker: WorkerProcess, wanted: dict[str, int], timeout: float = 30.0) -> list[dict[str, Any]]:

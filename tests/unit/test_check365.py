@@ -16,7 +16,13 @@ import orjson
 import pytest
 
 from worker import __version__
-from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable, RetryableError
+from worker.errors import (
+    Check365Misconfigured,
+    Check365Rejected,
+    Check365Throttled,
+    Check365Unavailable,
+    RetryableError,
+)
 from worker.polling.check365 import (
     TERMINAL_FAILURE_STATUSES,
     USER_AGENT,
@@ -268,16 +274,8 @@ def test_other_2xx_codes_are_classified_by_body() -> None:
     "body",
     [
         pytest.param(b"", id="empty"),
-        pytest.param(b"<html>502 Bad Gateway</html>", id="html"),
         pytest.param(answer(job())[:-7], id="truncated"),
-        pytest.param(b"\xff\xfe\x00garbage", id="not-utf8"),
-        pytest.param(b"[1, 2]", id="array"),
-        pytest.param(b'"completed"', id="string"),
-        pytest.param(b"null", id="null"),
-        pytest.param(b"[" * 5000, id="deep-nesting"),
-        pytest.param(orjson.dumps({"message": "ok", "data": job()}), id="success-missing"),
-        pytest.param(answer(job(), success="true"), id="success-string"),
-        pytest.param(answer(job(), success=1), id="success-int"),
+        pytest.param(b'  {"success": true, "da', id="cut-after-blanks"),
         pytest.param(answer(), id="data-missing"),
         pytest.param(answer(None), id="data-null"),
         pytest.param(answer([job()]), id="data-list"),
@@ -298,7 +296,29 @@ def test_other_2xx_codes_are_classified_by_body() -> None:
 def test_malformed_answers_are_unavailable(body: bytes) -> None:
     with pytest.raises(Check365Unavailable, match="malformed answer") as caught:
         classify(body)
+    assert not isinstance(caught.value, Check365Misconfigured)
     assert caught.value.retry_after is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"<html>502 Bad Gateway</html>", id="html"),
+        pytest.param(b"<!doctype html><title>Acme</title>", id="a-website"),
+        pytest.param(b"\xff\xfe\x00garbage", id="not-utf8"),
+        pytest.param(b"[1, 2]", id="array"),
+        pytest.param(b'"completed"', id="string"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b"[" * 5000, id="deep-nesting"),
+        pytest.param(orjson.dumps({"message": "ok", "data": job()}), id="success-missing"),
+        pytest.param(orjson.dumps({"detail": "Not Found"}), id="another-api"),
+        pytest.param(answer(job(), success="true"), id="success-string"),
+        pytest.param(answer(job(), success=1), id="success-int"),
+    ],
+)
+def test_a_2xx_that_is_not_check365s_json_is_misconfigured(body: bytes) -> None:
+    with pytest.raises(Check365Misconfigured, match=r"not Check365's JSON.*CHECK365_BASE_URL"):
+        classify(body)
 
 
 @pytest.mark.parametrize("other", ["J-43", "", None, 42, "j-42"])
@@ -318,7 +338,6 @@ def test_answer_for_another_job_is_unavailable(other: Any) -> None:
         ("No such job: J-42", "job_not_found"),
         ("UNKNOWN JOB", "job_not_found"),
         ("Job not found for this API key", "job_not_found"),
-        ("Resource does not exist", "job_not_found"),
         ("Invalid API key", "unauthorized"),
         ("API key not found", "unauthorized"),
         ("apikey missing", "unauthorized"),
@@ -335,7 +354,10 @@ def test_success_false_with_permanent_message_is_rejected(message: str, reason: 
     assert message in str(caught.value)
 
 
-@pytest.mark.parametrize("message", ["Internal error, try again", "", None, 17, "Rate limit exceeded"])
+@pytest.mark.parametrize(
+    "message",
+    ["Internal error, try again", "", None, 17, "Rate limit exceeded", "Resource does not exist", "Not found"],
+)
 def test_success_false_with_other_message_is_unavailable(message: Any) -> None:
     with pytest.raises(Check365Unavailable, match="success=false"):
         classify(answer(job(), success=False, message=message))
@@ -345,24 +367,55 @@ def test_success_false_with_other_message_is_unavailable(message: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("status_code", "reason"),
+    ("status_code", "message", "reason"),
     [
-        (401, "unauthorized"),
-        (403, "unauthorized"),
-        (404, "job_not_found"),
-        (400, "bad_request"),
-        (422, "bad_request"),
-        (405, "bad_request"),
-        (409, "bad_request"),
-        (418, "bad_request"),
-        (499, "bad_request"),
+        (401, "Invalid API key", "unauthorized"),
+        (403, "Forbidden", "unauthorized"),
+        (404, "Job not found", "job_not_found"),
+        (404, "No such job", "job_not_found"),
+        (400, "job_id is required", "bad_request"),
+        (422, "Invalid job_id", "bad_request"),
+        (405, "Method not allowed", "bad_request"),
+        (409, "Conflict", "bad_request"),
+        (418, "", "bad_request"),
+        (499, "x", "bad_request"),
     ],
 )
-def test_client_errors_are_rejected(status_code: int, reason: str) -> None:
+def test_check365s_own_refusals_are_rejected(status_code: int, message: str, reason: str) -> None:
     with pytest.raises(Check365Rejected) as caught:
-        fetch(respond(answer(job()), status_code))
+        fetch(respond(answer(success=False, message=message), status_code))
     assert caught.value.reason == reason
     assert str(status_code) in str(caught.value)
+
+
+NGINX_404 = b"<html><head><title>404 Not Found</title></head><body><h1>404 Not Found</h1></body></html>"
+
+
+@pytest.mark.parametrize(
+    ("status_code", "body"),
+    [
+        # A CHECK365_BASE_URL one path segment off: the web server's page for every request.
+        pytest.param(404, NGINX_404, id="404-html"),
+        pytest.param(404, b"", id="404-empty"),
+        pytest.param(404, orjson.dumps({"detail": "Not Found"}), id="404-another-api"),
+        pytest.param(404, answer(job()), id="404-success-true"),
+        # Check365's envelope, but a missing route rather than an unknown job.
+        pytest.param(404, answer(success=False, message="Not found"), id="404-route"),
+        pytest.param(404, answer(success=False, message=None), id="404-no-message"),
+        # A proxy or gateway in front that wants its own credentials.
+        pytest.param(401, b"<html><h1>401 Authorization Required</h1></html>", id="401-html"),
+        pytest.param(401, b"", id="401-empty"),
+        pytest.param(403, b"Forbidden", id="403-text"),
+        pytest.param(403, orjson.dumps({"error": "access denied"}), id="403-another-api"),
+        pytest.param(405, NGINX_404, id="405-html"),
+        pytest.param(400, b"<html>400 Bad Request</html>", id="400-html"),
+    ],
+)
+def test_client_errors_that_are_not_check365s_answer_are_misconfigured(status_code: int, body: bytes) -> None:
+    with pytest.raises(Check365Misconfigured, match="CHECK365_BASE_URL") as caught:
+        fetch(respond(body, status_code))
+    assert str(status_code) in str(caught.value)
+    assert not isinstance(caught.value, Check365Rejected)
 
 
 def test_client_error_quotes_check365_message() -> None:
@@ -379,8 +432,8 @@ def test_server_errors_are_unavailable(status_code: int) -> None:
 
 
 @pytest.mark.parametrize("status_code", [300, 301, 302, 303, 304, 307, 308])
-def test_redirects_are_unavailable(status_code: int) -> None:
-    with pytest.raises(Check365Unavailable, match="unexpected redirect"):
+def test_redirects_are_misconfigured(status_code: int) -> None:
+    with pytest.raises(Check365Misconfigured, match="unexpected redirect"):
         classify(answer(job()), status_code=status_code, headers={"location": "https://x.test/"})
 
 
@@ -418,7 +471,7 @@ def test_retry_after_header_name_is_case_insensitive() -> None:
 
 def test_retry_after_is_ignored_on_rejections() -> None:
     with pytest.raises(Check365Rejected) as caught:
-        classify(b"", status_code=401, headers={"Retry-After": "7"})
+        classify(answer(success=False, message="Invalid API key"), status_code=401, headers={"Retry-After": "7"})
     assert not isinstance(caught.value, RetryableError)
 
 

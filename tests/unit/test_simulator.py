@@ -547,3 +547,21 @@ def test_the_url_needs_a_started_simulator() -> None:
 def test_the_simulator_imports_without_celery() -> None:
     code = "import sys, worker.local.simulator; sys.exit('celery' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
+
+
+def test_a_rotated_key_refuses_the_old_one(client: httpx.Client) -> None:
+    assert status(client, "sim-1-0s").status_code == 200
+    assert client.post("/_sim/key", json={"api_key": "rotated"}).status_code == 200
+    refused = status(client, "sim-1-0s")
+    assert refused.status_code == 401
+    assert refused.json() == {"success": False, "message": "Invalid API key"}
+    assert status(client, "sim-1-0s", api_key="rotated").status_code == 200
+    assert client.post("/_sim/key", json={"api_key": ""}).status_code == 400
+
+
+def test_a_path_it_does_not_serve_gets_a_web_servers_html_404(client: httpx.Client) -> None:
+    # What a CHECK365_BASE_URL one path segment off meets.
+    response = client.get("/v2" + STATUS_PATH, params={"api_key": KEY, "job_id": "sim-1-0s"})
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "text/html"
+    assert b"<h1>404 Not Found</h1>" in response.content

@@ -7,6 +7,9 @@ inside HTTP 200, short result lists, dropped connections). It records every
 status request so that tests can check the pool's request rate and its respect
 of Retry-After across processes.
 
+Any other path gets a web server's HTML 404 page, as a ``CHECK365_BASE_URL`` one path
+segment off would meet in front of the real API.
+
 Only built-in modules and orjson are used, so the simulator runs anywhere the
 package is installed, without Celery or Redis.
 
@@ -15,6 +18,7 @@ the simulator is a loopback test tool):
 
     POST /_sim/jobs       {"job_id", "size", "duration_s", "behaviour"}  register a job
     POST /_sim/faults     FaultPlan fields, or {} to clear
+    POST /_sim/key        {"api_key"}: the key accepted from now on (a rotated key)
     GET  /_sim/requests   the request log
     GET  /_sim/stats      {"requests", "retry_after_violations", "per_second_max"}
 """
@@ -393,6 +397,13 @@ class Simulator(LocalServer):
             self._install(job)
         return job
 
+    def set_api_key(self, api_key: str) -> None:
+        """Accept only ``api_key`` from now on: every other key is refused with 401."""
+        if not api_key:
+            raise ValueError("api_key must not be empty")
+        with self._lock:
+            self._api_key = api_key
+
     def set_faults(self, faults: FaultPlan | None) -> None:
         with self._lock:
             self._faults = faults
@@ -483,7 +494,9 @@ class Simulator(LocalServer):
 
     def _answer_normally(self, api_key: str, job_id: str, now: float, *, truncate: bool) -> tuple[_Answer, str | None]:
         """The documented answer; ``truncate`` asks for a short list if the job is completed."""
-        if api_key != self._api_key:
+        with self._lock:
+            accepted = self._api_key
+        if api_key != accepted:
             return _Answer(401, orjson.dumps({"success": False, "message": "Invalid API key"})), None
         if not job_id:
             return _Answer(400, orjson.dumps({"success": False, "message": "job_id is required"})), None
@@ -515,6 +528,11 @@ _CANNED_FAULTS = {
     "5xx": _Answer(503, orjson.dumps({"success": False, "message": "Service temporarily unavailable"})),
     "success_false": _Answer(200, orjson.dumps({"success": False, "message": "Temporary error, try again"})),
 }
+# What a web server answers for a path it does not serve (nginx's page).
+NOT_FOUND_PAGE = (
+    b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
+    b"<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
 # A body cut mid-stream and a proxy's HTML error page: both arrive with HTTP 200.
 _MALFORMED_BODIES = (
     b'{"success": true, "message": "Job has been completed", "data": {"jobId": "',
@@ -557,16 +575,18 @@ class _SimHandler(QuietHandler):
         elif parts.path == "/_sim/stats":
             self.send_json(200, self.sim.stats())
         else:
-            self.send_json(404, {"success": False, "message": "Not found"})
+            self.send_body(404, NOT_FOUND_PAGE, content_type="text/html")
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
         body = self.read_body(MAX_CONTROL_BODY)
         if body is None:
             return
-        if path not in ("/_sim/jobs", "/_sim/faults"):
-            status = 405 if path == STATUS_PATH else 404
-            self.send_json(status, {"success": False, "message": "Not found"})
+        if path not in ("/_sim/jobs", "/_sim/faults", "/_sim/key"):
+            if path == STATUS_PATH:
+                self.send_json(405, {"success": False, "message": "Method not allowed"})
+            else:
+                self.send_body(404, NOT_FOUND_PAGE, content_type="text/html")
             return
         try:
             payload = orjson.loads(body or b"{}")
@@ -580,6 +600,9 @@ class _SimHandler(QuietHandler):
                     str(payload.get("behaviour", "normal")),
                 )
                 self.send_json(201, asdict(job))
+            elif path == "/_sim/key":
+                self.sim.set_api_key(str(payload["api_key"]))
+                self.send_json(200, {"success": True})
             else:
                 self.sim.set_faults(FaultPlan.from_json(payload))
                 self.send_json(200, {"success": True})

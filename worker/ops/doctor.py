@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from worker.errors import Check365Rejected, RetryableError, SettingsError
+from worker.errors import Check365Misconfigured, Check365Rejected, RetryableError, SettingsError
 from worker.settings import Settings, load_settings
 
 
@@ -51,12 +51,15 @@ def _check365_check(settings: Settings) -> Check:
 
     client = make_client(settings)
     try:
-        # A job id that cannot exist: a not-found answer proves the key is accepted.
+        # A job id that cannot exist: Check365's own not-found answer proves the key is
+        # accepted (any other 404 is classified as not Check365's).
         fetch_status(client, settings, "check365-worker-doctor-probe")
     except Check365Rejected as exc:
         if exc.reason == "unauthorized":
             return Check("check365", False, "the API key is refused")
         return Check("check365", True, f"endpoint answers, key accepted ({exc.reason} for a probe job)")
+    except Check365Misconfigured as exc:
+        return Check("check365", False, f"not Check365: {exc}")
     except RetryableError as exc:
         return Check("check365", False, f"endpoint unavailable: {exc}")
     finally:

@@ -60,7 +60,16 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 DEFAULT_ADDR: Final = "0.0.0.0"  # noqa: S104 - deliberate, see the line above
 
 WATCH_OUTCOMES: Final = ("completed", "failed", "timed_out")
-POLL_OUTCOMES: Final = ("running", "completed", "incomplete", "failed", "rejected", "transient", "throttled")
+POLL_OUTCOMES: Final = (
+    "running",
+    "completed",
+    "incomplete",
+    "failed",
+    "rejected",
+    "transient",
+    "misconfigured",
+    "throttled",
+)
 DELIVERY_OUTCOMES: Final = ("delivered", "failed", "dead_lettered")
 DEAD_LETTER_REASONS: Final = ("gone", "retries_exhausted", "unsafe_callback")
 
@@ -100,7 +109,8 @@ def _create() -> _Metrics:
         polls=Counter(
             "check365_polls",
             "Poll steps, by outcome: what Check365 answered (running, completed, incomplete, failed), "
-            "rejected (refused for good), transient (5xx, 429, timeout, garbage) or throttled "
+            "rejected (refused for good), transient (5xx, 429, timeout, garbage), misconfigured (an "
+            "answer that is not Check365's: check CHECK365_BASE_URL) or throttled "
             "(deferred by the pool-wide rate limit, no request sent).",
             ["outcome"],
         ),

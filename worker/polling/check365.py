@@ -10,8 +10,14 @@
     2xx, success true, any other status           Running
     2xx, success false, job unknown / key refused Check365Rejected
     429                                           Check365Throttled
-    401 403 / 404 / 400 422 and other 4xx         Check365Rejected
-    3xx, 408, 425, 5xx, garbage, success false    Check365Unavailable
+    401 403 / 404 / other 4xx, Check365's refusal Check365Rejected (404: only "job not found")
+    3xx; 4xx or 2xx that is not Check365's JSON   Check365Misconfigured
+    408, 425, 5xx, a cut answer, success false    Check365Unavailable
+
+Check365's refusal is its JSON envelope, ``{"success": false, "message": "..."}``.
+Anything else on a 3xx or 4xx (a web server's HTML 404 for a base URL one path
+segment off, a proxy's 401) did not come from Check365, and says nothing about the
+job: it must never end a watch.
 
 The API key travels in the query string, so no message built here contains the
 request URL, and no error is chained to an httpx exception (which carries it).
@@ -49,7 +55,13 @@ import httpx
 import orjson
 
 from worker import __version__
-from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable, OutOfTime
+from worker.errors import (
+    Check365Misconfigured,
+    Check365Rejected,
+    Check365Throttled,
+    Check365Unavailable,
+    OutOfTime,
+)
 from worker.runtime.leases import head, status_budget_s, within
 from worker.runtime.logs import Redactor
 from worker.settings import Settings
@@ -285,15 +297,26 @@ def classify_response(
     secrets = tuple(s for s in redact if s)
     if not 200 <= status_code < 300:
         _raise_for_status(status_code, headers, body, secrets)
-    return _classify_parsed(_loads(body), job_id, secrets)
+    return _classify_parsed(_loads(body), job_id, secrets, cut_object=_cut_object(body))
 
 
-def _classify_parsed(parsed: object, job_id: str, secrets: tuple[str, ...]) -> PollOutcome:
-    if not isinstance(parsed, dict):
+def _cut_object(start: bytes) -> bool:
+    """Whether a body that orjson refused begins like a JSON object: an answer cut short.
+
+    Only the first bytes are looked at. An empty body counts too (a dropped answer).
+    """
+    head = start[:64].lstrip(b" \t\n\r")
+    return head[:1] in (b"", b"{")
+
+
+def _classify_parsed(parsed: object, job_id: str, secrets: tuple[str, ...], *, cut_object: bool) -> PollOutcome:
+    if parsed is _MALFORMED and cut_object:
         raise Check365Unavailable("malformed answer: the body is not a JSON object")
-    success = parsed.get("success")
-    if not isinstance(success, bool):
-        raise Check365Unavailable("malformed answer: 'success' is not a boolean")
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("success"), bool):
+        raise Check365Misconfigured(
+            f"the answer is not Check365's JSON ({_what_it_is(parsed)}): check CHECK365_BASE_URL"
+        )
+    success = parsed["success"]
     message = _message_of(parsed, secrets)
     if not success:
         _raise_for_refusal(message)
@@ -351,32 +374,61 @@ def _raise_for_status(status_code: int, headers: Mapping[str, str], body: bytes,
     parsed = _loads(body)
     if isinstance(parsed, dict) and (quoted := _message_of(parsed, secrets)):
         detail = f"{detail}: {quoted}"
-    if status_code in (401, 403):
-        raise Check365Rejected("unauthorized", detail)
-    if status_code == 404:
-        raise Check365Rejected("job_not_found", detail)
     if status_code == 429:
         raise Check365Throttled(detail, retry_after=_retry_after(headers))
     if status_code in (408, 425) or 500 <= status_code < 600:
         raise Check365Unavailable(detail, retry_after=_retry_after(headers))
     if 300 <= status_code < 400:
-        raise Check365Unavailable(f"unexpected redirect: {detail}")
-    if 400 <= status_code < 500:
-        raise Check365Rejected("bad_request", detail)
-    raise Check365Unavailable(f"unexpected status: {detail}")
+        # Check365 never redirects this endpoint: the base URL points somewhere else.
+        raise Check365Misconfigured(f"unexpected redirect: {detail}: check CHECK365_BASE_URL")
+    if not 400 <= status_code < 500:
+        raise Check365Unavailable(f"unexpected status: {detail}")
+    refusal = _refusal_message(parsed, secrets)
+    if refusal is None:
+        raise Check365Misconfigured(
+            f"HTTP {status_code} that is not Check365's answer ({_what_it_is(parsed)}): check CHECK365_BASE_URL"
+        )
+    if status_code in (401, 403):
+        raise Check365Rejected("unauthorized", detail)
+    if status_code == 404:
+        if _names_missing_job(refusal):
+            raise Check365Rejected("job_not_found", detail)
+        # Check365's envelope, but not its answer about a job: a route that does not exist.
+        raise Check365Misconfigured(f"{detail} (not an unknown job): check CHECK365_BASE_URL")
+    raise Check365Rejected("bad_request", detail)
+
+
+def _refusal_message(parsed: object, secrets: tuple[str, ...]) -> str | None:
+    """The message of Check365's refusal envelope, or None when the answer is not one."""
+    if not isinstance(parsed, dict) or parsed.get("success") is not False or not isinstance(parsed.get("message"), str):
+        return None
+    return _message_of(parsed, secrets)
+
+
+def _names_missing_job(message: str) -> bool:
+    lowered = message.lower()
+    names_job = "job" in lowered and any(m in lowered for m in _NOT_FOUND_MARKERS)
+    return names_job or any(m in lowered for m in _JOB_MARKERS)
+
+
+def _what_it_is(parsed: object) -> str:
+    """A few words on what came instead of Check365's JSON (never its content: it may be anything)."""
+    if parsed is _MALFORMED:
+        return "not JSON"
+    if isinstance(parsed, dict):
+        return "a JSON object without a boolean 'success'"
+    return f"JSON {type(parsed).__name__}"
 
 
 def _raise_for_refusal(message: str) -> NoReturn:
     lowered = message.lower()
     detail = f"Check365 answered success=false: {message}" if message else "Check365 answered success=false"
-    names_job = "job" in lowered and any(m in lowered for m in _NOT_FOUND_MARKERS)
-    if names_job or any(m in lowered for m in _JOB_MARKERS):
+    if _names_missing_job(message):
         raise Check365Rejected("job_not_found", detail)
     if any(m in lowered for m in _KEY_MARKERS):
         raise Check365Rejected("unauthorized", detail)
-    if any(m in lowered for m in _NOT_FOUND_MARKERS):
-        raise Check365Rejected("job_not_found", detail)
-    # Anything else may be a hiccup on their side: try again later.
+    # Anything else (a bare "not found" too: it does not say the job is unknown) may be
+    # a hiccup on their side: try again later.
     raise Check365Unavailable(detail)
 
 
@@ -575,7 +627,7 @@ def _classify_spool(spool: _Spool, job_id: str, secrets: tuple[str, ...], whole_
                     f"an answer of {spool.size:,} bytes not shaped like a completed job's is too large to read"
                 )
             parsed = _loads(spool.read(0, spool.size))
-        outcome = _classify_parsed(parsed, job_id, secrets)
+        outcome = _classify_parsed(parsed, job_id, secrets, cut_object=_cut_object(spool.read(0, 64)))
         answer = outcome.answer if isinstance(outcome, Incomplete) else outcome
         keep = isinstance(answer, Completed) and isinstance(answer.data.get("results"), SpooledResults)
         return outcome

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from worker.delivery.events import Event, EventHead, failed_event, iter_completed_events, timed_out_event
-from worker.errors import Check365Rejected, Check365Throttled, RetryableError
+from worker.errors import Check365Misconfigured, Check365Rejected, Check365Throttled, RetryableError
 from worker.intake.enqueue import WatchRequest
 from worker.ops import metrics
 from worker.polling import check365
@@ -193,28 +193,7 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
         event = failed_event(watch_id, watch.job_id, exc.reason, str(exc), watch.metadata, now=ctx.clock())
         return _finish(ctx, watch, holder, "failed", [event])
     except RetryableError as exc:
-        metrics.poll("transient")
-        if exc.retry_after:
-            ctx.limiter.block(exc.retry_after)
-        failures = watch.failures + 1
-        delay = transient_delay(
-            failures,
-            initial_delay=settings.poll_initial_delay_s,
-            max_delay=settings.poll_max_delay_s,
-            retry_after=exc.retry_after,
-            rng=ctx.rng,
-        )
-        delay = min(delay, settings.poll_max_delay_s, max(watch.deadline - ctx.clock(), 0.001))
-        log.warning(
-            "poll_failed",
-            watch_id=watch_id,
-            error=str(exc),
-            retry_after_s=exc.retry_after,
-            throttled=isinstance(exc, Check365Throttled),
-            failures=failures,
-            next_poll_in_s=round(delay, 3),
-        )
-        return _reschedule(ctx, watch, holder, delay, {"failures": str(failures), "polls": str(watch.polls + 1)})
+        return _retry_later(ctx, watch, holder, exc)
 
     now = ctx.clock()
     polls = watch.polls + 1
@@ -268,6 +247,36 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
         "short_since": fmt(short_since) if isinstance(outcome, check365.Incomplete) else "",
     }
     return _reschedule(ctx, watch, holder, delay, fields)
+
+
+def _retry_later(ctx: Context, watch: Watch, holder: str, exc: RetryableError) -> StepResult:
+    """A poll that got no usable answer: try again after a growing, jittered delay."""
+    settings = ctx.settings
+    misconfigured = isinstance(exc, Check365Misconfigured)
+    metrics.poll("misconfigured" if misconfigured else "transient")
+    if exc.retry_after:
+        ctx.limiter.block(exc.retry_after)
+    failures = watch.failures + 1
+    delay = transient_delay(
+        failures,
+        initial_delay=settings.poll_initial_delay_s,
+        max_delay=settings.poll_max_delay_s,
+        retry_after=exc.retry_after,
+        rng=ctx.rng,
+    )
+    delay = min(delay, settings.poll_max_delay_s, max(watch.deadline - ctx.clock(), 0.001))
+    # Not the job's fault nor Check365's: an operator must fix the deployment, and the
+    # watch waits for that rather than failing a job that may be fine.
+    (log.error if misconfigured else log.warning)(
+        "poll_misconfigured" if misconfigured else "poll_failed",
+        watch_id=watch.watch_id,
+        error=str(exc),
+        retry_after_s=exc.retry_after,
+        throttled=isinstance(exc, Check365Throttled),
+        failures=failures,
+        next_poll_in_s=round(delay, 3),
+    )
+    return _reschedule(ctx, watch, holder, delay, {"failures": str(failures), "polls": str(watch.polls + 1)})
 
 
 def _short_answer_accepted(watch: Watch, outcome: check365.PollOutcome, waited_s: float) -> check365.PollOutcome:
