@@ -266,7 +266,7 @@ def test_the_failures_left_their_exception_texts_and_dead_letters(
         "could not reach Check365 (RemoteProtocolError)",  # a dropped connection
         "Check365 did not answer in time (ReadTimeout)",
         "could not reach Check365 (ConnectError)",  # nothing listening
-        "malformed answer",
+        "not Check365's JSON",  # the simulator's HTML page, answered with 200
         "Check365 answered HTTP 503",
         "Check365 answered HTTP 429",
         "timeout",  # the slow receiver
