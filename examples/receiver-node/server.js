@@ -27,11 +27,30 @@ const PATH = "/webhooks/check365";
 // about 250 KB); this is ample, and bounds what a stranger can make us read.
 const MAX_BODY = 16 * 1024 * 1024;
 
-if (!process.env.WEBHOOK_SECRET) {
-  console.error("set WEBHOOK_SECRET to the worker's secret (whsec_...)");
-  process.exit(2);
+// WEBHOOK_SECRET, checked at start-up: a wrong one would answer 400 to every webhook.
+// The value itself is never printed: it is a secret, even when malformed.
+function loadSecret() {
+  const secret = (process.env.WEBHOOK_SECRET ?? "").trim();
+  let problem = null;
+  if (!secret) {
+    problem = "is not set: use the worker's secret (whsec_...)";
+  } else if (!/^whsec_[A-Za-z0-9+/]+={0,2}$/.test(secret) || (secret.length - 6) % 4 !== 0) {
+    problem = "must be one secret of the form whsec_<base64 key>, as the worker has it";
+  }
+  if (problem !== null) {
+    console.error(`WEBHOOK_SECRET ${problem}`);
+    process.exit(2);
+  }
+  return secret;
 }
-const webhook = new Webhook(process.env.WEBHOOK_SECRET);
+const webhook = new Webhook(loadSecret());
+
+// The reference library's reasons, as the answer's error (anything else is a bad signature).
+const REFUSALS = {
+  "Missing required headers": "missing webhook headers",
+  "Message timestamp too old": "stale timestamp (check this host's clock)",
+  "Message timestamp too new": "timestamp in the future (check this host's clock)",
+};
 
 const seen = new Set(); // handled webhook-ids: use a table with a unique key in production
 const accepted = []; // what GET /events shows
@@ -78,7 +97,9 @@ function receive(req, res, body) {
   } catch (err) {
     // A bad signature, a stale timestamp, missing headers (WebhookVerificationError),
     // or a signed body that is not JSON: nothing unverified goes any further.
-    send(res, 400, { error: err instanceof WebhookVerificationError ? "invalid signature" : "invalid body" });
+    const error =
+      err instanceof WebhookVerificationError ? (REFUSALS[err.message] ?? "invalid signature") : "invalid body";
+    send(res, 400, { error });
     return;
   }
   const webhookId = req.headers["webhook-id"];

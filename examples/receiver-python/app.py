@@ -19,6 +19,8 @@ or double an event, and several receiver processes share what was seen.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import sys
@@ -34,9 +36,38 @@ PATH = "/webhooks/check365"
 # about 250 KB); this is ample, and bounds what a stranger can make us read.
 MAX_BODY = 16 * 1024 * 1024
 
+
+def load_secret() -> str:
+    """WEBHOOK_SECRET, checked at start-up: a wrong one would answer 400 to every webhook."""
+    secret = os.environ.get("WEBHOOK_SECRET", "").strip()
+    problem = None
+    if not secret:
+        problem = "is not set: use the worker's secret (whsec_...)"
+    elif not secret.startswith("whsec_") or " " in secret:
+        problem = "must be one secret of the form whsec_<base64 key>, as the worker has it"
+    else:
+        try:
+            if not base64.b64decode(secret.removeprefix("whsec_"), validate=True):
+                problem = "has an empty key after whsec_"
+        except (binascii.Error, ValueError):
+            problem = "must be base64 after whsec_"
+    if problem is not None:
+        # The value itself is never printed: it is a secret, even when malformed.
+        print(f"WEBHOOK_SECRET {problem}", file=sys.stderr)
+        sys.exit(2)
+    return secret
+
+
 app = Flask(__name__)
 app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-webhook = Webhook(os.environ["WEBHOOK_SECRET"])  # "whsec_..."; KeyError at start-up if missing
+webhook = Webhook(load_secret())
+
+# The reference library's reasons, as the answer's error (anything else is a bad signature).
+REFUSALS = {
+    "Missing required headers": "missing webhook headers",
+    "Message timestamp too old": "stale timestamp (check this host's clock)",
+    "Message timestamp too new": "timestamp in the future (check this host's clock)",
+}
 
 lock = threading.Lock()
 seen: set[str] = set()  # handled webhook-ids: use a table with a unique key in production
@@ -71,9 +102,11 @@ def receive() -> tuple[Response | str, int]:
     body = request.get_data()  # the raw bytes: re-serialised JSON would not match the signature
     try:
         event = webhook.verify(body, dict(request.headers))
-    except (WebhookVerificationError, ValueError):
-        # ValueError: a malformed signature header or a body that is not UTF-8 JSON.
-        return jsonify(error="invalid signature"), 400
+    except WebhookVerificationError as exc:
+        return jsonify(error=REFUSALS.get(str(exc), "invalid signature")), 400
+    except ValueError:
+        # The signature matched, but the body is not UTF-8 JSON.
+        return jsonify(error="invalid body"), 400
     webhook_id = request.headers["webhook-id"]
     with lock:
         if webhook_id in seen:

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +223,62 @@ def test_kit_accepts_verified_events_reassembles_parts_rejects_tampering_and_ign
 
     # One JSON line on stdout per accepted event, and nothing else there.
     assert [e["webhookId"] for e in kit.printed_events()] == [e["webhookId"] for e in accepted]
+
+
+@pytest.mark.parametrize("kit_name", KITS)
+@pytest.mark.parametrize(
+    ("secret", "problem"),
+    [
+        (None, "WEBHOOK_SECRET is not set"),
+        ("nope-not-a-secret", "WEBHOOK_SECRET must be one secret of the form whsec_<base64 key>"),
+        ("c2VjcmV0LWtleS1ieXRlcw==", "WEBHOOK_SECRET must be one secret of the form whsec_<base64 key>"),
+        ("whsec_!!not*base64", "WEBHOOK_SECRET must be"),
+    ],
+)
+def test_kit_refuses_to_start_without_a_usable_secret(kit_name: str, secret: str | None, problem: str) -> None:
+    command, directory = _kit_command(kit_name)
+    env = {k: v for k, v in os.environ.items() if k != "WEBHOOK_SECRET"}
+    env.update({"PORT": str(free_port()), "HOST": "127.0.0.1"})
+    if secret is not None:
+        env["WEBHOOK_SECRET"] = secret
+    started = subprocess.run(
+        command,
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert started.returncode == 2, started.stdout + started.stderr
+    assert problem in started.stderr
+    assert "Traceback" not in started.stderr and "KeyError" not in started.stderr
+    if secret:
+        assert secret.removeprefix("whsec_") not in started.stderr, "a secret is never printed"
+
+
+def test_kit_says_which_check_refused_a_webhook(cluster: Cluster, kit: Kit) -> None:
+    body = json.dumps({"type": "bulk_validation.failed", "data": {"jobId": "K-x", "reason": "job_failed"}}).encode()
+    fresh = signed_headers(cluster.secret, "msg_checks", body)
+    stale_time = datetime.now(UTC) - timedelta(minutes=10)
+    stale = {
+        "webhook-id": "msg_checks",
+        "webhook-timestamp": str(int(stale_time.timestamp())),
+        "webhook-signature": Webhook(cluster.secret).sign("msg_checks", stale_time, body.decode()),
+    }
+    future_time = datetime.now(UTC) + timedelta(minutes=10)
+    future = {
+        **stale,
+        "webhook-timestamp": str(int(future_time.timestamp())),
+        "webhook-signature": Webhook(cluster.secret).sign("msg_checks", future_time, body.decode()),
+    }
+    cases = {
+        "stale timestamp (check this host's clock)": kit.post(body, stale),
+        "timestamp in the future (check this host's clock)": kit.post(body, future),
+        "invalid signature": kit.post(body + b" ", fresh),
+        "missing webhook headers": kit.post(body, {"webhook-id": "msg_checks"}),
+    }
+    for error, response in cases.items():
+        assert (response.status_code, response.json()) == (400, {"error": error})
+    assert kit.accepted() == [], "nothing refused was handled"
