@@ -23,6 +23,7 @@ from worker.errors import (
     Check365Unavailable,
     RetryableError,
 )
+from worker.local.simulator import Simulator
 from worker.polling.check365 import (
     TERMINAL_FAILURE_STATUSES,
     USER_AGENT,
@@ -154,6 +155,22 @@ def test_make_client_does_not_follow_redirects() -> None:
     with make_client(make_settings()) as client:
         assert client.follow_redirects is False
         assert client.headers["user-agent"] == USER_AGENT
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "ALL_PROXY", "http_proxy"])
+def test_the_environment_s_proxy_never_sees_the_key(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    # A proxy (or NETRC, SSL_CERT_FILE) set for other programs must not carry the API key
+    # elsewhere: nothing listens on this proxy's port, so a client that honours it cannot connect.
+    monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with Simulator(API_KEY) as sim:
+        sim.add_job(JOB_ID, size=2, duration_s=0)
+        settings = make_settings(CHECK365_BASE_URL=sim.url)
+        with make_client(settings) as client:  # the client a process builds: no transport injected
+            outcome = fetch_status(client, settings, JOB_ID)
+        assert isinstance(outcome, Completed)
+        assert [r.job_id for r in sim.requests()] == [JOB_ID]
 
 
 # --- successful answers -----------------------------------------------------------------------
