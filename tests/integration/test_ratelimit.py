@@ -123,6 +123,52 @@ def test_three_workers_share_one_request_rate() -> None:
     )
 
 
+BURST_JOBS = 60
+BURST_RPS = 8
+
+
+def test_a_burst_past_its_deadlines_under_a_low_rate_ends_every_watch_with_a_poll() -> None:
+    # Sixty jobs long completed, three workers, 8 requests/s and a 3 s deadline: the
+    # polls take 7.5 s at least, so most watches meet their deadline still waiting for
+    # their turn. Each must be polled at or after it, and so end completed.
+    settings = {
+        "CHECK365_MAX_RPS": str(BURST_RPS),
+        "WATCH_TIMEOUT_S": "3",
+        "POLL_MAX_DELAY_S": "5",
+        "LOG_LEVEL": "debug",
+    }
+    jobs = [f"burst-{i}" for i in range(BURST_JOBS)]
+    with Cluster() as cluster:
+        for job in jobs:
+            cluster.sim.add_job(job, size=2, duration_s=0.0)
+        workers = [
+            cluster.start_worker(f"burst{i}", concurrency=2, env_overrides=settings, wait=False) for i in range(3)
+        ]
+        for worker in workers:
+            worker.wait_ready()
+        for job in jobs:
+            cluster.enqueue(job, f"/hooks/{job}", **settings)
+        cluster.receiver.wait_for(lambda rx: len({r.path for r in rx}) >= BURST_JOBS, 60.0)
+        watches = [w for job in jobs for w in cluster.watch_state(job)]
+        received = cluster.receiver.received()
+        past_deadline = sum(
+            1
+            for worker in workers
+            for record in worker.log_records()
+            if record.get("event") == "poll_throttled" and record.get("past_deadline")
+        )
+        crashes = cluster.error_records()
+
+    assert not crashes, f"a step crashed: {[(name, r.get('event')) for name, r in crashes][:3]}"
+    outcomes = {w.job_id: (w.outcome, w.polls) for w in watches}
+    assert [job for job, (outcome, _) in outcomes.items() if outcome != "completed"] == []
+    assert all(polls >= 1 for _, polls in outcomes.values())
+    assert past_deadline > 0, "no watch waited for its turn past its deadline: this test proves nothing"
+    assert all(r.verified for r in received)
+    assert {r.json()["type"] for r in received} == {COMPLETED}
+    assert len(webhook_ids(received)) == BURST_JOBS
+
+
 # --------------------------------------------------------------------------- the limiter on its own
 
 

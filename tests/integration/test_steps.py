@@ -224,23 +224,54 @@ def test_retry_after_blocks_the_whole_pool(world: World) -> None:
     assert len(world.check365_requests) == 1
 
 
-def test_deadline_ends_the_watch_with_the_last_status(world: World) -> None:
+def test_deadline_ends_the_watch_after_one_more_poll_with_its_status(world: World) -> None:
     step = world.start()
     world.check365_answers.append(status("processing", 40))
     result = poll_once(world.ctx, step.watch_id, step.token)
     assert isinstance(result, Reschedule)
     world.clock.advance(world.settings.watch_timeout_s + 1)
+    world.check365_answers.append(status("processing", 45))
     final = poll_once(world.ctx, step.watch_id, result.token)
     assert isinstance(final, Finished)
     assert final.outcome == "timed_out"
+    assert len(world.check365_requests) == 2, "no watch times out without a poll at or after its deadline"
     body = json.loads(world.ctx.outbox.body(final.deliveries[0][0]) or b"")
     assert body["data"] == {
         "jobId": "J-1",
         "reason": "timed_out",
         "status": "processing",
-        "progress": 40,
+        "progress": 45,
         "metadata": None,
     }
+
+
+def test_a_watch_throttled_past_its_deadline_is_polled_at_its_turn_and_completes(world: World) -> None:
+    step = world.start()
+    world.clock.advance(world.settings.watch_timeout_s + 1)
+    # The pool is held back (a crowd's turns, a Retry-After): the watch waits for its
+    # turn, however far past its deadline, and does not time out unseen.
+    world.ctx.limiter.block(30)
+    held = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(held, Reschedule)
+    assert 29 <= held.delay <= 30
+    assert world.check365_requests == []
+    world.ctx.redis.delete(BLOCKED_KEY)
+    world.clock.advance(held.delay)
+    world.check365_answers.append(status("completed", 100, RESULTS))
+    done = poll_once(world.ctx, step.watch_id, held.token)
+    assert isinstance(done, Finished)
+    assert done.outcome == "completed"
+
+
+def test_a_failed_poll_at_the_deadline_ends_the_watch(world: World) -> None:
+    step = world.start()
+    world.clock.advance(world.settings.watch_timeout_s)
+    world.check365_answers.append(httpx.Response(503))
+    final = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(final, Finished)
+    assert final.outcome == "timed_out"
+    watch = world.ctx.watches.get(step.watch_id)
+    assert watch is not None and watch.polls == 1
 
 
 def finished_by_failure(world: World) -> Finished:

@@ -25,6 +25,7 @@ from worker.errors import (
 )
 from worker.local.simulator import Simulator
 from worker.polling.check365 import (
+    MAX_STATUS_CHARS,
     TERMINAL_FAILURE_STATUSES,
     USER_AGENT,
     Completed,
@@ -277,6 +278,17 @@ def test_failed_without_a_string_message_has_empty_message(message: Any) -> None
 def test_failed_message_is_truncated() -> None:
     outcome = classify(answer(job(status="failed"), message="x" * 5000))
     assert outcome == Failed(status="failed", message="x" * 200)
+
+
+def test_a_status_of_megabytes_is_cut() -> None:
+    huge = "processing" + "x" * 5_000_000
+    running = classify(answer(job(status=huge, results=[])))
+    assert isinstance(running, Running)
+    assert running.status == huge[:MAX_STATUS_CHARS]
+    # Padded with blanks it still reads as completed, and the data passed on is cut too.
+    completed = classify(answer(job(status="completed" + " " * 5_000_000)))
+    assert isinstance(completed, Completed)
+    assert len(completed.data["status"]) == MAX_STATUS_CHARS
 
 
 def test_other_2xx_codes_are_classified_by_body() -> None:

@@ -64,13 +64,14 @@ def test_parts_from_slices_hold_every_result_in_order(per_part: int) -> None:
     for body in bodies:
         assert body["type"] == COMPLETED
         assert body["data"]["metadata"] == {"order": 17}
-        assert {k: body["data"][k] for k in ("jobId", "status", "creditsUsed", "total", "batch")} == {
+        assert {k: body["data"][k] for k in ("jobId", "status", "creditsUsed", "total")} == {
             "jobId": "J-1",
             "status": "completed",
             "creditsUsed": 7,
             "total": 7,
-            "batch": {"name": "march"},
         }
+    # A field beyond the documented ones, in part 1 only.
+    assert [b["data"].get("batch") for b in bodies] == [{"name": "march"}] + [None] * (count - 1)
 
 
 @pytest.mark.parametrize("per_part", [1, 3, 1000])
@@ -122,3 +123,34 @@ def test_the_data_passed_in_is_left_unchanged() -> None:
 def test_event_head_is_the_event_without_its_body() -> None:
     event = Event(webhook_id="msg_1", type=COMPLETED, body=b"{}", part_index=2, part_count=3)
     assert event.head == EventHead("msg_1", COMPLETED, 2, 3)
+
+
+def test_fields_check365_adds_to_data_go_in_part_one_only() -> None:
+    # 100 KB of extra fields over 10 parts would be a megabyte of bodies if every part
+    # carried them.
+    extra = {"report": "r" * 100_000, "batch": {"name": "march"}}
+    results = generate_results("J-1", 10)
+    data = data_with(results, total=10, **extra)
+    events = completed_events("w_7", "J-1", data, {"k": 1}, per_part=1, now=NOW)
+    parts = [orjson.loads(e.body)["data"] for e in events]
+    assert len(parts) == 10
+    assert {k: parts[0][k] for k in extra} == extra
+    for part in parts[1:]:
+        assert not set(extra) & set(part)
+    every = {
+        "jobId": "J-1",
+        "status": "completed",
+        "creditsUsed": 7,
+        "progress": 100,
+        "total": 10,
+        "metadata": {"k": 1},
+    }
+    assert all({k: part[k] for k in every} == every for part in parts)
+    assert [r for part in parts for r in part["results"]] == results
+    assert sum(len(e.body) for e in events) < 100_000 + 10 * 1_000
+
+
+def test_a_single_part_keeps_every_field() -> None:
+    (event,) = completed_events("w_8", "J-1", data_with(list(RESULTS), note="n"), None, per_part=10, now=NOW)
+    data = orjson.loads(event.body)["data"]
+    assert (data["batch"], data["note"]) == ({"name": "march"}, "n")

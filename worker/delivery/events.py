@@ -19,6 +19,11 @@ import orjson
 
 from worker.delivery.signing import new_webhook_id
 
+# The fields of Check365's data object that every part carries. Any other field it
+# sends goes into part 1 only: copied into every part, a large one would be sent
+# part-count times over.
+PART_FIELDS = frozenset({"jobId", "status", "creditsUsed", "progress", "total"})
+
 COMPLETED = "bulk_validation.completed"
 FAILED = "bulk_validation.failed"
 TIMED_OUT = "bulk_validation.timed_out"
@@ -81,7 +86,8 @@ def completed_events(
     per_part: int,
     now: float,
 ) -> list[Event]:
-    """One event per slice of ``results``; every other field of ``data`` is kept unchanged."""
+    """One event per slice of ``results``; the other fields of ``data`` are kept unchanged
+    (those beyond ``PART_FIELDS`` in part 1 only)."""
     return list(iter_completed_events(watch_id, job_id, data, metadata, per_part=per_part, now=now))
 
 
@@ -97,7 +103,8 @@ def iter_completed_events(
     """The events of ``completed_events``, each built only when asked for.
 
     ``data["results"]`` is a list, or the ``JsonSlices`` of a big answer, whose
-    results go into the bodies as the JSON text Check365 sent.
+    results go into the bodies as the JSON text Check365 sent. Fields of ``data``
+    beyond ``PART_FIELDS`` are in part 1 only.
     """
     results: Sequence[Any] | JsonSlices = data.get("results") or []
     count = max(1, -(-len(results) // per_part))
@@ -107,8 +114,9 @@ def iter_completed_events(
         slices = (orjson.Fragment(raw) for raw in results.json_slices(per_part))
     else:
         slices = (results[start : start + per_part] for start in range(0, count * per_part, per_part))
+    others = {k: v for k, v in data.items() if k in PART_FIELDS}
     for index, results_slice in enumerate(slices, start=1):
-        part_data = dict(data)
+        part_data = dict(data) if index == 1 else dict(others)
         # Receivers key on jobId: supply it should Check365 ever leave it out.
         part_data.setdefault("jobId", job_id)
         part_data["results"] = results_slice

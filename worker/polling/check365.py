@@ -69,6 +69,7 @@ from worker.settings import Settings
 __all__ = [
     "IN_MEMORY_MAX_BYTES",
     "MAX_ANSWER_BYTES",
+    "MAX_STATUS_CHARS",
     "TERMINAL_FAILURE_STATUSES",
     "USER_AGENT",
     "Completed",
@@ -92,6 +93,9 @@ TERMINAL_FAILURE_STATUSES: Final = frozenset(
 
 # Enough of a Check365 message to diagnose, short enough to log on every poll.
 MAX_MESSAGE_CHARS: Final = 200
+# A job status is a word ("processing", "completed"); it is logged on every poll and
+# copied into events, so a longer one is cut here.
+MAX_STATUS_CHARS: Final = 100
 # A server asking for more than an hour is more likely wrong than right; the
 # watch deadline and the poll schedule still bound the wait.
 MAX_RETRY_AFTER_S: Final = 3600.0
@@ -332,6 +336,9 @@ def _classify_data(data: dict[str, Any], job_id: str, message: str) -> PollOutco
     status = data.get("status")
     if not isinstance(status, str):
         raise Check365Unavailable("malformed answer: 'data.status' is not a string")
+    if len(status) > MAX_STATUS_CHARS:
+        status = status[:MAX_STATUS_CHARS]
+        data["status"] = status
     normalized = status.strip().lower()
     if normalized == "completed":
         return _classify_completed(data, status)

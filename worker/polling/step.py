@@ -166,21 +166,17 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
     # Every line of this step names the job and which poll it is.
     structlog.contextvars.bind_contextvars(job_id=watch.job_id, watch_id=watch_id, attempt=watch.polls + 1)
 
-    if now >= watch.deadline:
-        event = timed_out_event(
-            watch_id,
-            watch.job_id,
-            watch.last_status,
-            _progress_out(watch.last_progress),
-            watch.metadata,
-            now=now,
-        )
-        return _finish(ctx, watch, holder, "timed_out", [event])
-
+    # Past its deadline a watch still gets one poll: its turns may have been pushed there by
+    # the rate limit, and a job that completed meanwhile is reported completed, not timed out.
+    final = now >= watch.deadline
     wait = ctx.limiter.acquire()
     if wait > 0:
-        delay = min(wait, settings.poll_max_delay_s, max(watch.deadline - now, 0.001))
-        log.debug("poll_throttled", watch_id=watch_id, wait_s=round(wait, 3))
+        # Before the deadline, back at the deadline at the latest (for its final poll); after
+        # it, at the turn the limiter gives, which comes however many watches wait.
+        delay = min(wait, settings.poll_max_delay_s)
+        if not final:
+            delay = min(delay, max(watch.deadline - now, 0.001))
+        log.debug("poll_throttled", watch_id=watch_id, wait_s=round(wait, 3), past_deadline=final)
         metrics.poll("throttled")
         return _reschedule(ctx, watch, holder, delay, {})
 
@@ -191,14 +187,18 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
         metrics.poll("rejected")
         log.warning("poll_rejected", watch_id=watch_id, reason=exc.reason, error=str(exc))
         event = failed_event(watch_id, watch.job_id, exc.reason, str(exc), watch.metadata, now=ctx.clock())
-        return _finish(ctx, watch, holder, "failed", [event])
+        # Refused, but polled all the same: the count says so.
+        return _finish(ctx, _with_polls(watch, watch.polls + 1), holder, "failed", [event])
     except RetryableError as exc:
+        if final:
+            return _time_out(ctx, _with_polls(watch, watch.polls + 1), holder)
         return _retry_later(ctx, watch, holder, exc)
 
     now = ctx.clock()
     polls = watch.polls + 1
     short_since = watch.short_since if watch.short_since is not None else now
-    outcome = _short_answer_accepted(watch, outcome, now - short_since)
+    # At the deadline, a completed job short of results is delivered as it is.
+    outcome = _short_answer_accepted(watch, outcome, SHORT_RESULTS_WAIT_S if final else now - short_since)
     if isinstance(outcome, check365.Completed):
         # The watch_completed line that follows says the same at INFO.
         log.debug("poll_done", watch_id=watch_id, status="completed", progress=100, polls=polls)
@@ -214,6 +214,10 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
         return _finish(ctx, _with_polls(watch, polls), holder, "failed", [event])
 
     metrics.poll("incomplete" if isinstance(outcome, check365.Incomplete) else "running")
+    if final:
+        return _time_out(
+            ctx, replace(watch, polls=polls, last_status=outcome.status, last_progress=outcome.progress), holder
+        )
     history = remember(watch.history, Observation(at=now, progress=outcome.progress))
     if isinstance(outcome, check365.Incomplete):
         delay = incomplete_results_delay(settings.poll_initial_delay_s, now - short_since)
@@ -239,7 +243,7 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
     fields = {
         "polls": str(polls),
         "failures": "0",
-        "last_status": outcome.status[:100],
+        "last_status": outcome.status,  # cut to MAX_STATUS_CHARS by check365
         "last_progress": "" if outcome.progress is None else repr(float(outcome.progress)),
         "history": _json(observations_to_json(history)),
         "last_poll_at": fmt(now),
@@ -247,6 +251,19 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
         "short_since": fmt(short_since) if isinstance(outcome, check365.Incomplete) else "",
     }
     return _reschedule(ctx, watch, holder, delay, fields)
+
+
+def _time_out(ctx: Context, watch: Watch, holder: str) -> StepResult:
+    """The watch's final poll, at or after its deadline, did not find the job finished."""
+    event = timed_out_event(
+        watch.watch_id,
+        watch.job_id,
+        watch.last_status,
+        _progress_out(watch.last_progress),
+        watch.metadata,
+        now=ctx.clock(),
+    )
+    return _finish(ctx, watch, holder, "timed_out", [event])
 
 
 def _retry_later(ctx: Context, watch: Watch, holder: str, exc: RetryableError) -> StepResult:
