@@ -198,6 +198,9 @@ def make_client(settings: Settings, transport: httpx.BaseTransport | None = None
         limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
         # A redirect would re-send the API key to wherever it points.
         follow_redirects=False,
+        # Nor may HTTP(S)_PROXY, NETRC or SSL_CERT_* set for other programs send it (or
+        # trust its TLS) elsewhere: the API is reached directly, as configured here.
+        trust_env=False,
         headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
         transport=transport,
     )
