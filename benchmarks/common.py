@@ -219,7 +219,7 @@ def baseline_app(name: str, queue: str) -> tuple[Any, Any]:
     from worker.runtime.celeryconfig import celery_config
     from worker.settings import load_settings
 
-    settings = load_settings(role="worker")
+    settings = load_settings(process="worker")
     app = Celery(name)
     app.config_from_object(celery_config(settings))
     app.conf.task_default_queue = queue

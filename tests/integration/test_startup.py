@@ -1,5 +1,9 @@
 """A bad setting stops ``celery -A worker worker`` and ``beat`` at once, with one line naming it.
 
+Each process asks only for what it uses: the worker refuses to start without the API key
+and the webhook secret; beat and ``celery -A worker inspect ping`` (compose's healthcheck)
+start without them.
+
 These processes need no running system but Redis for the valid case, so the module
 has a cluster of its own: nothing here can disturb the shared worker's queues.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -58,9 +63,13 @@ MALFORMED_SECRET = "whsec_" + "not*base64!" + secrets.token_hex(8)
 UNPREFIXED_SECRET = base64.b64encode(secrets.token_bytes(24)).decode()
 SHORT_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(8)).decode()
 
-BAD_SETTINGS = [
+MISSING_SECRETS = [
     pytest.param("CHECK365_API_KEY", {"CHECK365_API_KEY": None}, id="missing-api-key"),
     pytest.param("WEBHOOK_SECRET", {"WEBHOOK_SECRET": None}, id="missing-secret"),
+]
+NO_SECRETS: dict[str, str | None] = {"CHECK365_API_KEY": None, "WEBHOOK_SECRET": None}
+
+BAD_SETTINGS = [
     pytest.param("WEBHOOK_SECRET", {"WEBHOOK_SECRET": MALFORMED_SECRET}, id="secret-not-base64"),
     pytest.param("WEBHOOK_SECRET", {"WEBHOOK_SECRET": UNPREFIXED_SECRET}, id="secret-without-prefix"),
     pytest.param("WEBHOOK_SECRET", {"WEBHOOK_SECRET": SHORT_SECRET}, id="secret-too-short"),
@@ -73,8 +82,11 @@ BAD_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("role", ROLES)
-@pytest.mark.parametrize(("variable", "overrides"), BAD_SETTINGS)
+@pytest.mark.parametrize(
+    ("role", "variable", "overrides"),
+    [pytest.param(role, *p.values, id=f"{role}-{p.id}") for role in ROLES for p in BAD_SETTINGS]
+    + [pytest.param("worker", *p.values, id=f"worker-{p.id}") for p in MISSING_SECRETS],
+)
 def test_a_bad_setting_stops_the_process_with_one_line_naming_the_variable(
     startup_cluster: Cluster, role: str, variable: str, overrides: dict[str, str | None]
 ) -> None:
@@ -106,6 +118,30 @@ def test_valid_settings_start_the_process(startup_cluster: Cluster, role: str) -
         quiet_period(2.0)
     assert process.alive, process.tail()
     process.stop()
+
+
+def test_beat_starts_and_sends_the_sweep_without_the_api_key_or_the_secret(startup_cluster: Cluster) -> None:
+    process = celery(startup_cluster, "beat", "beat-without-secrets", **NO_SECRETS)
+
+    process.wait_ready(EXIT_TIMEOUT)
+    process.wait_for_log("Sending due task check365-sweep", EXIT_TIMEOUT)
+    assert process.alive, process.tail()
+    process.stop()
+
+
+def test_inspect_ping_answers_without_the_api_key_or_the_secret(startup_cluster: Cluster) -> None:
+    # Compose's healthcheck: `celery -A worker inspect ping -d celery@$HOSTNAME`.
+    worker = celery(startup_cluster, "worker", "pinged")
+    worker.wait_ready(EXIT_TIMEOUT)
+    ping = [sys.executable, "-m", "celery", "-A", "worker", "inspect", "ping", "-d", f"pinged@{socket.gethostname()}"]
+    env = startup_cluster.env(CHECK365_QUEUE="it-startup", **NO_SECRETS)
+
+    done = subprocess.run([*ping, "--timeout", "10"], check=False, env=env, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pong" in done.stdout
+    assert "configuration error" not in done.stderr
+    worker.stop()
 
 
 LIMITS = """

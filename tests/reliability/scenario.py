@@ -28,7 +28,7 @@ SLACK_S = 20.0
 
 def longest_lease_s(env: Mapping[str, str]) -> float:
     """The longest an interrupted step can hold its watch or event under these settings."""
-    settings = load_settings(env, role="client")
+    settings = load_settings(env, process="cli")
     return max(watch_lease_s(settings), delivery_lease_s(settings))
 
 

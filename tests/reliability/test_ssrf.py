@@ -153,7 +153,7 @@ class Resolver:
 
 
 def worker_settings(cluster: Cluster, **overrides: str) -> Settings:
-    return load_settings(cluster.env(**{"WEBHOOK_ALLOW_HTTP": "true", **overrides}), role="worker")
+    return load_settings(cluster.env(**{"WEBHOOK_ALLOW_HTTP": "true", **overrides}), process="worker")
 
 
 def finish_watch(ctx: Context, cluster: Cluster, job: str, url: str) -> tuple[str, str]:

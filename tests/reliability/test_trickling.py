@@ -29,7 +29,7 @@ SETTINGS = {
     "WATCH_TIMEOUT_S": "60",
     "CHECK365_MAX_RPS": "1000",
 }
-LIMITS = load_settings(SETTINGS, role="client")
+LIMITS = load_settings(SETTINGS, process="cli")
 TIME_LIMIT_S = watch_time_limit_s(LIMITS)  # the step that finishes the watch delivers its single event
 LEASE_S = watch_lease_s(LIMITS)
 TRICKLE_S = 0.5  # a byte every half second: inside the 1 s read timeout, 50 s for the whole answer

@@ -170,7 +170,7 @@ def compose_worker_setting(pattern: str) -> str:
 def test_sigterm_hands_reserved_countdowns_back_to_another_worker(
     remap: str | None, label: str, record_row: Callable[..., Row]
 ) -> None:
-    soft_shutdown_s = float(celery_config(load_settings(role="client"))["worker_soft_shutdown_timeout"])
+    soft_shutdown_s = float(celery_config(load_settings(process="cli"))["worker_soft_shutdown_timeout"])
     stop_grace_s = float(compose_worker_setting(r"stop_grace_period:\s*(\d+)s"))
     assert compose_worker_setting(r"REMAP_SIGTERM:\s*(\S+)") == "SIGQUIT"
     with Cluster() as cluster:

@@ -40,7 +40,7 @@ from worker.local.receiver import Receiver
 from worker.local.redisserver import LocalRedis
 from worker.local.simulator import Simulator
 from worker.runtime.celeryconfig import WATCH_TASK
-from worker.settings import Settings, load_settings
+from worker.settings import VARIABLES, Settings, load_settings
 from worker.state.outbox import Outbox
 from worker.state.watches import Watch, WatchStore
 
@@ -54,14 +54,7 @@ KOMBU_UNACKED_MUTEX = "unacked_mutex"
 
 # Every variable the project reads. They are dropped from the inherited environment
 # so that a developer's shell (or a CI job) cannot change what a test runs against.
-PROJECT_VARIABLES = (
-    "CHECK365_API_KEY", "CHECK365_BASE_URL", "REDIS_URL", "CHECK365_QUEUE", "WEBHOOK_SECRET",
-    "POLL_INITIAL_DELAY_S", "POLL_MAX_DELAY_S", "WATCH_TIMEOUT_S", "WEBHOOK_RETRY_DELAYS_S",
-    "WEBHOOK_MAX_RESULTS_PER_PART", "WEBHOOK_ALLOW_HTTP", "WEBHOOK_ALLOW_PRIVATE_NETWORKS",
-    "BROKER_VISIBILITY_TIMEOUT_S", "CHECK365_MAX_RPS", "CHECK365_TIMEOUT_S", "WEBHOOK_TIMEOUT_S",
-    "SWEEP_INTERVAL_S", "REARM_GRACE_S", "STATE_TTL_S", "LOG_FORMAT", "LOG_LEVEL", "METRICS_PORT", "METRICS_ADDR",
-    "REMAP_SIGTERM",
-)  # fmt: skip
+PROJECT_VARIABLES = (*VARIABLES, "REMAP_SIGTERM")
 
 # Sub-second values so that a whole flow (polls, retries, sweeps) takes seconds.
 FAST_SETTINGS: Mapping[str, str] = {
@@ -379,7 +372,7 @@ class Cluster:
         return env
 
     def client_settings(self, **overrides: str | None) -> Settings:
-        return load_settings(self.env(**overrides), role="client")
+        return load_settings(self.env(**overrides), process="cli")
 
     def callback_url(self, path: str) -> str:
         return self.receiver.url + path

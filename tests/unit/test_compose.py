@@ -31,7 +31,7 @@ from celery.app.control import Inspect
 from celery.bin.celery import celery as celery_cli
 
 from worker.runtime.celeryconfig import celery_config
-from worker.settings import Settings, load_settings
+from worker.settings import VARIABLES, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -206,26 +206,7 @@ def _seconds(go_duration: str) -> float:
 
 def _setting_names() -> set[str]:
     """Every environment variable that worker.settings reads."""
-
-    class Recorder(dict[str, str]):
-        seen: set[str]
-
-        def get(self, key: str, default: Any = None) -> Any:
-            self.seen.add(key)
-            return super().get(key, default)
-
-        def __getitem__(self, key: str) -> str:
-            self.seen.add(key)
-            return super().__getitem__(key)
-
-        def __contains__(self, key: object) -> bool:
-            self.seen.add(str(key))
-            return super().__contains__(key)
-
-    environ = Recorder(REQUIRED_SECRETS)
-    environ.seen = set()
-    load_settings(environ)
-    return environ.seen
+    return set(VARIABLES)
 
 
 # --- docker-compose.yml --------------------------------------------------------------

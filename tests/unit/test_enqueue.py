@@ -14,7 +14,7 @@ from worker.intake.enqueue import MAX_METADATA_BYTES, MAX_METADATA_NESTING, enqu
 from worker.ops import cli
 from worker.settings import load_settings
 
-CLIENT = load_settings({"REDIS_URL": "redis://127.0.0.1:9/0"}, role="client")
+CLIENT = load_settings({"REDIS_URL": "redis://127.0.0.1:9/0"}, process="cli")
 URL = "https://hooks.example.com/check365"
 
 

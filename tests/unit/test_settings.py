@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import base64
+import re
+from pathlib import Path
 
 import pytest
 
 from worker.errors import SettingsError
-from worker.settings import load_settings
+from worker.settings import (
+    TABLE_BEGIN,
+    TABLE_END,
+    VARIABLES,
+    Process,
+    Settings,
+    declarations,
+    env_example,
+    format_value,
+    load_settings,
+    markdown_table,
+    readme_with_table,
+    write_documents,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 24).decode()
 BASE = {"CHECK365_API_KEY": "key-123", "WEBHOOK_SECRET": SECRET}
@@ -114,7 +131,73 @@ def test_malformed_secret_is_never_echoed() -> None:
     assert "supersecret" not in str(caught.value)
 
 
-def test_client_role_needs_no_secrets() -> None:
-    s = load_settings({"REDIS_URL": "redis://127.0.0.1:1/0"}, role="client")
+@pytest.mark.parametrize("process", ["beat", "cli"])
+def test_only_the_worker_requires_the_secrets(process: Process) -> None:
+    s = load_settings({"REDIS_URL": "redis://127.0.0.1:1/0"}, process=process)
     assert s.api_key == ""
     assert s.webhook_secrets == ()
+    with pytest.raises(SettingsError, match=r"^CHECK365_API_KEY is required by the worker$"):
+        load_settings({"REDIS_URL": "redis://127.0.0.1:1/0"}, process="worker")
+    with pytest.raises(SettingsError, match=r"^WEBHOOK_SECRET is required by the worker \(whsec_<base64 key>\)$"):
+        load_settings({"CHECK365_API_KEY": "key-123"}, process="worker")
+
+
+@pytest.mark.parametrize("process", ["beat", "cli"])
+def test_a_bad_value_stops_every_process_that_reads_the_environment(process: Process) -> None:
+    # One environment serves every process: whichever starts first names the mistake.
+    with pytest.raises(SettingsError, match=r"^WEBHOOK_SECRET "):
+        load_settings({"WEBHOOK_SECRET": "not-a-secret"}, process=process)
+
+
+# --- each setting declared once ----------------------------------------------------------------
+
+
+def test_every_declaration_is_complete_and_its_default_survives_a_round_trip() -> None:
+    seen: set[str] = set()
+    for name, declared in declarations():
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]+", declared.variable), name
+        assert declared.variable not in seen, f"{declared.variable} is declared twice"
+        seen.add(declared.variable)
+        assert declared.meaning.strip(), f"{declared.variable} has no meaning"
+        assert declared.used_by, f"{declared.variable} is used by no process"
+        assert declared.required_by <= declared.used_by, declared.variable
+        if not declared.required_by:
+            # The documented default, written back into the environment, means the same thing.
+            text = format_value(declared.default)
+            assert declared.parse(declared.variable, text) == declared.default, declared.variable
+            assert getattr(load_settings({**BASE, declared.variable: text}), name) == declared.default
+
+
+def test_an_unset_or_blank_variable_means_its_default() -> None:
+    blank = {d.variable: "  " for _, d in declarations() if not d.required_by}
+    assert (
+        load_settings({**BASE, **blank})
+        == load_settings(BASE)
+        == Settings(api_key="key-123", webhook_secrets=(SECRET,))
+    )
+
+
+def test_the_readme_table_is_generated_from_the_declarations() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme_with_table(readme) == readme, "README.md's settings table is stale: run python -m worker.settings"
+    for _, declared in declarations():
+        assert f"| `{declared.variable}` |" in readme
+
+
+def test_the_env_example_is_generated_from_the_declarations() -> None:
+    example = (ROOT / "config" / ".env.example").read_text(encoding="utf-8")
+    assert example == env_example(), "config/.env.example is stale: run python -m worker.settings"
+    # Read as an environment (what Compose does with a .env), it needs only the secrets filled in.
+    assigned = dict(line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#"))
+    assert assigned == {"CHECK365_API_KEY": "", "WEBHOOK_SECRET": ""}
+    commented = {line[2:].split("=", 1)[0] for line in example.splitlines() if re.match(r"# [A-Z0-9_]+=", line)}
+    assert commented | set(assigned) == set(VARIABLES)
+
+
+def test_the_generator_rewrites_both_documents(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text(f"# x\n\n{TABLE_BEGIN}\n| stale |\n{TABLE_END}\n\nafter\n", encoding="utf-8")
+    write_documents(tmp_path)
+    readme = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert "| stale |" not in readme
+    assert readme == f"# x\n\n{TABLE_BEGIN}\n{markdown_table()}\n{TABLE_END}\n\nafter\n"
+    assert (tmp_path / "config" / ".env.example").read_text(encoding="utf-8") == env_example()

@@ -158,7 +158,7 @@ def enqueue_watch(
 
     Raises InvalidWatchRequest before anything is sent when a rule is broken.
     """
-    settings = settings or load_settings(role="client")
+    settings = settings or load_settings(process="cli")
     request = validate_watch_request(
         {"job_id": job_id, "callback_url": callback_url, "metadata": metadata},
         allow_http=settings.webhook_allow_http,

@@ -139,7 +139,7 @@ def run_demo(timeout_s: float = 90.0) -> int:  # noqa: PLR0915 - a linear script
         )
         try:
             print(f"  redis     {redis_server.url}\n  simulator {sim.url}\n  receiver  {receiver.url}/hooks/<job>")
-            client_settings = load_settings(env, role="client")
+            client_settings = load_settings(env, process="cli")
             for job in JOBS:
                 if job.behaviour != "unregistered":
                     sim.add_job(job.job_id, job.size, job.duration_s, job.behaviour)

@@ -1,7 +1,7 @@
 """The ``check365-worker`` console script.
 
-Client commands read settings with ``role="client"``: they need neither the API
-key nor the webhook secret, except where they use them (``verify``, ``doctor``).
+Its commands read settings as the ``cli`` process: they need neither the API key
+nor the webhook secret, except where they use them (``verify``, ``doctor``).
 Every read command takes ``--json``.
 """
 
@@ -28,8 +28,8 @@ from worker.runtime.celeryconfig import DELIVER_TASK
 from worker.settings import Settings, load_settings
 
 
-def _settings(role: str = "client") -> Settings:
-    return load_settings(role=role)  # type: ignore[arg-type]
+def _settings() -> Settings:
+    return load_settings(process="cli")
 
 
 def _stores(settings: Settings) -> tuple[Any, Any]:

@@ -19,7 +19,7 @@ class Check:
 
 def _settings_check() -> tuple[Check, Settings | None]:
     try:
-        settings = load_settings(role="worker")
+        settings = load_settings(process="worker")
     except SettingsError as exc:
         return Check("settings", False, str(exc)), None
     detail = f"queue {settings.queue}, {len(settings.webhook_secrets)} webhook secret(s)"

@@ -182,7 +182,7 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(settings.log_level)
+    root.setLevel(settings.log_level.upper())
     # httpx logs every request URL at INFO; the URL carries the API key. It is
     # redacted anyway, but one line per poll is noise at INFO.
     for noisy in ("httpx", "httpcore"):
