@@ -251,7 +251,16 @@ class Settings:
         "CHECK365_BASE_URL",
         "https://api.check365.io",
         url("http", "https", base=True),
-        "the API; the status endpoint is `{base}/api/validation/bulk-status`",
+        "the API; the status endpoint is `{base}/api/validation/bulk-status`; `https`, except for a loopback"
+        " host or with `CHECK365_ALLOW_HTTP=true`",
+        _CLI,
+    )
+    check365_allow_http: bool = setting(
+        "CHECK365_ALLOW_HTTP",
+        False,
+        boolean,
+        "allow a plain-http `CHECK365_BASE_URL` on a host that is not loopback (the simulator in another"
+        " container); the API key travels in its query",
         _CLI,
     )
     redis_url: str = setting(
@@ -433,7 +442,26 @@ def load_settings(environ: Mapping[str, str] | None = None, *, process: Process 
     return settings
 
 
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_relations(s: Settings) -> None:
+    # The API key travels in the status URL's query: in clear text over plain http.
+    base = urlsplit(s.base_url)
+    if base.scheme == "http" and not s.check365_allow_http and not _is_loopback(base.hostname):
+        raise SettingsError(
+            "CHECK365_BASE_URL",
+            "must be https: the API key travels in its query (plain http only for a loopback host,"
+            " or with CHECK365_ALLOW_HTTP=true)",
+        )
     if s.poll_initial_delay_s > s.poll_max_delay_s:
         raise SettingsError("POLL_INITIAL_DELAY_S", "must not exceed POLL_MAX_DELAY_S")
     # A countdown longer than the visibility timeout is re-delivered by kombu

@@ -121,6 +121,32 @@ def test_a_bad_redis_url_is_never_echoed() -> None:
     assert "hunter2pw" not in str(caught.value)
 
 
+@pytest.mark.parametrize("process", ["worker", "beat", "cli"])
+@pytest.mark.parametrize("url", ["http://api.check365.io", "http://simulator:8365", "http://10.0.0.5/check365"])
+def test_a_plain_http_check365_url_off_loopback_is_refused(process: Process, url: str) -> None:
+    # The API key travels in the status URL's query: over http, in clear text.
+    with pytest.raises(SettingsError) as caught:
+        load_settings({**BASE, "CHECK365_BASE_URL": url}, process=process)
+    assert caught.value.variable == "CHECK365_BASE_URL"
+    assert "must be https" in str(caught.value)
+    assert "CHECK365_ALLOW_HTTP=true" in str(caught.value)
+    assert url not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8365", "http://127.0.0.2:8365/", "http://localhost:8365", "http://[::1]:8365"]
+)
+def test_a_plain_http_check365_url_on_loopback_is_accepted(url: str) -> None:
+    assert load_settings({**BASE, "CHECK365_BASE_URL": url}).base_url == url
+
+
+def test_check365_allow_http_allows_any_plain_http_host() -> None:
+    env = {**BASE, "CHECK365_BASE_URL": "http://simulator:8365", "CHECK365_ALLOW_HTTP": "true"}
+    settings = load_settings(env)
+    assert (settings.base_url, settings.check365_allow_http) == ("http://simulator:8365", True)
+    assert load_settings({**BASE, "CHECK365_BASE_URL": "https://api.example.com"}).check365_allow_http is False
+
+
 def test_a_redis_unix_socket_url_is_accepted() -> None:
     assert load_settings({**BASE, "REDIS_URL": "unix:///var/run/redis/redis.sock"}).redis_url.startswith("unix://")
 
