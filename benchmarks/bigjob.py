@@ -50,9 +50,10 @@ import httpx
 import orjson
 import redis
 
+from check365_client.names import PREFIX
+from check365_client.rules import WatchRequest
 from worker.delivery.events import completed_events
 from worker.delivery.step import Delivered, deliver_once
-from worker.intake.enqueue import WatchRequest
 from worker.local.receiver import Receiver
 from worker.local.redisserver import LocalRedis
 from worker.local.simulator import Simulator, generate_results
@@ -61,7 +62,7 @@ from worker.polling.step import Finished, Reschedule, poll_once, start_watch
 from worker.runtime.context import Context, build_context
 from worker.runtime.logs import configure_logging
 from worker.settings import load_settings
-from worker.state.store import PREFIX, fmt, new_token
+from worker.state.store import fmt, new_token
 from worker.state.watches import active_key
 
 API_KEY = "bench-key"

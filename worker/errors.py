@@ -2,7 +2,6 @@
 
     Check365WorkerError
     ├── SettingsError            a setting is missing or breaks its rule (start-up stops)
-    ├── InvalidWatchRequest      enqueue kwargs break the contract (nothing is enqueued)
     ├── RetryableError           try again later; ``retry_after`` is a server-given delay
     │   ├── Check365Unavailable  5xx, timeout, connection error, garbage, success:false
     │   │   └── Check365Misconfigured  an answer that is not Check365's: the deployment is wrong
@@ -14,11 +13,18 @@
         ├── DeliveryGone         the receiver answered 410 Gone
         └── InvalidSignature     a webhook fails Standard Webhooks verification
 
+    check365_client.ClientError  (the producers' client: see check365_client/errors.py)
+    ├── InvalidWatchRequest      enqueue kwargs break the contract (nothing is enqueued)
+    │   └── UnsafeCallbackURL    ...the callback URL's rules; the worker's UnsafeCallbackURL is one too
+    └── BrokerUnavailable        Redis could not be reached
+
 Messages never contain the API key, a webhook secret or a full Check365 URL:
 callers may log ``str(exc)`` freely.
 """
 
 from __future__ import annotations
+
+from check365_client import errors as client_errors
 
 
 class Check365WorkerError(Exception):
@@ -32,11 +38,9 @@ class SettingsError(Check365WorkerError):
         super().__init__(f"{variable} {rule}")
 
 
-class InvalidWatchRequest(Check365WorkerError, ValueError):
-    def __init__(self, field: str, rule: str) -> None:
-        self.field = field
-        self.rule = rule
-        super().__init__(f"{field}: {rule}")
+# The producers' client and the worker share one implementation of the request rules,
+# and with it their error: raised by either, it is the same class.
+InvalidWatchRequest = client_errors.InvalidWatchRequest
 
 
 class RetryableError(Check365WorkerError):
@@ -84,7 +88,7 @@ class Check365Rejected(PermanentError):
     """reason is one of ``job_not_found``, ``unauthorized``, ``bad_request``."""
 
 
-class UnsafeCallbackURL(PermanentError, InvalidWatchRequest):
+class UnsafeCallbackURL(PermanentError, client_errors.UnsafeCallbackURL):
     """Both permanent (at delivery) and an invalid request (at enqueue)."""
 
     def __init__(self, rule: str) -> None:

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from check365_client.rules import WatchRequest
 from worker.delivery.events import completed_events
 from worker.delivery.step import DeadLettered, Delivered, RetryLater, Skipped, deliver_claimed, deliver_once
-from worker.intake.enqueue import WatchRequest
 from worker.local.redisserver import LocalRedis
 from worker.local.simulator import generate_results
 from worker.polling.ratelimit import BLOCKED_KEY

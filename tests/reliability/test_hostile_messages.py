@@ -33,10 +33,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from kombu import Connection, Producer
 
+from check365_client.rules import validate_watch_request
 from tests.reliability.scenario import Row, check_completed_deliveries, wait_settled
 from tests.support.cluster import Cluster, WorkerProcess, wait_until
 from worker.errors import InvalidWatchRequest
-from worker.intake.enqueue import validate_watch_request
 from worker.runtime.celeryconfig import DELIVER_TASK, SWEEP_TASK, WATCH_TASK
 
 QUEUE = "hostile"

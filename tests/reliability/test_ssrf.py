@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from check365_client.rules import WatchRequest
 from tests.reliability.scenario import row_recorder
 from tests.support.cluster import Cluster, WorkerProcess, cli_command, wait_until
 from worker.delivery.step import DeadLettered, Delivered, RetryLater, deliver_once
 from worker.errors import InvalidWatchRequest
-from worker.intake.enqueue import WatchRequest, enqueue_watch
+from worker.intake.enqueue import enqueue_watch
 from worker.polling.step import Finished, Reschedule, poll_once, start_watch
 from worker.runtime.context import Context, build_context
 from worker.settings import Settings, load_settings
@@ -258,9 +259,9 @@ def test_an_answer_mixing_public_and_loopback_addresses_is_refused(cluster: Clus
 
 
 def test_allow_private_networks_lifts_the_address_rules_at_enqueue_and_delivery(cluster: Cluster) -> None:
-    lenient = cluster.client_settings(WEBHOOK_ALLOW_PRIVATE_NETWORKS="true", WEBHOOK_ALLOW_HTTP="false")
+    lenient = parked(cluster, WEBHOOK_ALLOW_PRIVATE_NETWORKS="true", WEBHOOK_ALLOW_HTTP="false")
     for address, _ in CLASSES:
-        assert enqueue_watch("J-allowed", f"https://{address}/hook", settings=lenient, app=_NullApp())
+        assert enqueue_watch("J-allowed", f"https://{address}/hook", settings=lenient)
     settings = worker_settings(cluster, WEBHOOK_ALLOW_PRIVATE_NETWORKS="true")
     job = "ssrf-allowed"
     ctx = build_context(settings, resolver=Resolver([["127.0.0.1"]]))  # the real transport: to the receiver
@@ -276,14 +277,21 @@ def test_allow_private_networks_lifts_the_address_rules_at_enqueue_and_delivery(
 def test_allow_http_decides_whether_plain_http_callbacks_are_accepted(cluster: Cluster) -> None:
     url = "http://hooks.example.com/check365"
     with pytest.raises(InvalidWatchRequest, match="https"):
-        enqueue_watch("J-http", url, settings=cluster.client_settings(WEBHOOK_ALLOW_HTTP="false"), app=_NullApp())
+        enqueue_watch("J-http", url, settings=parked(cluster, WEBHOOK_ALLOW_HTTP="false"))
     refused = cluster.cli("enqueue", "J-http", url, env_overrides={"WEBHOOK_ALLOW_HTTP": "false"})
     assert refused.returncode == 2 and "https" in refused.stderr
-    assert enqueue_watch("J-http", url, settings=cluster.client_settings(WEBHOOK_ALLOW_HTTP="true"), app=_NullApp())
+    assert enqueue_watch("J-http", url, settings=parked(cluster, WEBHOOK_ALLOW_HTTP="true"))
 
 
-class _NullApp:
-    """Stands in for the broker where a test only needs the helper's verdict."""
+PARKED_QUEUE = "ssrf-parked"
 
-    def send_task(self, name: str, kwargs: dict[str, object], queue: str) -> object:
-        return type("Result", (), {"id": f"accepted:{kwargs['callback_url']}"})()
+
+def parked(cluster: Cluster, **overrides: str) -> Settings:
+    """Settings whose messages go to a queue no worker consumes: a test reads only the client's verdict."""
+    return cluster.client_settings(CHECK365_QUEUE=PARKED_QUEUE, **overrides)
+
+
+@pytest.fixture(autouse=True)
+def _no_parked_messages_left(cluster: Cluster) -> Iterator[None]:
+    yield
+    cluster.redis().delete(PARKED_QUEUE)

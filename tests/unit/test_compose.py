@@ -81,10 +81,12 @@ class Compose:
         self.env_file = workdir / "empty.env"
         self.env_file.write_text("")
 
-    def run(self, *args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, env: Mapping[str, str] | None = None, env_file: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.home)}
         environ.update(REQUIRED_SECRETS if env is None else env)
-        command = [str(self.binary), "--env-file", str(self.env_file), "-f", str(COMPOSE_FILE), *args]
+        command = [str(self.binary), "--env-file", str(env_file or self.env_file), "-f", str(COMPOSE_FILE), *args]
         try:
             return subprocess.run(
                 command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60, check=False
@@ -221,6 +223,29 @@ def test_compose_file_is_valid(compose: Compose, profiles: tuple[str, ...]) -> N
     assert "WARN" not in result.stderr, result.stderr
 
 
+def test_the_env_example_is_a_valid_env_file_once_the_secrets_are_filled_in(compose: Compose, tmp_path: Path) -> None:
+    example = (ROOT / "config" / ".env.example").read_text(encoding="utf-8")
+    as_shipped = tmp_path / "shipped.env"
+    as_shipped.write_text(example)
+    result = compose.run("config", "-q", env={}, env_file=as_shipped)
+    # Shipped as is, the two required values are empty: Compose names the first it meets.
+    assert result.returncode != 0
+    assert "CHECK365_API_KEY" in result.stderr or "WEBHOOK_SECRET" in result.stderr
+    filled = tmp_path / "filled.env"
+    filled.write_text(
+        "\n".join(
+            f"{line}{REQUIRED_SECRETS[line[:-1]]}" if line[:-1] in REQUIRED_SECRETS else line
+            for line in example.splitlines()
+        )
+    )
+    result = compose.run("config", "--format", "json", env={}, env_file=filled)
+    assert result.returncode == 0, result.stderr
+    worker = json.loads(result.stdout)["services"]["worker"]["environment"]
+    assert worker["CHECK365_API_KEY"] == REQUIRED_SECRETS["CHECK365_API_KEY"]
+    # Every optional setting stays at the worker's own default: it arrives empty.
+    assert worker["POLL_MAX_DELAY_S"] == "" and worker["LOG_LEVEL"] == ""
+
+
 @pytest.mark.parametrize("missing", sorted(REQUIRED_SECRETS))
 def test_a_missing_secret_stops_compose_with_its_name(compose: Compose, missing: str) -> None:
     env = {k: v for k, v in REQUIRED_SECRETS.items() if k != missing}
@@ -329,8 +354,11 @@ def test_exactly_one_beat(full_config: Config) -> None:
 def test_every_setting_reaches_worker_and_beat(default_config: Config) -> None:
     settings = _setting_names()
     assert {"CHECK365_API_KEY", "WEBHOOK_SECRET", "REDIS_URL", "CHECK365_QUEUE"} <= settings
-    # Beat serves no metrics: it leaves METRICS_PORT unset, i.e. disabled.
-    for name, expected in (("worker", settings), ("beat", settings - {"METRICS_PORT", "METRICS_ADDR"})):
+    # Beat serves no metrics: it leaves METRICS_PORT unset, i.e. disabled. It needs neither
+    # secret either, so it is not given them.
+    beat = settings - {"METRICS_PORT", "METRICS_ADDR", "CHECK365_API_KEY", "WEBHOOK_SECRET"}
+    assert not {"CHECK365_API_KEY", "WEBHOOK_SECRET"} & set(_services(default_config)["beat"]["environment"])
+    for name, expected in (("worker", settings), ("beat", beat)):
         environment = _services(default_config)[name]["environment"]
         assert expected <= set(environment), f"{name} lacks {sorted(expected - set(environment))}"
         # ...and nothing else: a misspelt variable would silently do nothing.

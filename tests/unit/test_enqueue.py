@@ -1,4 +1,4 @@
-"""The contract's kwarg rules, at the helper and the CLI, under hostile input."""
+"""The contract's kwarg rules (check365_client.rules, shared by the client and the worker), under hostile input."""
 
 from __future__ import annotations
 
@@ -9,37 +9,27 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from check365_client import Check365Client
+from check365_client.rules import MAX_METADATA_BYTES, MAX_METADATA_NESTING, validate_watch_request
+from worker import errors
 from worker.errors import InvalidWatchRequest
-from worker.intake.enqueue import MAX_METADATA_BYTES, MAX_METADATA_NESTING, enqueue_watch, validate_watch_request
+from worker.local.redisserver import free_port
 from worker.ops import cli
-from worker.settings import load_settings
 
-CLIENT = load_settings({"REDIS_URL": "redis://127.0.0.1:9/0"}, process="cli")
 URL = "https://hooks.example.com/check365"
-
-
-class RecordingApp:
-    """Stands in for the Celery app: records what would have been sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any], str]] = []
-
-    def send_task(self, name: str, kwargs: dict[str, Any], queue: str) -> Any:
-        self.sent.append((name, kwargs, queue))
-        return type("Result", (), {"id": "task-1"})()
 
 
 def check(kwargs: object) -> Any:
     return validate_watch_request(kwargs, allow_http=False, allow_private=False)
 
 
-def test_valid_request_is_sent_by_task_name_to_the_queue() -> None:
-    app = RecordingApp()
-    task_id = enqueue_watch("J-42", URL, {"order": 17}, settings=CLIENT, app=app)
-    assert task_id == "task-1"
-    assert app.sent == [
-        ("check365.watch_bulk_job", {"job_id": "J-42", "callback_url": URL, "metadata": {"order": 17}}, "check365")
-    ]
+def test_the_worker_and_the_client_raise_one_class() -> None:
+    import check365_client
+
+    assert errors.InvalidWatchRequest is check365_client.InvalidWatchRequest
+    # Refused at delivery, a URL is a permanent failure of the worker's tree; at enqueue, the client's error.
+    assert issubclass(errors.UnsafeCallbackURL, check365_client.UnsafeCallbackURL)
+    assert issubclass(errors.UnsafeCallbackURL, errors.PermanentError)
 
 
 @pytest.mark.parametrize(
@@ -72,11 +62,19 @@ def test_each_rule_names_its_field(kwargs: object, field: str) -> None:
     assert caught.value.field == field
 
 
-def test_nothing_is_sent_when_a_rule_is_broken() -> None:
-    app = RecordingApp()
+def test_the_rules_run_before_the_broker_is_touched() -> None:
+    # No broker listens there: a rule's error, not BrokerUnavailable, means nothing was tried.
+    client = Check365Client(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(InvalidWatchRequest):
-        enqueue_watch("bad id", URL, settings=CLIENT, app=app)
-    assert app.sent == []
+        client.enqueue_watch("bad id", URL)
+
+
+def test_integers_past_64_bits_are_refused_and_64_bit_ones_pass() -> None:
+    for value in (2**64 - 1, -(2**63), True):
+        assert check({"job_id": "J", "callback_url": URL, "metadata": {"n": [value]}}).metadata == {"n": [value]}
+    for value in (2**64, -(2**63) - 1):
+        with pytest.raises(InvalidWatchRequest, match="64 bits"):
+            check({"job_id": "J", "callback_url": URL, "metadata": {"n": {"m": value}}})
 
 
 def nested(levels: int) -> dict[str, object]:

@@ -18,16 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.delivery.urls import (
-    MAX_URL_LENGTH,
-    PinnedTarget,
-    Resolver,
-    is_public_address,
-    non_public_reason,
-    pin_callback,
-    system_resolver,
-    validate_callback_url,
-)
+from check365_client.urls import MAX_URL_LENGTH, is_public_address, non_public_reason
+from worker.delivery.urls import PinnedTarget, Resolver, pin_callback, system_resolver, validate_callback_url
 from worker.errors import DeliveryFailed, InvalidWatchRequest, PermanentError, RetryableError, UnsafeCallbackURL
 
 HOOK = "https://hooks.example.com/check365"

@@ -19,7 +19,7 @@ from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from celery.worker.state import active_requests
 
-from worker.intake.enqueue import nested_deeper_than
+from check365_client.rules import nested_deeper_than
 from worker.runtime.celeryconfig import DELIVER_TASK
 
 log = structlog.get_logger("check365.boundary")

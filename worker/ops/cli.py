@@ -21,6 +21,7 @@ from typing import Any
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
+from check365_client import BrokerUnavailable
 from worker.delivery.events import iso_timestamp
 from worker.errors import Check365WorkerError, InvalidSignature, InvalidWatchRequest, SettingsError
 from worker.local.simulator import FAULT_KINDS
@@ -583,6 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, 2, "invalid_request", f"invalid request: {exc}", field=exc.field)
     except Check365WorkerError as exc:
         return _fail(args, 1, "error", str(exc))
+    except BrokerUnavailable as exc:
+        return _fail(args, 1, "redis", f"cannot reach Redis: {exc}")
     except (KombuOperationalError, RedisError) as exc:
         # Never print the URL: it may carry the Redis password.
         return _fail(args, 1, "redis", f"cannot reach Redis: {type(exc).__name__}: {_first_line(exc)}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import redis
 
-from worker.state.store import PREFIX
+from check365_client.names import PREFIX
 
 RATE_KEY = f"{PREFIX}ratelimit:check365"
 BLOCKED_KEY = f"{PREFIX}blocked_until"

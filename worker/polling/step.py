@@ -6,7 +6,6 @@ turns that into a countdown or into delivery messages. Nothing here knows Celery
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import secrets
@@ -15,9 +14,10 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from check365_client.names import watch_id_for
+from check365_client.rules import WatchRequest
 from worker.delivery.events import Event, EventHead, failed_event, iter_completed_events, timed_out_event
 from worker.errors import Check365Misconfigured, Check365Rejected, Check365Throttled, RetryableError
-from worker.intake.enqueue import WatchRequest
 from worker.ops import metrics
 from worker.polling import check365
 from worker.polling.schedule import (
@@ -74,7 +74,7 @@ StepResult = Reschedule | Finished | Dropped
 def new_watch_id(message_id: str | None = None) -> str:
     """The id of the watch a start message creates: the same for every delivery of that message."""
     if message_id:
-        return "w_" + hashlib.sha256(message_id.encode()).hexdigest()[:20]
+        return watch_id_for(message_id)
     return "w_" + secrets.token_hex(10)
 
 

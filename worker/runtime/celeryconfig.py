@@ -8,9 +8,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from check365_client.names import WATCH_TASK
 from worker.settings import Settings
 
-WATCH_TASK = "check365.watch_bulk_job"
+__all__ = ["DELIVER_TASK", "SWEEP_TASK", "WATCH_TASK", "celery_config"]
+
 DELIVER_TASK = "check365.deliver_webhook"
 SWEEP_TASK = "check365.sweep"
 

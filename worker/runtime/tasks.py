@@ -16,11 +16,11 @@ from typing import Any
 
 import structlog
 
+from check365_client.rules import WatchRequest, validate_watch_request
 from worker.app import app, settings
 from worker.delivery.step import DeadLettered, Delivered, DeliveryResult, RetryLater, deliver_claimed, deliver_once
 from worker.errors import InvalidWatchRequest
 from worker.intake.boundary import CheckedTask, reject
-from worker.intake.enqueue import WatchRequest, validate_watch_request
 from worker.polling.step import Dropped, Finished, Reschedule, StepResult, poll_once, start_watch
 from worker.runtime.celeryconfig import DELIVER_TASK, SWEEP_TASK, WATCH_TASK
 from worker.runtime.context import Context, process_context

@@ -20,8 +20,9 @@ from typing import Any
 
 import redis
 
+from check365_client.names import PREFIX
 from worker.delivery.events import EventHead
-from worker.state.store import ACTIVE, PREFIX, DurableSet, LogEntry, fmt, members, new_token, text
+from worker.state.store import ACTIVE, DurableSet, LogEntry, fmt, members, new_token, text
 
 KIND = "event"
 DEAD_KEY = f"{PREFIX}dead"

@@ -25,7 +25,8 @@ from typing import Any
 
 import redis
 
-PREFIX = "check365:"
+from check365_client.names import PREFIX
+
 ACTIVE = "active"
 
 Clock = Callable[[], float]

@@ -7,7 +7,6 @@ again while it is active starts nothing new.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -16,10 +15,11 @@ from typing import Any, NamedTuple
 
 import redis
 
+from check365_client.names import PREFIX, active_key, job_index_key
 from worker.delivery.events import Event, EventHead
 from worker.polling.schedule import Observation, observations_from_json
 from worker.state.outbox import Outbox, StoredEvent
-from worker.state.store import ACTIVE, PREFIX, DurableSet, flatten, fmt, members, new_token, text
+from worker.state.store import ACTIVE, DurableSet, flatten, fmt, members, new_token, text
 
 KIND = "watch"
 
@@ -106,15 +106,6 @@ return result
 # Bodies up to this size (in all) ride in the finish script's arguments instead of
 # being staged first: one round trip instead of two, for every small job.
 INLINE_BODIES_BYTES = 256 * 1024
-
-
-def active_key(job_id: str, callback_url: str) -> str:
-    digest = hashlib.sha256(f"{job_id}\x00{callback_url}".encode()).hexdigest()[:32]
-    return f"{PREFIX}active:{digest}"
-
-
-def job_index_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
 
 
 def _float(value: str | None, default: float = 0.0) -> float:

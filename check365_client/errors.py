@@ -1,0 +1,33 @@
+"""The errors ``check365_client`` raises: nothing else escapes its functions.
+
+    ClientError                  base class
+    ├── InvalidWatchRequest      a kwarg breaks the contract's rules; nothing was enqueued
+    │   └── UnsafeCallbackURL    the callback URL breaks the scheme or SSRF rules
+    └── BrokerUnavailable        Redis could not be reached or refused the command
+
+Messages name the field and the rule, never a password from the broker URL.
+"""
+
+from __future__ import annotations
+
+
+class ClientError(Exception):
+    """Base class of every error ``check365_client`` raises."""
+
+
+class InvalidWatchRequest(ClientError, ValueError):
+    """``field`` (job_id, callback_url, metadata or kwargs) breaks ``rule``."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {rule}")
+
+
+class UnsafeCallbackURL(InvalidWatchRequest):
+    def __init__(self, rule: str) -> None:
+        super().__init__("callback_url", rule)
+
+
+class BrokerUnavailable(ClientError):
+    """The broker (Redis) could not be reached or refused the command: nothing was enqueued."""
