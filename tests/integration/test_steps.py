@@ -16,6 +16,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from check365_client.rules import WatchRequest
+from tests.support.settings import make_settings as settings_for
 from worker.delivery.events import completed_events
 from worker.delivery.step import DeadLettered, Delivered, RetryLater, Skipped, deliver_claimed, deliver_once
 from worker.local.redisserver import LocalRedis
@@ -26,7 +27,7 @@ from worker.polling.step import Dropped, Finished, Reschedule, poll_once, start_
 from worker.runtime.context import Context, build_context
 from worker.runtime.leases import watch_lease_s
 from worker.runtime.sweep import sweep
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 from worker.state.outbox import STAGED_BODY_TTL_S
 from worker.state.watches import INLINE_BODIES_BYTES
 
@@ -68,7 +69,7 @@ def make_settings(redis_url: str, **overrides: str) -> Settings:
         "CHECK365_MAX_RPS": "1000",
         **overrides,
     }
-    return load_settings(env)
+    return settings_for(env)
 
 
 Handler = Callable[[httpx.Request], httpx.Response]

@@ -3,7 +3,7 @@
 Each scenario builds a whole system (``tests.support.cluster.Cluster``), breaks something
 on purpose, and then checks what the contract promises: every event arrives, a repeat only
 ever carries the same ``webhook-id``, and recovery takes no longer than the settings allow.
-It records one ``Row``; the suite prints them as a table at the end (see conftest.py).
+It records one ``Row``; the suite prints them as a table at the end (see tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from tests.support.cluster import Cluster, wait_until
+from tests.support.settings import make_settings
 from worker.local.receiver import Received
 from worker.local.simulator import generate_results
 from worker.runtime.leases import delivery_lease_s, watch_lease_s
-from worker.settings import load_settings
 
 # Recovery bounds get this much on top of the bound the settings imply: the machine
 # running the suite may have two cores and other heavy work on them.
@@ -28,7 +28,7 @@ SLACK_S = 20.0
 
 def longest_lease_s(env: Mapping[str, str]) -> float:
     """The longest an interrupted step can hold its watch or event under these settings."""
-    settings = load_settings(env, process="cli")
+    settings = make_settings(env, process="cli")
     return max(watch_lease_s(settings), delivery_lease_s(settings))
 
 

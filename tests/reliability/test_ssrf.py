@@ -27,12 +27,13 @@ import pytest
 from check365_client.rules import WatchRequest
 from tests.reliability.scenario import row_recorder
 from tests.support.cluster import Cluster, WorkerProcess, cli_command, wait_until
+from tests.support.settings import make_settings
 from worker.delivery.step import DeadLettered, Delivered, RetryLater, deliver_once
 from worker.errors import InvalidWatchRequest
 from worker.intake.enqueue import enqueue_watch
 from worker.polling.step import Finished, Reschedule, poll_once, start_watch
 from worker.runtime.context import Context, build_context
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 
 STRICT = {"WEBHOOK_ALLOW_PRIVATE_NETWORKS": "false", "WEBHOOK_ALLOW_HTTP": "false"}
 STRICT_QUEUE = "ssrf-strict"
@@ -154,7 +155,7 @@ class Resolver:
 
 
 def worker_settings(cluster: Cluster, **overrides: str) -> Settings:
-    return load_settings(cluster.env(**{"WEBHOOK_ALLOW_HTTP": "true", **overrides}), process="worker")
+    return make_settings(cluster.env(**{"WEBHOOK_ALLOW_HTTP": "true", **overrides}))
 
 
 def finish_watch(ctx: Context, cluster: Cluster, job: str, url: str) -> tuple[str, str]:

@@ -15,8 +15,8 @@ import pytest
 
 from tests.reliability.scenario import SLACK_S, Row, tally
 from tests.support.cluster import Cluster, WorkerProcess, wait_until
+from tests.support.settings import make_settings
 from worker.runtime.leases import watch_lease_s, watch_time_limit_s
-from worker.settings import load_settings
 
 SETTINGS = {
     "POLL_INITIAL_DELAY_S": "0.2",
@@ -29,7 +29,7 @@ SETTINGS = {
     "WATCH_TIMEOUT_S": "60",
     "CHECK365_MAX_RPS": "1000",
 }
-LIMITS = load_settings(SETTINGS, process="cli")
+LIMITS = make_settings(SETTINGS, process="cli")
 TIME_LIMIT_S = watch_time_limit_s(LIMITS)  # the step that finishes the watch delivers its single event
 LEASE_S = watch_lease_s(LIMITS)
 TRICKLE_S = 0.5  # a byte every half second: inside the 1 s read timeout, 50 s for the whole answer

@@ -31,8 +31,8 @@ from tests.reliability.scenario import (
     watch_outcomes,
 )
 from tests.support.cluster import Cluster, wait_until
+from tests.support.settings import make_settings
 from worker.runtime.celeryconfig import celery_config
-from worker.settings import load_settings
 
 # Small, fast settings; the recovery bound below is derived from them.
 CRASH_SETTINGS = {
@@ -170,7 +170,7 @@ def compose_worker_setting(pattern: str) -> str:
 def test_sigterm_hands_reserved_countdowns_back_to_another_worker(
     remap: str | None, label: str, record_row: Callable[..., Row]
 ) -> None:
-    soft_shutdown_s = float(celery_config(load_settings(process="cli"))["worker_soft_shutdown_timeout"])
+    soft_shutdown_s = float(celery_config(make_settings(process="cli"))["worker_soft_shutdown_timeout"])
     stop_grace_s = float(compose_worker_setting(r"stop_grace_period:\s*(\d+)s"))
     assert compose_worker_setting(r"REMAP_SIGTERM:\s*(\S+)") == "SIGQUIT"
     with Cluster() as cluster:

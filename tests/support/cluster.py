@@ -35,12 +35,13 @@ from typing import Any
 
 import redis
 
+from tests.support.settings import make_settings
 from worker.intake.enqueue import enqueue_watch
 from worker.local.receiver import Receiver
 from worker.local.redisserver import LocalRedis
 from worker.local.simulator import Simulator
 from worker.runtime.celeryconfig import WATCH_TASK
-from worker.settings import VARIABLES, Settings, load_settings
+from worker.settings import VARIABLES, Settings
 from worker.state.outbox import Outbox
 from worker.state.watches import Watch, WatchStore
 
@@ -372,7 +373,7 @@ class Cluster:
         return env
 
     def client_settings(self, **overrides: str | None) -> Settings:
-        return load_settings(self.env(**overrides), process="cli")
+        return make_settings(self.env(**overrides), process="cli")
 
     def callback_url(self, path: str) -> str:
         return self.receiver.url + path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import re
 import time
 import traceback
@@ -15,6 +14,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.support.settings import make_settings as settings_for
 from worker import __version__
 from worker.errors import (
     Check365Misconfigured,
@@ -38,7 +38,7 @@ from worker.polling.check365 import (
     make_client,
     parse_retry_after,
 )
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 
 API_KEY = "ck365_live_9fQ2xZrT7wLmB4vK"
 JOB_ID = "J-42"
@@ -57,14 +57,7 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def make_settings(**env: str) -> Settings:
-    return load_settings(
-        {
-            "CHECK365_API_KEY": API_KEY,
-            "WEBHOOK_SECRET": "whsec_" + base64.b64encode(bytes(range(24))).decode(),
-            "CHECK365_BASE_URL": "https://api.test",
-            **env,
-        }
-    )
+    return settings_for(CHECK365_API_KEY=API_KEY, CHECK365_BASE_URL="https://api.test", **env)
 
 
 _MISSING: Any = object()

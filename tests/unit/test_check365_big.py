@@ -10,7 +10,6 @@ both tiny so that every boundary case is met on small answers.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.settings import make_settings
 from worker.delivery.events import completed_events
 from worker.errors import Check365Rejected, Check365Throttled, Check365Unavailable
 from worker.local.simulator import generate_results
@@ -34,24 +34,13 @@ from worker.polling.check365 import (
     fetch_status,
     make_client,
 )
-from worker.settings import Settings, load_settings
 
 API_KEY = "ck365_live_9fQ2xZrT7wLmB4vK"
 JOB_ID = "J-42"
 WHOLE = 1 << 30
 
 
-def make_settings() -> Settings:
-    return load_settings(
-        {
-            "CHECK365_API_KEY": API_KEY,
-            "WEBHOOK_SECRET": "whsec_" + base64.b64encode(bytes(range(24))).decode(),
-            "CHECK365_BASE_URL": "https://api.test",
-        }
-    )
-
-
-SETTINGS = make_settings()
+SETTINGS = make_settings(CHECK365_API_KEY=API_KEY, CHECK365_BASE_URL="https://api.test")
 
 
 def pieces(body: bytes, size: int) -> Iterator[bytes]:

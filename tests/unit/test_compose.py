@@ -11,7 +11,6 @@ scripts in pyproject.toml and the parser of our ``check365-worker`` CLI.
 from __future__ import annotations
 
 import argparse
-import base64
 import importlib.resources
 import json
 import os
@@ -30,18 +29,16 @@ import pytest
 from celery.app.control import Inspect
 from celery.bin.celery import celery as celery_cli
 
+from tests.support.settings import TEST_SECRETS, make_settings
 from worker.runtime.celeryconfig import celery_config
-from worker.settings import VARIABLES, Settings, load_settings
+from worker.settings import VARIABLES, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-REQUIRED_SECRETS = {
-    "CHECK365_API_KEY": "test-api-key",
-    "WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"k" * 24).decode(),
-}
+REQUIRED_SECRETS = dict(TEST_SECRETS)
 # The `celery -A worker <sub>` commands a deployment of this project runs.
 CELERY_SUBCOMMANDS = {"worker", "beat", "inspect"}
 # Time a worker needs after its soft shutdown to cancel what is left and requeue it.
@@ -318,7 +315,7 @@ def test_worker_shuts_down_softly(default_config: Config) -> None:
     # SIGTERM (docker stop) becomes Celery's soft-then-cold shutdown, which hands
     # unfinished messages back at once instead of after the visibility timeout.
     assert worker["environment"]["REMAP_SIGTERM"] == "SIGQUIT"
-    soft = celery_config(load_settings(REQUIRED_SECRETS))["worker_soft_shutdown_timeout"]
+    soft = celery_config(make_settings())["worker_soft_shutdown_timeout"]
     assert soft > 0
     # Docker's SIGKILL must not cut the soft shutdown short.
     assert _seconds(worker["stop_grace_period"]) >= soft + REQUEUE_MARGIN_S

@@ -17,8 +17,8 @@ from celery.app.trace import TraceInfo
 from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 
+from tests.support.settings import make_settings
 from worker.runtime.logs import CELERY_PER_TASK_LOGGERS, Redactor, configure_logging
-from worker.settings import load_settings
 
 SECRET = "whsec_" + base64.b64encode(b"q" * 24).decode()
 API_KEY = "live-key-0123456789"
@@ -40,9 +40,7 @@ def _restore_logging() -> Iterator[None]:
 
 def configured(fmt: str = "json", level: str = "debug") -> io.StringIO:
     stream = io.StringIO()
-    settings = load_settings(
-        {"CHECK365_API_KEY": API_KEY, "WEBHOOK_SECRET": SECRET, "LOG_FORMAT": fmt, "LOG_LEVEL": level}
-    )
+    settings = make_settings(CHECK365_API_KEY=API_KEY, WEBHOOK_SECRET=SECRET, LOG_FORMAT=fmt, LOG_LEVEL=level)
     configure_logging(settings, stream=stream)
     return stream
 
@@ -92,7 +90,7 @@ def test_secrets_are_scrubbed_wherever_they_appear() -> None:
 def test_the_key_as_a_url_carries_it_is_scrubbed_too() -> None:
     stream = io.StringIO()
     odd_key = "ck365/live+9fQ2xZrT7wLmB4vK=="
-    settings = load_settings({"CHECK365_API_KEY": odd_key, "WEBHOOK_SECRET": SECRET, "LOG_FORMAT": "json"})
+    settings = make_settings(CHECK365_API_KEY=odd_key, WEBHOOK_SECRET=SECRET, LOG_FORMAT="json")
     configure_logging(settings, stream=stream)
     structlog.get_logger("check365.test").warning(
         "poll_failed",
