@@ -57,7 +57,7 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def make_settings(**env: str) -> Settings:
-    return settings_for(CHECK365_API_KEY=API_KEY, CHECK365_BASE_URL="https://api.test", **env)
+    return settings_for({"CHECK365_API_KEY": API_KEY, "CHECK365_BASE_URL": "https://api.test"}, **env)
 
 
 _MISSING: Any = object()
