@@ -263,7 +263,7 @@ def test_webhook_id_needs_a_part() -> None:
         new_webhook_id()
 
 
-@given(body=st.binary(max_size=512), ts=st.integers(min_value=0, max_value=2**40))
+@given(body=st.binary(max_size=512), ts=st.integers(min_value=0, max_value=10**12 - 1))
 def test_sign_then_verify_round_trips_any_body(body: bytes, ts: int) -> None:
     headers = webhook_headers([SECRET_A, SECRET_B], MSG_ID, ts, body, USER_AGENT)
     verify([SECRET_B], headers, body, now=ts)
