@@ -27,6 +27,7 @@ from check365_client import (
     InvalidWatchRequest,
     get_watch,
 )
+from check365_client.names import job_index_key, watch_key
 from tests.support.cluster import Cluster, wait_until, webhook_ids
 from worker.local.redisserver import free_port
 
@@ -197,3 +198,33 @@ def test_a_broker_that_is_down_is_a_client_error_not_kombus() -> None:
     with pytest.raises(InvalidWatchRequest):
         client.enqueue_watch("bad id", "https://hooks.example.com/x")
     assert "127.0.0.1" not in repr(client)
+
+
+def test_a_watch_hash_with_odd_values_is_read_without_crashing(cluster: Cluster) -> None:
+    # State written by another version, or by hand: the reader keeps what it can and drops the rest.
+    client = Check365Client(cluster.redis_url)
+    store = redis.Redis.from_url(cluster.redis_url)
+    job = "J-odd-state"
+    store.sadd(job_index_key(job), "w_odd", "w_gone")
+    store.hset(
+        watch_key("w_odd"),
+        mapping={
+            "watch_id": "w_odd",
+            "job_id": job,
+            "state": "active",
+            "metadata": "{not json",
+            "polls": "many",
+            "last_progress": "nan",
+            "started_at": "1e400",
+            "due": "17",
+            "events": "[1, 2",
+        },
+    )
+    try:
+        (watch,) = client.get_watches(job)
+        assert (watch.watch_id, watch.state, watch.polls) == ("w_odd", "active", 0)
+        assert watch.metadata is None and watch.events == () and watch.last_progress is None
+        assert watch.next_poll_at == 17.0
+    finally:
+        store.delete(job_index_key(job), watch_key("w_odd"))
+        client.close()
