@@ -7,6 +7,7 @@ message again (a foreign producer may send anything) and rejects what breaks the
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -68,15 +69,18 @@ def nested_deeper_than(value: object, limit: int) -> bool:
     return False
 
 
-def _check_integers(value: object) -> None:
+def _check_numbers(value: object) -> None:
+    """Refuse numbers that the events could not carry, each with its own reason."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, int) and item not in _INT64:
             raise InvalidWatchRequest("metadata", "integers must fit in 64 bits")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise InvalidWatchRequest("metadata", f"must not contain NaN or Infinity (JSON has no such number: {item})")
         if isinstance(item, dict):
             stack.extend(item.values())
-        elif isinstance(item, list):
+        elif isinstance(item, list | tuple):
             stack.extend(item)
 
 
@@ -87,13 +91,17 @@ def validate_metadata(metadata: object) -> dict[str, Any] | None:
         raise InvalidWatchRequest("metadata", f"must be a JSON object, got {type(metadata).__name__}")
     if nested_deeper_than(metadata, MAX_METADATA_NESTING):
         raise InvalidWatchRequest("metadata", f"must be nested at most {MAX_METADATA_NESTING} levels deep")
+    # Before serializing: json.dumps would refuse NaN with a ValueError that names nothing.
+    _check_numbers(metadata)
     try:
-        # allow_nan=False refuses NaN and Infinity, which JSON cannot carry.
         encoded = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidWatchRequest("metadata", f"must be JSON-serializable ({type(exc).__name__})") from None
-    if len(encoded.encode("utf-8", "surrogatepass")) > MAX_METADATA_BYTES:
-        raise InvalidWatchRequest("metadata", f"must serialize to at most {MAX_METADATA_BYTES} bytes")
+    size = len(encoded.encode("utf-8", "surrogatepass"))
+    if size > MAX_METADATA_BYTES:
+        raise InvalidWatchRequest(
+            "metadata", f"must serialize to at most {MAX_METADATA_BYTES:,} bytes; this one is {size:,} bytes"
+        )
     try:
         encoded.encode("utf-8")
     except UnicodeEncodeError:
@@ -101,7 +109,6 @@ def validate_metadata(metadata: object) -> dict[str, Any] | None:
     if any(not isinstance(k, str) for k in metadata):
         raise InvalidWatchRequest("metadata", "keys must be strings")
     parsed: dict[str, Any] = json.loads(encoded)
-    _check_integers(parsed)
     return parsed
 
 

@@ -274,6 +274,15 @@ def test_enqueue_json_reports_an_error_as_json() -> None:
     assert "must be a JSON object" in error["message"]
 
 
+@pytest.mark.parametrize(("metadata", "named"), [('{"a": NaN}', "NaN"), ('{"a": [-Infinity]}', "Infinity")])
+def test_enqueue_names_nan_and_infinity_in_metadata(metadata: str, named: str) -> None:
+    result = run("enqueue", "J-1", "https://hooks.example.com/x", "--metadata", metadata)
+    assert result.returncode == 2
+    assert "must not contain NaN or Infinity" in result.stderr
+    assert named in result.stderr
+    assert "JSON-serializable" not in result.stderr
+
+
 def test_replaying_a_delivered_event_says_why_nothing_happened(cluster: Cluster, job_id: str) -> None:
     path = f"/hooks/{job_id}"
     cluster.sim.add_job(job_id, size=1, duration_s=0.0)

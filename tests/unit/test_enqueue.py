@@ -92,6 +92,22 @@ def test_metadata_nested_as_deep_as_the_worker_accepts_passes_and_deeper_is_refu
         assert caught.value.field == "metadata"
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinity_are_named(value: float) -> None:
+    with pytest.raises(InvalidWatchRequest, match="must not contain NaN or Infinity") as caught:
+        check({"job_id": "J", "callback_url": URL, "metadata": {"a": {"b": [1, value]}}})
+    assert caught.value.field == "metadata"
+    assert "ValueError" not in str(caught.value)
+
+
+def test_oversized_metadata_states_its_size() -> None:
+    metadata = {"a": "x" * 5000}
+    size = len(json.dumps(metadata, separators=(",", ":")))
+    with pytest.raises(InvalidWatchRequest) as caught:
+        check({"job_id": "J", "callback_url": URL, "metadata": metadata})
+    assert str(caught.value) == f"metadata: must serialize to at most 4,096 bytes; this one is {size:,} bytes"
+
+
 def test_metadata_just_under_the_limit_passes_unchanged() -> None:
     metadata = {"a": "é" * ((MAX_METADATA_BYTES - 10) // 2)}
     assert len(json.dumps(metadata, ensure_ascii=False).encode()) <= MAX_METADATA_BYTES
