@@ -12,7 +12,13 @@ service that has its own ``config`` package or ``worker`` module and its own ``R
 from __future__ import annotations
 
 from check365_client.client import Check365Client, WatchState, enqueue_watch, get_watch
-from check365_client.errors import BrokerUnavailable, ClientError, InvalidWatchRequest, UnsafeCallbackURL
+from check365_client.errors import (
+    BrokerUnavailable,
+    ClientError,
+    EndpointsFileError,
+    InvalidWatchRequest,
+    UnsafeCallbackURL,
+)
 from check365_client.names import DEFAULT_QUEUE, WATCH_TASK
 
 __all__ = [
@@ -21,6 +27,7 @@ __all__ = [
     "BrokerUnavailable",
     "Check365Client",
     "ClientError",
+    "EndpointsFileError",
     "InvalidWatchRequest",
     "UnsafeCallbackURL",
     "WatchState",

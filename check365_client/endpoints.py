@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from check365_client.errors import EndpointsFileError
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -58,24 +60,6 @@ KNOWN_KEYS = frozenset(
         "timeout_s",
     }
 )
-
-
-class EndpointsFileError(ValueError):
-    """The endpoints file breaks a rule. ``endpoint`` and ``key`` name where (None: the file itself).
-
-    The message never contains a secret's value.
-    """
-
-    def __init__(self, rule: str, *, endpoint: str | None = None, key: str | None = None) -> None:
-        self.endpoint = endpoint
-        self.key = key
-        self.rule = rule
-        where = ""
-        if endpoint is not None:
-            where = f"endpoint {endpoint!r}" + (f", key {key!r}" if key is not None else "") + ": "
-        elif key is not None:
-            where = f"key {key!r}: "
-        super().__init__(where + rule)
 
 
 @dataclass(frozen=True)

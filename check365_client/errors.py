@@ -3,9 +3,10 @@
     ClientError                  base class
     ├── InvalidWatchRequest      a kwarg breaks the contract's rules; nothing was enqueued
     │   └── UnsafeCallbackURL    the callback URL breaks the scheme or SSRF rules
-    └── BrokerUnavailable        Redis could not be reached or refused the command
+    ├── BrokerUnavailable        Redis could not be reached or refused the command
+    └── EndpointsFileError       the endpoints file breaks a rule (``endpoint`` and ``key`` say where)
 
-Messages name the field and the rule, never a password from the broker URL.
+Messages name the field and the rule, never a password from the broker URL nor a secret.
 """
 
 from __future__ import annotations
@@ -31,3 +32,18 @@ class UnsafeCallbackURL(InvalidWatchRequest):
 
 class BrokerUnavailable(ClientError):
     """The broker (Redis) could not be reached or refused the command: nothing was enqueued."""
+
+
+class EndpointsFileError(ClientError, ValueError):
+    """The endpoints file breaks ``rule``; ``endpoint`` and ``key`` name where (None: the file itself)."""
+
+    def __init__(self, rule: str, *, endpoint: str | None = None, key: str | None = None) -> None:
+        self.endpoint = endpoint
+        self.key = key
+        self.rule = rule
+        where = ""
+        if endpoint is not None:
+            where = f"endpoint {endpoint!r}" + (f", key {key!r}" if key is not None else "") + ": "
+        elif key is not None:
+            where = f"key {key!r}: "
+        super().__init__(where + rule)
