@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from check365_client.rules import WatchRequest, validate_watch_request
+from check365_client.rules import validate_watch_request
 from worker.app import app, settings
 from worker.delivery.step import DeadLettered, Delivered, DeliveryResult, RetryLater, deliver_claimed, deliver_once
 from worker.errors import InvalidWatchRequest
@@ -39,9 +39,9 @@ def _queue_of(task: Any) -> str:
     return routing_key if isinstance(routing_key, str) and routing_key else settings.queue
 
 
-def _send_poll(request: WatchRequest, watch_id: str, token: str, delay: float, queue: str) -> None:
-    kwargs = {**request.kwargs(), "watch_id": watch_id, "token": token}
-    watch_bulk_job.apply_async(kwargs=kwargs, countdown=delay, queue=queue)
+def _send_poll(watch_id: str, token: str, delay: float, queue: str) -> None:
+    # The watch is in Redis: its next poll needs only which watch, and which message.
+    watch_bulk_job.apply_async(kwargs={"watch_id": watch_id, "token": token}, countdown=delay, queue=queue)
 
 
 def send_delivery(webhook_id: str, token: str, queue: str, delay: float = 0.0) -> None:
@@ -62,23 +62,28 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
     if args:
         reject("watch_rejected", "positional arguments are not accepted; send kwargs")
         return "rejected"
-    try:
-        request = validate_watch_request(
-            kwargs,
-            allow_http=settings.webhook_allow_http,
-            allow_private=settings.webhook_allow_private_networks,
-            allow_internal=True,
-        )
-    except InvalidWatchRequest as exc:
-        reject("watch_rejected", str(exc))
-        return "rejected"
     watch_id, token = kwargs.get("watch_id"), kwargs.get("token")
     ctx = process_context(settings)
     result: StepResult
     if watch_id is None and token is None:
+        # A start: the request is checked against the rules in force now, once. Its
+        # follow-ups read the watch from Redis, so that a later change of settings
+        # cannot strand a watch already accepted (see poll_once for one that may no
+        # longer be delivered).
+        try:
+            request = validate_watch_request(
+                kwargs,
+                allow_http=settings.webhook_allow_http,
+                allow_private=settings.webhook_allow_private_networks,
+                allow_internal=True,
+            )
+        except InvalidWatchRequest as exc:
+            reject("watch_rejected", str(exc))
+            return "rejected"
         message_id = self.request.id if isinstance(self.request.id, str) else None
         result = start_watch(ctx, request, _queue_of(self), message_id)
     elif isinstance(watch_id, str) and isinstance(token, str) and _ID.fullmatch(watch_id) and _ID.fullmatch(token):
+        # Any other kwargs (job_id and the rest, which follow-ups carried before) are ignored.
         structlog.contextvars.bind_contextvars(watch_id=watch_id)
         result = poll_once(ctx, watch_id, token)
     else:
@@ -86,7 +91,7 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
         return "rejected"
 
     if isinstance(result, Reschedule):
-        _send_poll(request, result.watch_id, result.token, result.delay, _queue_of(self))
+        _send_poll(result.watch_id, result.token, result.delay, _queue_of(self))
         return "scheduled"
     if isinstance(result, Finished):
         if result.leased is not None:
@@ -153,8 +158,7 @@ def sweep_task(*args: Any, **kwargs: Any) -> str:
         return "rejected"
     watches, events = sweep(process_context(settings))
     for item in watches:
-        request = WatchRequest(item.watch.job_id, item.watch.callback_url, item.watch.metadata)
-        _send_poll(request, item.watch.watch_id, item.token, 0.0, item.watch.queue or settings.queue)
+        _send_poll(item.watch.watch_id, item.token, 0.0, item.watch.queue or settings.queue)
     for event in events:
         send_delivery(event.webhook_id, event.token, event.queue)
     return f"rearmed {len(watches)} watches, {len(events)} events"
