@@ -355,6 +355,14 @@ class Settings:
         "how late a scheduled poll or delivery may be before the sweep re-arms it",
         WORKER,
     )
+    auth_grace_s: float = setting(
+        "CHECK365_AUTH_GRACE_S",
+        900.0,
+        seconds(),
+        "a refused API key pauses polling for the whole pool (an operator's fault, not the job's); "
+        "watches fail with `unauthorized` only once the key has been refused this long",
+        WORKER,
+    )
     state_ttl_s: float = setting(
         "STATE_TTL_S",
         7 * 86400.0,

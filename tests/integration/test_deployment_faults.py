@@ -6,11 +6,15 @@ webhook that declares a job failed when the job is fine.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.support.cluster import Cluster, quiet_period, wait_until
 from tests.support.metrics import scrape_until, value
 from worker.local.redisserver import free_port
+from worker.local.simulator import Simulator
+from worker.polling.ratelimit import KEY_REFUSED_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -66,3 +70,70 @@ def test_a_base_url_one_segment_off_is_retried_logged_counted_and_never_a_webhoo
     assert received.verified
     assert received.json()["type"] == "bulk_validation.completed"
     assert len(received.json()["data"]["results"]) == 3
+
+
+def test_a_refused_key_pauses_the_pool_and_fails_its_watches_only_after_the_grace(
+    cluster: Cluster, job_id: str, hook_path: str
+) -> None:
+    grace_s, pause_s = 4.0, 1.0  # the pause is a quarter of the grace, at most a minute
+    queue = "it-key-refused"
+    port = free_port()
+    # A simulator of its own: rotating its key touches no other test's worker.
+    with Simulator(cluster.api_key) as api:
+        worker = cluster.start_worker(
+            "key-refused",
+            concurrency=3,
+            queue=queue,
+            env_overrides={
+                "CHECK365_BASE_URL": api.url,
+                "CHECK365_AUTH_GRACE_S": str(grace_s),
+                "METRICS_PORT": str(port),
+                "METRICS_ADDR": "127.0.0.1",
+            },
+        )
+
+        def refused_lines() -> list[dict[str, object]]:
+            return [r for r in worker.log_records() if r.get("event") == "poll_key_refused"]
+
+        # A key refused for less than the grace (revoked, then put back) fails nothing.
+        brief = [f"{job_id}-brief-{i}" for i in range(3)]
+        for job in brief:
+            api.add_job(job, size=2, duration_s=2.0)
+            cluster.enqueue(job, f"{hook_path}/{job}", CHECK365_QUEUE=queue)
+        wait_until(lambda: len(api.requests()) >= 3, TIMEOUT, "the first polls")
+        api.set_api_key("rotated-elsewhere")
+        wait_until(refused_lines, TIMEOUT, "a poll_key_refused line")
+        time.sleep(pause_s)
+        api.set_api_key(cluster.api_key)
+        cluster.receiver.wait_for(lambda rx: len({r.path for r in rx if r.path.startswith(hook_path)}) >= 3, TIMEOUT)
+        assert {r.json()["type"] for r in cluster.receiver.received() if r.path.startswith(hook_path)} == {
+            "bulk_validation.completed"
+        }
+
+        # A key refused for good: every watch waits out the grace, then fails with unauthorized.
+        held = [f"{job_id}-held-{i}" for i in range(6)]
+        for job in held:
+            api.add_job(job, size=2, duration_s=600.0)
+            cluster.enqueue(job, f"{hook_path}/{job}", CHECK365_QUEUE=queue)
+        wait_until(lambda: all(w.polls for j in held for w in cluster.watch_state(j)), TIMEOUT, "every watch polled")
+        # The brief refusal is over for the pool too: this one starts its own grace.
+        wait_until(lambda: not cluster.redis().exists(KEY_REFUSED_KEY), TIMEOUT, "the brief refusal forgotten")
+        asked = len(api.requests())
+        api.set_api_key("rotated-for-good")
+        refused_at = time.monotonic()
+        cluster.receiver.wait_for(lambda rx: len({r.path for r in rx if r.path.startswith(hook_path)}) >= 9, TIMEOUT)
+        waited = time.monotonic() - refused_at
+        refused_requests = [r for r in api.requests()[asked:] if r.status_code == 401]
+
+    line = refused_lines()[0]
+    assert line["level"] == "error"
+    assert "401" in str(line["error"])
+    failed = [r.json() for r in cluster.receiver.received() if "-held-" in r.path]
+    assert len(failed) == len(held)
+    assert {(b["type"], b["data"]["reason"]) for b in failed} == {("bulk_validation.failed", "unauthorized")}
+    assert waited >= grace_s, f"the watches failed {waited:.1f} s after the key was refused, within the grace"
+    # One request per pause while the pool waits, then one per watch: not one per watch per poll.
+    assert len(refused_requests) <= grace_s / pause_s + len(held) + 3, len(refused_requests)
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
+    samples = scrape_until(metrics_url, lambda s: (value(s, "check365_polls_total", outcome="unauthorized") or 0) > 0)
+    assert value(samples, "check365_polls_total", outcome="rejected") == len(held)

@@ -221,19 +221,28 @@ def test_an_unknown_job_ends_in_job_not_found(cluster: Cluster, job_id: str, hoo
 def unauthorized_worker(cluster: Cluster) -> Iterator[WorkerProcess]:
     """A worker whose API key Check365 refuses, alone on its own queue."""
     process = cluster.start_worker(
-        "wrong-key", concurrency=2, queue="it-wrong-key", env_overrides={"CHECK365_API_KEY": new_api_key()}
+        "wrong-key",
+        concurrency=2,
+        queue="it-wrong-key",
+        env_overrides={"CHECK365_API_KEY": new_api_key(), "CHECK365_AUTH_GRACE_S": "1"},
     )
     yield process
     process.stop()
 
 
-def test_a_refused_api_key_ends_in_unauthorized(
+def test_an_api_key_refused_past_the_grace_ends_in_unauthorized(
     cluster: Cluster, unauthorized_worker: WorkerProcess, job_id: str, hook_path: str
 ) -> None:
     cluster.sim.add_job(job_id, size=3, duration_s=0.0)
     cluster.enqueue(job_id, hook_path, CHECK365_QUEUE="it-wrong-key")
 
     _, body = only_event(cluster, hook_path)
+    refusals = [
+        r
+        for r in unauthorized_worker.log_records()
+        if r.get("event") == "poll_key_refused" and r.get("job_id") == job_id
+    ]
+    assert refusals, "the pool waits out CHECK365_AUTH_GRACE_S before a watch fails"
 
     assert body["type"] == FAILED
     assert body["data"]["reason"] == "unauthorized"

@@ -164,7 +164,8 @@ def secret_flow() -> Iterator[tuple[Cluster, CommandRecorder, list[WorkerProcess
                 "secrets-wrong-key",
                 concurrency=1,
                 queue=WRONG_KEY_QUEUE,
-                env_overrides={**debug, "CHECK365_API_KEY": wrong_key},
+                # The refusal fails the watch once it has lasted this long.
+                env_overrides={**debug, "CHECK365_API_KEY": wrong_key, "CHECK365_AUTH_GRACE_S": "0.5"},
                 wait=False,
             ),
             cluster.start_worker(

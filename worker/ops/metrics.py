@@ -68,6 +68,7 @@ POLL_OUTCOMES: Final = (
     "rejected",
     "transient",
     "misconfigured",
+    "unauthorized",
     "throttled",
 )
 DELIVERY_OUTCOMES: Final = ("delivered", "failed", "dead_lettered")
@@ -110,7 +111,8 @@ def _create() -> _Metrics:
             "check365_polls",
             "Poll steps, by outcome: what Check365 answered (running, completed, incomplete, failed), "
             "rejected (refused for good), transient (5xx, 429, timeout, garbage), misconfigured (an "
-            "answer that is not Check365's: check CHECK365_BASE_URL) or throttled "
+            "answer that is not Check365's: check CHECK365_BASE_URL), unauthorized (the API key "
+            "refused: the pool pauses, watches fail after CHECK365_AUTH_GRACE_S) or throttled "
             "(deferred by the pool-wide rate limit, no request sent).",
             ["outcome"],
         ),

@@ -26,6 +26,7 @@ from check365_client.names import PREFIX
 RATE_KEY = f"{PREFIX}ratelimit:check365"
 BLOCKED_KEY = f"{PREFIX}blocked_until"
 TURNS_KEY = f"{PREFIX}ratelimit:turns"
+KEY_REFUSED_KEY = f"{PREFIX}key_refused_since"
 
 # A caller coming back for its turn may find the previous one came a little late.
 # Letting a request through up to half a slot early keeps those turns from being
@@ -78,6 +79,24 @@ end
 return tostring(untilt - now)
 """
 
+# KEYS: refused-since key, blocked key; ARGV: grace (s), pause (s)
+# Returns the seconds since the API key was first refused in this streak of refusals.
+_KEY_REFUSED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local grace, pause = tonumber(ARGV[1]), tonumber(ARGV[2])
+local since = tonumber(redis.call('GET', KEYS[1]) or 'x') or now
+redis.call('SET', KEYS[1], tostring(since), 'PX', math.ceil((3 * pause + 1) * 1000))
+local refused_for = now - since
+if refused_for < grace and pause > 0 then
+  local untilt = now + pause
+  if untilt > tonumber(redis.call('GET', KEYS[2]) or '0') then
+    redis.call('SET', KEYS[2], tostring(untilt), 'PX', math.ceil(pause * 1000) + 1000)
+  end
+end
+return tostring(refused_for)
+"""
+
 
 class RateLimiter:
     def __init__(self, client: redis.Redis, max_rps: float) -> None:
@@ -85,6 +104,10 @@ class RateLimiter:
         self._args = [repr(self.interval), repr(self.interval * TOLERANCE_SLOTS), repr(MAX_TURN_AHEAD_S)]
         self._acquire = client.register_script(_ACQUIRE)
         self._block = client.register_script(_BLOCK)
+        self._key_refused = client.register_script(_KEY_REFUSED)
+        self._redis = client
+        # Whether this process has seen the key refused since it last saw it accepted.
+        self._refusal_seen = False
 
     def acquire(self) -> float:
         """Take a request slot now (return 0.0) or say how many seconds to wait for a turn."""
@@ -95,3 +118,21 @@ class RateLimiter:
         """Hold every worker's requests back for ``seconds`` (a Retry-After)."""
         if seconds > 0:
             self._block(keys=[BLOCKED_KEY], args=[repr(seconds)])
+
+    def key_refused(self, grace_s: float, pause_s: float) -> float:
+        """Record that Check365 refused the API key; the seconds it has been refused for.
+
+        A streak of refusals starts at the first and lasts while they come less than
+        three pauses apart. Until ``grace_s`` have passed, every worker's requests are
+        held back for ``pause_s``: one request per pause finds out whether the key works
+        again, instead of one per watch.
+        """
+        self._refusal_seen = True
+        refused_for = self._key_refused(keys=[KEY_REFUSED_KEY, BLOCKED_KEY], args=[repr(grace_s), repr(pause_s)])
+        return max(0.0, float(refused_for))
+
+    def key_accepted(self) -> None:
+        """Check365 accepted the key: a streak of refusals seen by this process is over."""
+        if self._refusal_seen:
+            self._redis.delete(KEY_REFUSED_KEY)
+            self._refusal_seen = False

@@ -245,6 +245,17 @@ def transient_delay(
 
 # How long a job reported completed with results missing is waited for before its
 # results are delivered as they are: Check365's own example answer is such a job.
+# A refused API key pauses the whole pool this long between two requests that find out
+# whether it works again: a minute, or a quarter of the grace when that is shorter, so
+# that a few requests see the key refused before its watches fail.
+KEY_REFUSED_PAUSE_S = 60.0
+
+
+def key_refused_pause(grace_s: float) -> float:
+    """How long the pool waits after Check365 refused the API key, for a grace of ``grace_s``."""
+    return min(KEY_REFUSED_PAUSE_S, grace_s / 4)
+
+
 SHORT_RESULTS_WAIT_S = 60.0
 _SHORT_RESULTS_MAX_GAP_S = 15.0
 

@@ -24,6 +24,7 @@ from worker.polling.schedule import (
     SHORT_RESULTS_WAIT_S,
     Observation,
     incomplete_results_delay,
+    key_refused_pause,
     next_poll_delay,
     observations_to_json,
     remember,
@@ -184,6 +185,8 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
         with metrics.check365_request():
             outcome = check365.fetch_status(ctx.check365, settings, watch.job_id)
     except Check365Rejected as exc:
+        if exc.reason == "unauthorized" and (held := _hold_for_key(ctx, watch, holder, exc, final)) is not None:
+            return held
         metrics.poll("rejected")
         log.warning("poll_rejected", watch_id=watch_id, reason=exc.reason, error=str(exc))
         event = failed_event(watch_id, watch.job_id, exc.reason, str(exc), watch.metadata, now=ctx.clock())
@@ -194,6 +197,7 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
             return _time_out(ctx, _with_polls(watch, watch.polls + 1), holder)
         return _retry_later(ctx, watch, holder, exc)
 
+    ctx.limiter.key_accepted()
     now = ctx.clock()
     polls = watch.polls + 1
     short_since = watch.short_since if watch.short_since is not None else now
@@ -264,6 +268,32 @@ def _time_out(ctx: Context, watch: Watch, holder: str) -> StepResult:
         now=ctx.clock(),
     )
     return _finish(ctx, watch, holder, "timed_out", [event])
+
+
+def _hold_for_key(ctx: Context, watch: Watch, holder: str, exc: Check365Rejected, final: bool) -> StepResult | None:
+    """A refused API key is the operator's to fix, not the job's: the pool waits for it.
+
+    None once the key has been refused for ``CHECK365_AUTH_GRACE_S``: the watch fails.
+    """
+    grace = ctx.settings.auth_grace_s
+    pause = key_refused_pause(grace)
+    refused_for = ctx.limiter.key_refused(grace, pause)
+    if refused_for >= grace:
+        return None
+    metrics.poll("unauthorized")
+    log.error(
+        "poll_key_refused",
+        watch_id=watch.watch_id,
+        error=str(exc),
+        refused_for_s=round(refused_for, 3),
+        watches_fail_in_s=round(grace - refused_for, 3),
+        pool_paused_s=round(pause, 3),
+    )
+    polled = _with_polls(watch, watch.polls + 1)
+    if final:
+        return _time_out(ctx, polled, holder)
+    delay = min(max(pause, 0.001), ctx.settings.poll_max_delay_s, max(watch.deadline - ctx.clock(), 0.001))
+    return _reschedule(ctx, watch, holder, delay, {"polls": str(polled.polls)})
 
 
 def _retry_later(ctx: Context, watch: Watch, holder: str, exc: RetryableError) -> StepResult:
