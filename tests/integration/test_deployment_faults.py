@@ -137,3 +137,35 @@ def test_a_refused_key_pauses_the_pool_and_fails_its_watches_only_after_the_grac
     metrics_url = f"http://127.0.0.1:{port}/metrics"
     samples = scrape_until(metrics_url, lambda s: (value(s, "check365_polls_total", outcome="unauthorized") or 0) > 0)
     assert value(samples, "check365_polls_total", outcome="rejected") == len(held)
+
+
+def test_a_watch_whose_callback_the_new_settings_refuse_ends_logged_counted_and_shown(
+    cluster: Cluster, job_id: str, hook_path: str
+) -> None:
+    queue = "it-allow-http-off"
+    port = free_port()
+    before = cluster.start_worker("allow-http-on", concurrency=2, queue=queue)
+    cluster.sim.add_job(job_id, size=2, duration_s=600.0)
+    cluster.enqueue(job_id, hook_path, CHECK365_QUEUE=queue)  # the receiver is plain http
+    wait_until(lambda: any(w.polls for w in cluster.watch_state(job_id)), TIMEOUT, "a first poll")
+    before.stop()
+    # The deployment now refuses plain-http callbacks: the watch's next message meets that.
+    after = cluster.start_worker(
+        "allow-http-off",
+        concurrency=2,
+        queue=queue,
+        env_overrides={"WEBHOOK_ALLOW_HTTP": "false", "METRICS_PORT": str(port), "METRICS_ADDR": "127.0.0.1"},
+    )
+    wait_until(lambda: cluster.watch_state(job_id)[0].state == "finished", TIMEOUT, "the watch ended")
+    [watch] = cluster.watch_state(job_id)
+    assert watch.outcome == "callback_refused"
+    line = after.wait_for_record(lambda r: r.get("event") == "watch_callback_refused", TIMEOUT)
+    assert line["level"] == "warning" and "http" in str(line["reason"])
+    assert not [r for r in after.log_records() if r.get("event") == "watch_rejected"]
+    scrape_until(
+        f"http://127.0.0.1:{port}/metrics",
+        lambda s: value(s, "check365_watch_outcomes_total", outcome="callback_refused") == 1,
+    )
+    shown = cluster.cli("status", job_id)
+    assert "outcome callback_refused" in shown.stdout, shown.stdout
+    assert cluster.receiver.received(hook_path) == []

@@ -763,3 +763,39 @@ def test_results_that_arrive_during_the_wait_are_delivered_whole(world: World) -
     assert isinstance(done, Finished)
     bodies = [json.loads(world.ctx.outbox.body(webhook_id) or b"{}") for webhook_id, _ in done.deliveries]
     assert [r["email"] for b in bodies for r in b["data"]["results"]] == [r["email"] for r in RESULTS]
+
+
+def test_a_watch_whose_callback_is_no_longer_allowed_ends_without_an_event(world: World) -> None:
+    # Started while plain http was allowed; WEBHOOK_ALLOW_HTTP is off now.
+    plain = "http://hooks.example.com/check365"
+    step = start_watch(world.ctx, WatchRequest("J-1", plain, None))
+    assert isinstance(step, Reschedule)
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Finished)
+    assert (result.outcome, result.deliveries) == ("callback_refused", [])
+    assert world.check365_requests == [], "no request for a watch that cannot be told the outcome"
+    watch = world.ctx.watches.get(step.watch_id)
+    assert watch is not None and (watch.state, watch.outcome) == ("finished", "callback_refused")
+    # The pair is free again.
+    assert isinstance(start_watch(world.ctx, WatchRequest("J-1", plain, None)), Reschedule)
+
+
+def test_the_sweep_times_out_a_watch_whose_messages_never_run_past_its_deadline(world: World) -> None:
+    step = world.start()
+    world.check365_answers.append(status("processing", 30))
+    polled = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(polled, Reschedule)
+    # Every message from now on is lost or refused: only the sweep sees the watch.
+    world.clock.advance(world.settings.watch_timeout_s - 10)
+    rearmed, _ = sweep(world.ctx)
+    assert [r.watch.watch_id for r in rearmed] == [step.watch_id], "before the deadline, re-armed"
+    world.clock.advance(10 + world.settings.rearm_grace_s + watch_lease_s(world.settings) + 1)
+    rearmed, events = sweep(world.ctx)
+    assert rearmed == []
+    [event] = events
+    body = json.loads(world.ctx.outbox.body(event.webhook_id) or b"")
+    assert body["type"] == "bulk_validation.timed_out"
+    assert (body["data"]["status"], body["data"]["progress"]) == ("processing", 30)
+    watch = world.ctx.watches.get(step.watch_id)
+    assert watch is not None and watch.outcome == "timed_out"
+    assert isinstance(deliver_once(world.ctx, event.webhook_id, event.token), Delivered)

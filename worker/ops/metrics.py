@@ -59,7 +59,7 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 # In containers the endpoint must be reachable from the scraper, outside the container.
 DEFAULT_ADDR: Final = "0.0.0.0"  # noqa: S104 - deliberate, see the line above
 
-WATCH_OUTCOMES: Final = ("completed", "failed", "timed_out")
+WATCH_OUTCOMES: Final = ("completed", "failed", "timed_out", "callback_refused")
 POLL_OUTCOMES: Final = (
     "running",
     "completed",

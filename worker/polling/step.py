@@ -17,7 +17,14 @@ import structlog
 from check365_client.names import watch_id_for
 from check365_client.rules import WatchRequest
 from worker.delivery.events import Event, EventHead, failed_event, iter_completed_events, timed_out_event
-from worker.errors import Check365Misconfigured, Check365Rejected, Check365Throttled, RetryableError
+from worker.delivery.urls import validate_callback_url
+from worker.errors import (
+    Check365Misconfigured,
+    Check365Rejected,
+    Check365Throttled,
+    RetryableError,
+    UnsafeCallbackURL,
+)
 from worker.ops import metrics
 from worker.polling import check365
 from worker.polling.schedule import (
@@ -37,6 +44,9 @@ from worker.state.store import fmt
 from worker.state.watches import Watch
 
 log = structlog.get_logger("check365.polling")
+
+# The outcome of a watch whose callback URL the settings in force no longer allow.
+CALLBACK_REFUSED = "callback_refused"
 
 
 @dataclass(frozen=True)
@@ -113,13 +123,22 @@ def start_watch(ctx: Context, request: WatchRequest, queue: str = "", message_id
     return Reschedule(created.watch_id, created.token, delay)
 
 
-def _finish(ctx: Context, watch: Watch, holder: str, outcome: str, events: Sequence[Event | EventHead]) -> StepResult:
+def _finish(
+    ctx: Context,
+    watch: Watch,
+    holder: str,
+    outcome: str,
+    events: Sequence[Event | EventHead],
+    *,
+    deliver_here: bool = True,
+    **logged: object,
+) -> StepResult:
     now = ctx.clock()
     # A single event (every outcome but a completed job of several parts) is created
     # claimed by this step, which delivers it: its first attempt would otherwise cost a
     # message, a task run and a claim. Several parts go out as messages instead, so
     # that free slots on any worker send them in parallel.
-    single = events[0] if len(events) == 1 and isinstance(events[0], Event) else None
+    single = events[0] if deliver_here and len(events) == 1 and isinstance(events[0], Event) else None
     finishing = ctx.watches.finish(
         watch,
         holder,
@@ -133,12 +152,14 @@ def _finish(ctx: Context, watch: Watch, holder: str, outcome: str, events: Seque
     if finishing is None:
         return Dropped("lost_claim", watch.watch_id)
     metrics.watch_finished(outcome)
-    log.info(
+    # An outcome that no receiver hears of is a warning.
+    (log.info if events else log.warning)(
         f"watch_{outcome}",
         watch_id=watch.watch_id,
         polls=watch.polls,
         events=len(events),
         duration_s=round(now - watch.started_at, 3),
+        **logged,
     )
     if single is not None and finishing.leased:
         return Finished(outcome, finishing.tokens, (finishing.leased[0], single.body))
@@ -160,12 +181,44 @@ def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
     return _poll_claimed(ctx, watch, holder)
 
 
+def expire_stranded(ctx: Context, watch_id: str, token: str) -> StepResult:
+    """End a watch past its deadline whose re-armed messages still do not run it (the sweep's backstop).
+
+    Its events are left to messages: the sweep, not a poll step, sends them.
+    """
+    claimed = ctx.watches.claim(watch_id, token, ctx.clock() + watch_lease_s(ctx.settings))
+    if claimed is None:
+        return Dropped("stale_token", watch_id)
+    watch, holder = claimed
+    return _time_out(ctx, watch, holder, deliver_here=False, by="sweep")
+
+
+def callback_refusal(ctx: Context, callback_url: str) -> str | None:
+    """Why the settings in force refuse ``callback_url`` (the rules a start message meets), or None."""
+    try:
+        validate_callback_url(
+            callback_url,
+            allow_http=ctx.settings.webhook_allow_http,
+            allow_private=ctx.settings.webhook_allow_private_networks,
+        )
+    except UnsafeCallbackURL as exc:
+        return str(exc)
+    return None
+
+
 def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
     settings = ctx.settings
     now = ctx.clock()
     watch_id = watch.watch_id
     # Every line of this step names the job and which poll it is.
     structlog.contextvars.bind_contextvars(job_id=watch.job_id, watch_id=watch_id, attempt=watch.polls + 1)
+
+    refused = callback_refusal(ctx, watch.callback_url)
+    if refused is not None:
+        # Accepted when the watch started, refused by the settings in force now
+        # (WEBHOOK_ALLOW_HTTP switched off...): no event could reach it, so the watch ends
+        # here, and its pair may be enqueued again.
+        return _finish(ctx, watch, holder, CALLBACK_REFUSED, [], reason=refused)
 
     # Past its deadline a watch still gets one poll: its turns may have been pushed there by
     # the rate limit, and a job that completed meanwhile is reported completed, not timed out.
@@ -257,7 +310,7 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
     return _reschedule(ctx, watch, holder, delay, fields)
 
 
-def _time_out(ctx: Context, watch: Watch, holder: str) -> StepResult:
+def _time_out(ctx: Context, watch: Watch, holder: str, *, deliver_here: bool = True, **logged: object) -> StepResult:
     """The watch's final poll, at or after its deadline, did not find the job finished."""
     event = timed_out_event(
         watch.watch_id,
@@ -267,7 +320,7 @@ def _time_out(ctx: Context, watch: Watch, holder: str) -> StepResult:
         watch.metadata,
         now=ctx.clock(),
     )
-    return _finish(ctx, watch, holder, "timed_out", [event])
+    return _finish(ctx, watch, holder, "timed_out", [event], deliver_here=deliver_here, **logged)
 
 
 def _hold_for_key(ctx: Context, watch: Watch, holder: str, exc: Check365Rejected, final: bool) -> StepResult | None:

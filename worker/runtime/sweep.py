@@ -14,13 +14,24 @@ from dataclasses import dataclass
 
 import structlog
 
+from worker.polling.step import Finished, expire_stranded
 from worker.runtime.context import Context
+from worker.runtime.leases import watch_lease_s
 from worker.state.store import text
 from worker.state.watches import Watch
 
 log = structlog.get_logger("check365.sweep")
 
 BATCH = 500
+
+
+def stranded_after_s(ctx: Context) -> float:
+    """How long past its deadline an overdue watch is given before the sweep times it out.
+
+    A watch waiting for its turn is never overdue; one that is has lost its message, and
+    the message the sweep sends it gets a grace and a step's lease to run its final poll.
+    """
+    return ctx.settings.rearm_grace_s + watch_lease_s(ctx.settings)
 
 
 @dataclass(frozen=True)
@@ -37,20 +48,33 @@ class RearmedEvent:
 
 
 def sweep(ctx: Context, *, batch: int = BATCH) -> tuple[list[RearmedWatch], list[RearmedEvent]]:
+    """The watches and events to send a message for, each with its fresh token.
+
+    A watch still overdue once ``stranded_after_s`` past its deadline (a re-armed message
+    had its chance and it did not run) is timed out here instead: its event is among the
+    events returned.
+    """
     now = ctx.clock()
     grace = ctx.settings.rearm_grace_s
     watches: list[RearmedWatch] = []
+    events: list[RearmedEvent] = []
     for watch_id in ctx.watches.items.overdue(now, batch):
         token = ctx.watches.items.rearm(watch_id, now, grace)
         watch = ctx.watches.get(watch_id) if token else None
-        if token and watch:
+        if not (token and watch):
+            continue
+        if now < watch.deadline + stranded_after_s(ctx):
             watches.append(RearmedWatch(watch, token))
-    events: list[RearmedEvent] = []
+            continue
+        ended = expire_stranded(ctx, watch_id, token)
+        if isinstance(ended, Finished):
+            home = watch.queue or ctx.settings.queue
+            events += [RearmedEvent(webhook_id, event_token, home) for webhook_id, event_token in ended.deliveries]
     for webhook_id in ctx.outbox.items.overdue(now, batch):
-        token = ctx.outbox.items.rearm(webhook_id, now, grace)
-        if token:
+        event_token = ctx.outbox.items.rearm(webhook_id, now, grace)
+        if event_token:
             queue = text(ctx.redis.hget(ctx.outbox.items.key(webhook_id), "queue"))
-            events.append(RearmedEvent(webhook_id, token, queue or ctx.settings.queue))
+            events.append(RearmedEvent(webhook_id, event_token, queue or ctx.settings.queue))
     if watches or events:
         log.info("sweep_rearmed", watches=len(watches), events=len(events))
     return watches, events
