@@ -22,6 +22,7 @@ from __future__ import annotations
 import redis
 
 from check365_client.names import PREFIX
+from worker.state import scripts
 
 RATE_KEY = f"{PREFIX}ratelimit:check365"
 BLOCKED_KEY = f"{PREFIX}blocked_until"
@@ -38,73 +39,14 @@ TOLERANCE_SLOTS = 0.5
 # their wait and who came back early) can delay callers once the crowd is gone.
 MAX_TURN_AHEAD_S = 60.0
 
-# KEYS: rate key, blocked key, turns key; ARGV: interval (s), tolerance (s), max turn ahead (s)
-# Returns the seconds to wait as a string ('0' = go ahead, the slot is taken).
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local interval = tonumber(ARGV[1])
-local ahead = tonumber(ARGV[3])
-local blocked = tonumber(redis.call('GET', KEYS[2]) or '0')
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-local turns = tonumber(redis.call('GET', KEYS[3]) or '0')
-if blocked <= now and tat - tonumber(ARGV[2]) <= now then
-  -- Whole slots since the last request (or the end of a Retry-After) that nobody took.
-  local idle = math.floor((now - math.max(tat, blocked)) / interval)
-  if tat < now then tat = now end
-  -- Kept well past the furthest turn, so that an expired key never hides idle slots.
-  redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', math.ceil((interval + 2 * ahead) * 1000))
-  if idle > 0 and turns > now then
-    local left = math.max(turns - idle * interval, now)
-    redis.call('SET', KEYS[3], tostring(left), 'PX', math.ceil((left - now) * 1000) + 1000)
-  end
-  return '0'
-end
--- Refused: the next turn after everyone already waiting, after any Retry-After.
-local turn = math.max(tat, blocked, turns)
-if turn - now > ahead then return tostring(ahead) end
-redis.call('SET', KEYS[3], tostring(turn + interval), 'PX', math.ceil((turn + interval - now) * 1000) + 1000)
-return tostring(turn - now)
-"""
-
-# KEYS: blocked key; ARGV: seconds. Only ever extends the block.
-_BLOCK = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local untilt = now + tonumber(ARGV[1])
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if untilt > current then
-  redis.call('SET', KEYS[1], tostring(untilt), 'PX', math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
-end
-return tostring(untilt - now)
-"""
-
-# KEYS: refused-since key, blocked key; ARGV: grace (s), pause (s)
-# Returns the seconds since the API key was first refused in this streak of refusals.
-_KEY_REFUSED = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local grace, pause = tonumber(ARGV[1]), tonumber(ARGV[2])
-local since = tonumber(redis.call('GET', KEYS[1]) or 'x') or now
-redis.call('SET', KEYS[1], tostring(since), 'PX', math.ceil((3 * pause + 1) * 1000))
-local refused_for = now - since
-if refused_for < grace and pause > 0 then
-  local untilt = now + pause
-  if untilt > tonumber(redis.call('GET', KEYS[2]) or '0') then
-    redis.call('SET', KEYS[2], tostring(untilt), 'PX', math.ceil(pause * 1000) + 1000)
-  end
-end
-return tostring(refused_for)
-"""
-
 
 class RateLimiter:
     def __init__(self, client: redis.Redis, max_rps: float) -> None:
         self.interval = 1.0 / max_rps
         self._args = [repr(self.interval), repr(self.interval * TOLERANCE_SLOTS), repr(MAX_TURN_AHEAD_S)]
-        self._acquire = client.register_script(_ACQUIRE)
-        self._block = client.register_script(_BLOCK)
-        self._key_refused = client.register_script(_KEY_REFUSED)
+        self._acquire = scripts.load(client, "ratelimit_acquire")
+        self._block = scripts.load(client, "ratelimit_block")
+        self._key_refused = scripts.load(client, "ratelimit_key_refused")
         self._redis = client
         # Whether this process has seen the key refused since it last saw it accepted.
         self._refusal_seen = False

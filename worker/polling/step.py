@@ -7,7 +7,6 @@ turns that into a countdown or into delivery messages. Nothing here knows Celery
 from __future__ import annotations
 
 import itertools
-import json
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -33,15 +32,13 @@ from worker.polling.schedule import (
     incomplete_results_delay,
     key_refused_pause,
     next_poll_delay,
-    observations_to_json,
     remember,
     transient_delay,
 )
 from worker.runtime.context import Context
 from worker.runtime.leases import watch_lease_s
 from worker.state.outbox import StoredEvent
-from worker.state.store import fmt
-from worker.state.watches import Watch
+from worker.state.watches import Seen, Watch
 
 log = structlog.get_logger("check365.polling")
 
@@ -232,7 +229,7 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
             delay = min(delay, max(watch.deadline - now, 0.001))
         log.debug("poll_throttled", watch_id=watch_id, wait_s=round(wait, 3), past_deadline=final)
         metrics.poll("throttled")
-        return _reschedule(ctx, watch, holder, delay, {})
+        return _reschedule(ctx, watch, holder, delay)
 
     try:
         with metrics.check365_request():
@@ -297,17 +294,14 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
         incomplete_results=isinstance(outcome, check365.Incomplete),
         next_poll_in_s=round(delay, 3),
     )
-    fields = {
-        "polls": str(polls),
-        "failures": "0",
-        "last_status": outcome.status,  # cut to MAX_STATUS_CHARS by check365
-        "last_progress": "" if outcome.progress is None else repr(float(outcome.progress)),
-        "history": _json(observations_to_json(history)),
-        "last_poll_at": fmt(now),
-        # When the job was first seen completed with results missing ('' while it runs).
-        "short_since": fmt(short_since) if isinstance(outcome, check365.Incomplete) else "",
-    }
-    return _reschedule(ctx, watch, holder, delay, fields)
+    seen = Seen(
+        status=outcome.status,  # cut to MAX_STATUS_CHARS by check365
+        progress=outcome.progress,
+        history=history,
+        at=now,
+        short_since=short_since if isinstance(outcome, check365.Incomplete) else None,
+    )
+    return _reschedule(ctx, watch, holder, delay, polls=polls, failures=0, seen=seen)
 
 
 def _time_out(ctx: Context, watch: Watch, holder: str, *, deliver_here: bool = True, **logged: object) -> StepResult:
@@ -346,7 +340,7 @@ def _hold_for_key(ctx: Context, watch: Watch, holder: str, exc: Check365Rejected
     if final:
         return _time_out(ctx, polled, holder)
     delay = min(max(pause, 0.001), ctx.settings.poll_max_delay_s, max(watch.deadline - ctx.clock(), 0.001))
-    return _reschedule(ctx, watch, holder, delay, {"polls": str(polled.polls)})
+    return _reschedule(ctx, watch, holder, delay, polls=polled.polls)
 
 
 def _retry_later(ctx: Context, watch: Watch, holder: str, exc: RetryableError) -> StepResult:
@@ -376,7 +370,7 @@ def _retry_later(ctx: Context, watch: Watch, holder: str, exc: RetryableError) -
         failures=failures,
         next_poll_in_s=round(delay, 3),
     )
-    return _reschedule(ctx, watch, holder, delay, {"failures": str(failures), "polls": str(watch.polls + 1)})
+    return _reschedule(ctx, watch, holder, delay, polls=watch.polls + 1, failures=failures)
 
 
 def _short_answer_accepted(watch: Watch, outcome: check365.PollOutcome, waited_s: float) -> check365.PollOutcome:
@@ -437,12 +431,17 @@ def _with_polls(watch: Watch, polls: int) -> Watch:
     return replace(watch, polls=polls)
 
 
-def _json(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _reschedule(ctx: Context, watch: Watch, holder: str, delay: float, fields: dict[str, str]) -> StepResult:
+def _reschedule(
+    ctx: Context,
+    watch: Watch,
+    holder: str,
+    delay: float,
+    *,
+    polls: int | None = None,
+    failures: int | None = None,
+    seen: Seen | None = None,
+) -> StepResult:
     due = ctx.clock() + delay
-    if not ctx.watches.advance(watch.watch_id, holder, due, fields):
+    if not ctx.watches.advance(watch.watch_id, holder, due, polls=polls, failures=failures, seen=seen):
         return Dropped("lost_claim", watch.watch_id)
     return Reschedule(watch.watch_id, holder, delay)

@@ -22,7 +22,7 @@ import redis
 
 from check365_client.names import PREFIX
 from worker.delivery.events import EventHead
-from worker.state.store import ACTIVE, DurableSet, LogEntry, fmt, members, new_token, text
+from worker.state.store import ACTIVE, DurableSet, LogEntry, fmt, members, text
 
 KIND = "event"
 DEAD_KEY = f"{PREFIX}dead"
@@ -34,17 +34,6 @@ STAGED_BODY_TTL_S = 3600
 # Staged bodies are sent to Redis in batches of about this many bytes: few round
 # trips, and never a whole big job's bodies buffered in the client at once.
 _STAGE_BATCH_BYTES = 1 << 20
-
-# KEYS: event hash, due:events, dead zset; ARGV: new token, now, id
-_REPLAY = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'dead' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'active', 'token', ARGV[1], 'due', ARGV[2], 'armed', '1', 'tries', '0')
-redis.call('HINCRBY', KEYS[1], 'replays', 1)
-redis.call('PERSIST', KEYS[1])
-redis.call('ZREM', KEYS[3], ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-return 1
-"""
 
 
 def _attempts(raw: Iterable[Any]) -> list[dict[str, Any]]:
@@ -104,7 +93,6 @@ class Outbox:
         self.redis = client
         self.items = DurableSet(client, KIND, "events")
         self.state_ttl_s = state_ttl_s
-        self._replay = client.register_script(_REPLAY)
 
     def body_key(self, webhook_id: str) -> str:
         return f"{PREFIX}event_body:{webhook_id}"
@@ -144,7 +132,7 @@ class Outbox:
         now: float = 0.0,
         queue: str = "",
     ) -> dict[str, str]:
-        """The hash fields an event starts with (the finish script adds state and token)."""
+        """The event's own fields of a new event hash (``store.opening`` adds the protocol's)."""
         return {
             "webhook_id": event.webhook_id,
             "type": event.type,
@@ -234,11 +222,7 @@ class Outbox:
 
     def replay(self, webhook_id: str, now: float) -> str | None:
         """Move a dead letter back to delivery; return the token its message must carry."""
-        token = new_token()
-        ok = self._replay(
-            keys=[self.items.key(webhook_id), self.items.due_key, DEAD_KEY], args=[token, fmt(now), webhook_id]
-        )
-        return token if ok else None
+        return self.items.reopen(webhook_id, now, was=DEAD, leaving=DEAD_KEY, count="replays", fields={"tries": "0"})
 
     def is_active(self, webhook_id: str) -> bool:
         return text(self.redis.hget(self.items.key(webhook_id), "state")) == ACTIVE

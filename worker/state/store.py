@@ -14,6 +14,12 @@ runs (see docs/design.md, "Durable state and tokens"):
   is on its way, so the sweep waits ``grace`` seconds past ``due`` for it
   before assuming it was lost; ``armed=0`` means no message exists (delays too
   long for a countdown) and the sweep dispatches it when due.
+
+The protocol's fields (``state``, ``token``, ``due``, ``armed``) are written by this
+module alone: by its scripts, or as the maps ``opening`` and ``closing`` build for
+the scripts that create or end items together with others (``WatchStore.create``
+and ``WatchStore.finish``). The other fields of a hash belong to the module of its
+kind of item (``worker.state.watches``, ``worker.state.outbox``).
 """
 
 from __future__ import annotations
@@ -26,75 +32,15 @@ from typing import Any
 import redis
 
 from check365_client.names import PREFIX
+from worker.state import scripts
 
 ACTIVE = "active"
 
 Clock = Callable[[], float]
 
-# A step's first and last Redis calls are one script each: the claim returns what
-# the step needs to read, and the settling call (schedule or close) also appends to
-# the item's log. Round trips, not Redis's work, are what a small job costs.
-
-# KEYS: hash, due zset, then optionally a string key and a list key to read
-# ARGV: token, holder, lease end, member
-# Returns nil when the claim fails, else {hash fields, string value, list items}.
-_CLAIM = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return false end
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return false end
-redis.call('HSET', KEYS[1], 'token', ARGV[2], 'due', ARGV[3], 'armed', '0')
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-local out = {redis.call('HGETALL', KEYS[1]), false, {}}
-if #KEYS >= 3 then out[2] = redis.call('GET', KEYS[3]) end
-if #KEYS >= 4 then out[3] = redis.call('LRANGE', KEYS[4], 0, -1) end
-return out
-"""
-
-# The log entry is appended whether or not the claim still holds: it records
-# something that already happened (an attempt was sent), whoever holds the item now.
-# KEYS: hash, due zset, log list (may be a placeholder)
-# ARGV: holder token, due, armed, member, log entry ('' = none), k, v...
-_SCHEDULE = """
-if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[5]) end
-if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'due', ARGV[2], 'armed', ARGV[3])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
-return 1
-"""
-
-# KEYS: hash, due zset, target zset (may be a placeholder), log list (may be a
-#       placeholder), then keys that share the item's ttl
-# ARGV: holder token, new state, member, ttl seconds (0 = keep), target score ('' = none),
-#       log entry ('' = none), k, v...
-_CLOSE = """
-if ARGV[6] ~= '' then redis.call('RPUSH', KEYS[4], ARGV[6]) end
-if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], 'token', '')
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('ZREM', KEYS[2], ARGV[3])
-if ARGV[5] ~= '' then redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3]) end
-local ttl = tonumber(ARGV[4])
-if ttl > 0 then
-  for i = 1, #KEYS do
-    if i == 1 or i >= 4 then redis.call('EXPIRE', KEYS[i], math.ceil(ttl)) end
-  end
-end
-return 1
-"""
-
-_REARM = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'active' then redis.call('ZREM', KEYS[2], ARGV[4]); return 0 end
-local due = tonumber(redis.call('HGET', KEYS[1], 'due'))
-local wait = 0
-if redis.call('HGET', KEYS[1], 'armed') == '1' then wait = tonumber(ARGV[2]) end
-if due ~= nil and due + wait > tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'token', ARGV[3], 'due', ARGV[1], 'armed', '1')
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
-return 1
-"""
+# A step's first and last Redis calls are one script each (worker/state/lua): the
+# claim returns what the step needs to read, and the settling call (schedule or close)
+# also appends to the item's log. Round trips, not Redis's work, are what a small job costs.
 
 
 def new_token() -> str:
@@ -121,12 +67,15 @@ def decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:
     return {str(text(k)): str(text(v)) for k, v in raw.items()}
 
 
-def flatten(fields: Mapping[str, str] | None) -> list[str]:
-    """``[k1, v1, k2, v2, ...]``: hash fields as script arguments."""
-    out: list[str] = []
-    for k, v in (fields or {}).items():
-        out += [k, v]
-    return out
+def opening(token: str, due: float, *, armed: bool) -> dict[str, str]:
+    """The protocol's fields of a new item, waiting for the message carrying ``token``
+    (``armed``) or held by the step whose holder token it is until ``due``."""
+    return {"state": ACTIVE, "token": token, "due": fmt(due), "armed": "1" if armed else "0"}
+
+
+def closing(state: str) -> dict[str, str]:
+    """The protocol's fields of an item that ended as ``state``: no token opens it again."""
+    return {"state": state, "token": ""}
 
 
 @dataclass(frozen=True)
@@ -154,10 +103,12 @@ class DurableSet:
         self.redis = client
         self.kind = kind
         self.due_key = f"{PREFIX}due:{plural}"
-        self._claim = client.register_script(_CLAIM)
-        self._schedule = client.register_script(_SCHEDULE)
-        self._close = client.register_script(_CLOSE)
-        self._rearm = client.register_script(_REARM)
+        self._claim = scripts.load(client, "claim")
+        self._schedule = scripts.load(client, "schedule")
+        self._close = scripts.load(client, "close")
+        self._rearm = scripts.load(client, "rearm")
+        self._reopen = scripts.load(client, "reopen")
+        self._stop = scripts.load(client, "stop")
 
     def key(self, item_id: str) -> str:
         return f"{PREFIX}{self.kind}:{item_id}"
@@ -200,7 +151,16 @@ class DurableSet:
         key = self.key(item_id)
         ok = self._schedule(
             keys=[key, self.due_key, log.key if log else key],
-            args=[holder, fmt(due), "1" if armed else "0", item_id, log.entry if log else "", *flatten(fields)],
+            args=[
+                scripts.spec(
+                    holder=holder,
+                    member=item_id,
+                    due=fmt(due),
+                    armed="1" if armed else "0",
+                    log=log.entry if log else "",
+                    fields=dict(fields or {}),
+                )
+            ],
         )
         return bool(ok)
 
@@ -226,13 +186,15 @@ class DurableSet:
         ok = self._close(
             keys=[key, self.due_key, target_key, log.key if log else key, *expire_also],
             args=[
-                holder,
-                state,
-                item_id,
-                fmt(ttl_s),
-                "" if score is None else fmt(score),
-                log.entry if log else "",
-                *flatten(fields),
+                scripts.spec(
+                    holder=holder,
+                    member=item_id,
+                    state=state,
+                    ttl=fmt(ttl_s),
+                    score="" if score is None else fmt(score),
+                    log=log.entry if log else "",
+                    fields=dict(fields or {}),
+                )
             ],
         )
         return bool(ok)
@@ -246,6 +208,30 @@ class DurableSet:
         token = new_token()
         ok = self._rearm(keys=[self.key(item_id), self.due_key], args=[fmt(now), fmt(grace_s), token, item_id])
         return token if ok else None
+
+    def reopen(
+        self, item_id: str, now: float, *, was: str, leaving: str, count: str, fields: Mapping[str, str]
+    ) -> str | None:
+        """Bring an item that ended as ``was`` back to active, due ``now``, out of the
+        sorted set ``leaving``, counting it in the field ``count``; return the token its
+        message must carry (None: it was not in that state)."""
+        token = new_token()
+        ok = self._reopen(
+            keys=[self.key(item_id), self.due_key, leaving],
+            args=[scripts.spec(member=item_id, was=was, token=token, due=fmt(now), count=count, fields=dict(fields))],
+        )
+        return token if ok else None
+
+    def stop(
+        self, item_id: str, state: str, *, ttl_s: float, fields: Mapping[str, str], release: Sequence[str] = ()
+    ) -> bool:
+        """End an active item as ``state`` whoever holds it; ``release`` are lock keys
+        deleted if they still hold its id. False when it was not active."""
+        ok = self._stop(
+            keys=[self.key(item_id), self.due_key, *release],
+            args=[scripts.spec(member=item_id, state=state, ttl=fmt(ttl_s), fields=dict(fields))],
+        )
+        return bool(ok)
 
     def load(self, item_id: str) -> dict[str, str] | None:
         raw = self.redis.hgetall(self.key(item_id))

@@ -15,93 +15,16 @@ from typing import Any, NamedTuple
 
 import redis
 
-from check365_client.names import PREFIX, active_key, job_index_key
+from check365_client.names import active_key, job_index_key
 from worker.delivery.events import Event, EventHead
-from worker.polling.schedule import Observation, observations_from_json
+from worker.polling.schedule import Observation, observations_from_json, observations_to_json
+from worker.state import scripts
 from worker.state.outbox import Outbox, StoredEvent
-from worker.state.store import ACTIVE, DurableSet, flatten, fmt, members, new_token, text
+from worker.state.store import ACTIVE, DurableSet, closing, fmt, members, new_token, opening, text
 
 KIND = "watch"
-
-# A watch id is derived from the start message's id: a message the broker delivers
-# again (its worker died before acknowledging it) finds its watch, even a finished one.
-# KEYS: active key, watch hash, due zset, job index
-# ARGV: watch_id, due, ttl, then field/value pairs
-_CREATE = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return ARGV[1] end
-local existing = redis.call('GET', KEYS[1])
-if existing then
-  if redis.call('HGET', ARGV[4] .. existing, 'state') == 'active' then return existing end
-end
-redis.call('SET', KEYS[1], ARGV[1])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('EXPIRE', KEYS[4], ARGV[3])
-return ''
-"""
-
-# Finishing a watch and creating its events is one atomic step, so an outcome can
-# never exist without the events that announce it. A small body travels in the
-# script's arguments; bigger ones were staged by the step (see worker.state.outbox) and are
-# renamed into place here, so that a big job's bodies never pass through one call.
-# Every staged body is checked before anything is written, since a script that
-# stopped half-way would keep its writes.
-# With a lease end, the events are created claimed by the caller until then (their
-# token is the caller's holder), so that the step can deliver a single event itself.
-# KEYS: watch hash, due:watches, active key, due:events
-# ARGV: holder, now, outcome, ttl, prefix, watch_id, n, polls, staged-body key prefix,
-#       body key prefix, event lease end ('' = none), then per event: id, token,
-#       fields-json, body ('' = staged)
-# Returns 2 when finished with every event leased to the caller, 1 when finished,
-# 0 when the claim was lost, -1 when a staged body is missing.
-_FINISH = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-local prefix = ARGV[5]
-local n = tonumber(ARGV[7])
-local due, armed, result = ARGV[2], '1', 1
-if ARGV[11] ~= '' then due, armed, result = ARGV[11], '0', 2 end
-for i = 0, n - 1 do
-  local id = ARGV[12 + i * 4]
-  if ARGV[15 + i * 4] == '' and redis.call('EXISTS', prefix .. 'event:' .. id) == 0
-     and redis.call('EXISTS', ARGV[9] .. id) == 0 then
-    return -1
-  end
-end
-local ids = {}
-for i = 0, n - 1 do
-  local base = 12 + i * 4
-  local id = ARGV[base]
-  local ekey = prefix .. 'event:' .. id
-  local staged = ARGV[9] .. id
-  local inline = ARGV[base + 3]
-  if redis.call('EXISTS', ekey) == 0 then
-    local f = cjson.decode(ARGV[base + 2])
-    for k, v in pairs(f) do redis.call('HSET', ekey, k, v) end
-    redis.call('HSET', ekey, 'token', ARGV[base + 1], 'state', 'active', 'due', due, 'armed', armed)
-    local body = ARGV[10] .. id
-    if inline == '' then
-      redis.call('RENAME', staged, body)
-      redis.call('PERSIST', body)
-    else
-      redis.call('SET', body, inline)
-    end
-    redis.call('ZADD', KEYS[4], due, id)
-  else
-    -- Not this step's to claim: it already exists, waiting for its own message.
-    result = 1
-    if inline == '' then redis.call('DEL', staged) end
-  end
-  table.insert(ids, id)
-end
-redis.call('HSET', KEYS[1], 'state', 'finished', 'token', '', 'outcome', ARGV[3],
-           'finished_at', ARGV[2], 'events', cjson.encode(ids), 'polls', ARGV[8])
-redis.call('ZREM', KEYS[2], ARGV[6])
-if redis.call('GET', KEYS[3]) == ARGV[6] then redis.call('DEL', KEYS[3]) end
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])))
-return result
-"""
+FINISHED = "finished"
+CANCELLED = "cancelled"
 
 # Bodies up to this size (in all) ride in the finish script's arguments instead of
 # being staged first: one round trip instead of two, for every small job.
@@ -163,6 +86,18 @@ class Watch:
         )
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What a poll that got an answer from a job not yet done learnt."""
+
+    status: str
+    progress: float | None
+    history: Sequence[Observation]
+    at: float
+    # When the job was first seen completed with results missing (None while it runs).
+    short_since: float | None = None
+
+
 class Created(NamedTuple):
     watch_id: str
     token: str | None  # None: a watch for the pair was already active (watch_id is that one)
@@ -179,8 +114,8 @@ class WatchStore:
         self.redis = client
         self.items = DurableSet(client, KIND, "watches")
         self.state_ttl_s = state_ttl_s
-        self._create = client.register_script(_CREATE)
-        self._finish = client.register_script(_FINISH)
+        self._create = scripts.load(client, "create_watch")
+        self._finish = scripts.load(client, "finish_watch")
 
     def create(
         self,
@@ -210,10 +145,7 @@ class WatchStore:
             "metadata": json.dumps(metadata, separators=(",", ":")) if metadata is not None else "",
             "started_at": fmt(now),
             "deadline": fmt(deadline),
-            "state": ACTIVE,
-            "token": token,
-            "due": fmt(due),
-            "armed": "1" if lease_until is None else "0",
+            **opening(token, due, armed=lease_until is None),
             "polls": "0",
             "failures": "0",
             # The queue its messages travel on, so that the sweep re-arms it there.
@@ -227,11 +159,13 @@ class WatchStore:
                 job_index_key(job_id),
             ],
             args=[
-                watch_id,
-                fmt(due),
-                str(int(self.state_ttl_s + (deadline - now))),
-                f"{PREFIX}watch:",
-                *flatten(fields),
+                scripts.spec(
+                    watch_id=watch_id,
+                    due=fmt(due),
+                    ttl=str(int(self.state_ttl_s + (deadline - now))),
+                    watch_prefix=self.items.key(""),
+                    fields=fields,
+                )
             ],
         )
         existing_id = text(existing)
@@ -249,7 +183,30 @@ class WatchStore:
             return None
         return Watch.from_hash(claim.fields), claim.holder
 
-    def advance(self, watch_id: str, holder: str, due: float, fields: dict[str, str]) -> bool:
+    def advance(
+        self,
+        watch_id: str,
+        holder: str,
+        due: float,
+        *,
+        polls: int | None = None,
+        failures: int | None = None,
+        seen: Seen | None = None,
+    ) -> bool:
+        """Schedule the next poll at ``due``, recording the counts and what this poll saw."""
+        fields: dict[str, str] = {}
+        if polls is not None:
+            fields["polls"] = str(polls)
+        if failures is not None:
+            fields["failures"] = str(failures)
+        if seen is not None:
+            fields |= {
+                "last_status": seen.status,
+                "last_progress": "" if seen.progress is None else repr(float(seen.progress)),
+                "history": json.dumps(observations_to_json(seen.history), separators=(",", ":")),
+                "last_poll_at": fmt(seen.at),
+                "short_since": "" if seen.short_since is None else fmt(seen.short_since),
+            }
         return self.items.schedule(watch_id, holder, due, armed=True, fields=fields)
 
     def finish(
@@ -275,21 +232,10 @@ class WatchStore:
         inline = sum(len(e.body) for e in full) <= INLINE_BODIES_BYTES
         if not inline:
             outbox.stage_bodies(holder, ((e.webhook_id, e.body) for e in full))
-        args: list[str | bytes] = [
-            holder,
-            fmt(now),
-            outcome,
-            fmt(self.state_ttl_s),
-            PREFIX,
-            watch.watch_id,
-            str(len(events)),
-            str(watch.polls),
-            outbox.staged_body_key(holder, ""),
-            outbox.body_key(""),
-            "" if lease_until is None else fmt(lease_until),
-        ]
+        due = now if lease_until is None else lease_until
         tokens: list[tuple[str, str]] = []
         heads: list[dict[str, str]] = []
+        bodies: list[bytes] = []
         for event in events:
             head = event.head if isinstance(event, Event) else event
             token = new_token()
@@ -302,9 +248,9 @@ class WatchStore:
                 now=now,
                 queue=watch.queue,
             )
-            heads.append(fields)
-            body = event.body if inline and isinstance(event, Event) else b""
-            args += [head.webhook_id, token, json.dumps(fields), body]
+            heads.append({**fields, **opening(token, due, armed=lease_until is None)})
+            bodies.append(event.body if inline and isinstance(event, Event) else b"")
+        ids = [h["webhook_id"] for h in heads]
         done = self._finish(
             keys=[
                 self.items.key(watch.watch_id),
@@ -312,7 +258,27 @@ class WatchStore:
                 active_key(watch.job_id, watch.callback_url),
                 outbox.items.due_key,
             ],
-            args=args,
+            args=[
+                scripts.spec(
+                    holder=holder,
+                    watch_id=watch.watch_id,
+                    ttl=fmt(self.state_ttl_s),
+                    watch={
+                        **closing(FINISHED),
+                        "outcome": outcome,
+                        "finished_at": fmt(now),
+                        "events": json.dumps(ids, separators=(",", ":")),
+                        "polls": str(watch.polls),
+                    },
+                    event_prefix=outbox.items.key(""),
+                    body_prefix=outbox.body_key(""),
+                    staged_prefix=outbox.staged_body_key(holder, ""),
+                    due=fmt(due),
+                    leased=lease_until is not None,
+                    events=[{"id": h["webhook_id"], "fields": h} for h in heads],
+                ),
+                *bodies,
+            ],
         )
         if done not in (1, 2):
             staged = [e.webhook_id for e in events if not (inline and isinstance(e, Event))]
@@ -320,8 +286,7 @@ class WatchStore:
                 outbox.discard_staged(holder, staged)
             return None
         if done == 2 and lease_until is not None:
-            leased = [StoredEvent.from_hash({**f, "state": ACTIVE, "due": fmt(lease_until)}, []) for f in heads]
-            return Finishing(tokens, leased)
+            return Finishing(tokens, [StoredEvent.from_hash(h, []) for h in heads])
         return Finishing(tokens, [])
 
     def cancel(self, watch_id: str) -> bool:
@@ -329,14 +294,13 @@ class WatchStore:
         watch = self.get(watch_id)
         if watch is None or watch.state != ACTIVE:
             return False
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.items.key(watch_id), mapping={"state": "cancelled", "token": "", "outcome": "cancelled"})
-            pipe.zrem(self.items.due_key, watch_id)
-            pipe.expire(self.items.key(watch_id), int(self.state_ttl_s))
-            pipe.execute()
-        if text(self.redis.get(active_key(watch.job_id, watch.callback_url))) == watch_id:
-            self.redis.delete(active_key(watch.job_id, watch.callback_url))
-        return True
+        return self.items.stop(
+            watch_id,
+            CANCELLED,
+            ttl_s=self.state_ttl_s,
+            fields={"outcome": CANCELLED},
+            release=[active_key(watch.job_id, watch.callback_url)],
+        )
 
     def for_job(self, job_id: str) -> list[Watch]:
         ids = sorted(members(self.redis.smembers(job_index_key(job_id))))

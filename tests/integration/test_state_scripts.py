@@ -1,0 +1,109 @@
+"""The Redis scripts: one ``.lua`` file each, loaded by name, and one writer per hash field."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import redis
+
+from worker.local.redisserver import LocalRedis
+from worker.state import scripts
+from worker.state.outbox import Outbox
+from worker.state.store import PREFIX, DurableSet, LogEntry
+from worker.state.watches import WatchStore, active_key
+
+pytestmark = pytest.mark.integration
+
+WORKER = Path(__file__).resolve().parents[2] / "worker"
+LUA = {p.stem: p.read_text() for p in Path(str(files("worker.state").joinpath("lua"))).glob("*.lua")}
+# The fields of the durable-item protocol, and the scripts of worker/state/store.py that write them.
+PROTOCOL_FIELDS = ("state", "token", "due", "armed")
+STORE_SCRIPTS = {"claim", "schedule", "close", "rearm", "reopen", "stop"}
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[redis.Redis]:
+    with LocalRedis() as server:
+        conn = redis.Redis.from_url(server.url)
+        yield conn
+        conn.close()
+
+
+def _python_sources() -> dict[str, str]:
+    return {str(p.relative_to(WORKER)): p.read_text() for p in WORKER.rglob("*.py")}
+
+
+def test_every_script_is_a_lua_file_that_compiles_and_is_loaded_by_name(client: redis.Redis) -> None:
+    loaded: dict[str, list[str]] = {}
+    for module, text in _python_sources().items():
+        assert "redis.call(" not in text, f"{module} holds Lua: scripts live in worker/state/lua"
+        for name in re.findall(r'scripts\.load\(\s*\w+,\s*"(\w+)"\)', text):
+            loaded.setdefault(name, []).append(module)
+    assert set(loaded) == set(LUA), "a .lua file nobody loads, or a load of a missing file"
+    for name in LUA:
+        assert len(loaded[name]) == 1, f"{name}.lua is loaded by {loaded[name]}"
+        client.script_load(scripts.source(name))  # compiles, or raises
+
+
+def test_protocol_fields_are_written_by_the_store_alone() -> None:
+    """state, token, due and armed: only store.py's scripts write them by name, and only
+    store.py builds the maps other scripts write (``opening``, ``closing``)."""
+    for name, text in LUA.items():
+        code = "\n".join(line.split("--")[0] for line in text.splitlines())
+        for call in re.findall(r"redis\.call\('HSET',[^)]*\)", code):
+            named = set(re.findall(r"'(\w+)'", call)) & set(PROTOCOL_FIELDS)
+            assert not named or name in STORE_SCRIPTS, f"{name}.lua writes {named}"
+    for module, text in _python_sources().items():
+        if not module.startswith("state/"):
+            assert not re.search(r"\.hset\(|\.hincrby\(", text), f"{module} writes a hash outside worker/state"
+        elif module != "state/store.py":
+            for field in PROTOCOL_FIELDS:
+                assert not re.search(rf'"{field}":\s', text), f"{module} builds the protocol field {field!r}"
+
+
+def test_structured_arguments_keep_every_byte_of_the_values(client: redis.Redis) -> None:
+    items = DurableSet(client, "event", "events")
+    client.hset(items.key("e1"), mapping={"state": "active", "token": "t", "due": "0", "armed": "0"})
+    odd = 'quote " backslash \\ newline \n é 漢 \U0001f600 {"json": [1]}'
+    log = LogEntry(f"{PREFIX}log:e1", '{"error":"' + odd.replace("\\", "\\\\").replace('"', '\\"') + '"}')
+    assert items.schedule("e1", "t", 12.5, armed=False, fields={"last_error": odd, "tries": "2"}, log=log)
+    assert client.hget(items.key("e1"), "last_error") == odd.encode()
+    assert client.lrange(log.key, 0, -1) == [log.entry.encode()]
+    assert client.hget(items.key("e1"), "armed") == b"0"
+    assert client.zscore(items.due_key, "e1") == 12.5
+    assert not items.schedule("e1", "other-holder", 99, armed=True)
+
+
+def test_cancel_is_one_script_that_frees_the_pair_and_outdates_the_pending_message(client: redis.Redis) -> None:
+    watches = WatchStore(client, state_ttl_s=60)
+    created = watches.create(
+        watch_id="w_cancel", job_id="J-c", callback_url="https://h.example/x", metadata=None,
+        now=100.0, first_poll_at=105.0, deadline=1000.0,
+    )  # fmt: skip
+    assert created.token is not None
+    assert watches.cancel("w_cancel")
+    assert client.get(active_key("J-c", "https://h.example/x")) is None
+    assert watches.claim("w_cancel", created.token, 200.0) is None
+    watch = watches.get("w_cancel")
+    assert watch is not None and watch.state == "cancelled" and watch.outcome == "cancelled"
+    assert 0 < client.ttl(watches.items.key("w_cancel")) <= 60
+    assert not watches.cancel("w_cancel")
+
+
+def test_replay_reopens_only_a_dead_letter(client: redis.Redis) -> None:
+    outbox = Outbox(client, state_ttl_s=60)
+    key = outbox.items.key("e_dead")
+    client.hset(key, mapping={"webhook_id": "e_dead", "state": "dead", "token": "", "tries": "5", "replays": "1"})
+    client.zadd(f"{PREFIX}dead", {"e_dead": 1.0})
+    token = outbox.replay("e_dead", 500.0)
+    assert token is not None
+    stored = client.hgetall(key)
+    assert stored[b"state"] == b"active" and stored[b"token"] == token.encode() and stored[b"tries"] == b"0"
+    assert stored[b"replays"] == b"2" and stored[b"armed"] == b"1"
+    assert client.zscore(f"{PREFIX}dead", "e_dead") is None
+    assert client.zscore(outbox.items.due_key, "e_dead") == 500.0
+    assert outbox.replay("e_dead", 600.0) is None

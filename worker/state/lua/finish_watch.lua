@@ -1,0 +1,51 @@
+-- Finishing a watch and creating its events is one atomic step, so an outcome can
+-- never exist without the events that announce it. A small body travels in the
+-- script's arguments; bigger ones were staged by the step (see worker/state/outbox.py)
+-- and are renamed into place here, so that a big job's bodies never pass through one
+-- call. Every staged body is checked before anything is written, since a script that
+-- stopped half-way would keep its writes.
+-- KEYS: watch hash, due:watches, active key, due:events
+-- ARGV[1]: JSON {holder, watch_id, ttl (of the finished watch, seconds),
+--          watch {k: v} (the watch's closing fields),
+--          event_prefix, body_prefix, staged_prefix (of event, body and staged body keys),
+--          due (of the new events), leased (true: they are created claimed by the caller),
+--          events [{id, fields {k: v} (the whole new hash)}]}
+-- ARGV[1 + i]: the i-th event's body, '' when the step staged it
+-- Returns 2 when finished with every event leased to the caller, 1 when finished,
+-- 0 when the claim was lost, -1 when a staged body is missing.
+local a = cjson.decode(ARGV[1])
+if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
+if redis.call('HGET', KEYS[1], 'token') ~= a.holder then return 0 end
+for i, e in ipairs(a.events) do
+  if ARGV[i + 1] == '' and redis.call('EXISTS', a.event_prefix .. e.id) == 0
+     and redis.call('EXISTS', a.staged_prefix .. e.id) == 0 then
+    return -1
+  end
+end
+local result = 1
+if a.leased then result = 2 end
+for i, e in ipairs(a.events) do
+  local ekey = a.event_prefix .. e.id
+  local staged = a.staged_prefix .. e.id
+  local inline = ARGV[i + 1]
+  if redis.call('EXISTS', ekey) == 0 then
+    for k, v in pairs(e.fields) do redis.call('HSET', ekey, k, v) end
+    local body = a.body_prefix .. e.id
+    if inline == '' then
+      redis.call('RENAME', staged, body)
+      redis.call('PERSIST', body)
+    else
+      redis.call('SET', body, inline)
+    end
+    redis.call('ZADD', KEYS[4], a.due, e.id)
+  else
+    -- Not this step's to claim: it already exists, waiting for its own message.
+    result = 1
+    if inline == '' then redis.call('DEL', staged) end
+  end
+end
+for k, v in pairs(a.watch) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('ZREM', KEYS[2], a.watch_id)
+if redis.call('GET', KEYS[3]) == a.watch_id then redis.call('DEL', KEYS[3]) end
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(a.ttl)))
+return result

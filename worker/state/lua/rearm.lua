@@ -1,0 +1,14 @@
+-- Give an item whose message is overdue a fresh token (the caller sends the message).
+-- An armed item's message gets a grace period past its due time before it counts as lost.
+-- KEYS: item hash, due zset
+-- ARGV: now, grace seconds, new token, member
+-- Returns 1 when re-armed, 0 when not due (or no longer active: then it leaves the due zset).
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'active' then redis.call('ZREM', KEYS[2], ARGV[4]); return 0 end
+local due = tonumber(redis.call('HGET', KEYS[1], 'due'))
+local wait = 0
+if redis.call('HGET', KEYS[1], 'armed') == '1' then wait = tonumber(ARGV[2]) end
+if due ~= nil and due + wait > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'token', ARGV[3], 'due', ARGV[1], 'armed', '1')
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
+return 1
