@@ -6,6 +6,9 @@ unacked, goes back on the queue and stops the next worker too. ``CheckedConsumer
 and ``CheckedRequest`` turn each such message into a logged rejection
 (``watch_rejected`` or ``delivery_rejected``) through Celery's own invalid-task path:
 logged, dropped, never re-queued.
+
+The Celery internals these classes rely on are named, and checked against the
+installed release, in ``worker.intake.celery_internals``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from celery import Task, signals
 from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
-from celery.worker.state import active_requests
 
 from check365_client.rules import nested_deeper_than
+from worker.intake.celery_internals import after_failed_connection_cleanup, payload
 from worker.runtime.celeryconfig import DELIVER_TASK
 
 log = structlog.get_logger("check365.boundary")
@@ -84,7 +87,7 @@ MAX_NESTING = 64
 def _body_problem(request: Request) -> str | None:
     if not isinstance(request.id, str):
         return "the task id must be a string"  # protocol 1 carries it in the body
-    args, kwargs, embed = request._payload
+    args, kwargs, embed = payload(request)
     # The request holds the headers, args and kwargs: all of it goes to the pool.
     if nested_deeper_than(request.request_dict, MAX_NESTING) or nested_deeper_than(embed, MAX_NESTING):
         return f"the message is nested deeper than {MAX_NESTING} levels"
@@ -200,14 +203,7 @@ class CheckedConsumer(Consumer):  # type: ignore[misc] # Celery is untyped
             # messages stay reserved in Redis, where the visibility timeout and the sweep
             # bring them back; what Celery skipped after the failure is done here.
             log.warning("broker_connection_cleanup_failed", error=f"{type(error).__name__}: {error}"[:300])
-            self.connection = None
-            if self.app.conf.worker_cancel_long_running_tasks_on_connection_loss:
-                for request in tuple(active_requests):
-                    if request.task.acks_late and not request.acknowledged:
-                        try:
-                            request.cancel(self.pool)
-                        except Exception:  # the same leniency as Celery's own loop
-                            log.warning("request_cancel_failed", task_id=request.id, exc_info=True)
+            after_failed_connection_cleanup(self)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         # Celery logs a body that does not decode and acks it, but sends no signal:
