@@ -799,3 +799,25 @@ def test_the_sweep_times_out_a_watch_whose_messages_never_run_past_its_deadline(
     watch = world.ctx.watches.get(step.watch_id)
     assert watch is not None and watch.outcome == "timed_out"
     assert isinstance(deliver_once(world.ctx, event.webhook_id, event.token), Delivered)
+
+
+def test_a_cancel_that_a_finish_overtakes_leaves_the_finished_watch_and_its_event(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = world.start()
+    store = world.ctx.watches
+    read = store.get
+
+    def read_then_finish(watch_id: str) -> Any:
+        watch = read(watch_id)  # what cancel sees: an active watch
+        # The job's outcome lands between cancel's read and its write.
+        world.check365_answers.append(status("failed", 50))
+        assert isinstance(poll_once(world.ctx, step.watch_id, step.token), Finished)
+        return watch
+
+    monkeypatch.setattr(store, "get", read_then_finish)
+    assert store.cancel(step.watch_id) is False
+    monkeypatch.undo()
+    watch = store.get(step.watch_id)
+    assert watch is not None
+    assert (watch.state, watch.outcome) == ("finished", "failed")
