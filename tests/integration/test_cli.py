@@ -122,3 +122,26 @@ def test_every_step_line_names_the_job_the_task_and_the_attempt(
             assert isinstance(record.get("attempt"), int), record
     delivered = next(r for r in mine if r["event"] == "webhook_delivered")
     assert delivered["webhook_id"].startswith("msg_")
+
+
+def test_status_shows_what_a_finished_watchs_last_poll_saw_and_every_poll(
+    cluster: Cluster, job_id: str, hook_path: str
+) -> None:
+    # Running at the first polls, then completed.
+    cluster.sim.add_job(job_id, size=2, duration_s=3.0)
+    cluster.enqueue(job_id, hook_path)
+    # Never registered: Check365's own not-found answer at the first poll.
+    missing = f"{job_id}-missing"
+    cluster.enqueue(missing, f"{hook_path}-missing")
+    cluster.receiver.wait_for(lambda rx: {r.path for r in rx} >= {hook_path, f"{hook_path}-missing"}, 30)
+    [completed] = cluster.watch_state(job_id)
+    assert completed.polls >= 2
+
+    shown = cluster.cli("status", job_id)
+    assert shown.returncode == 0, shown.stderr
+    assert f"outcome completed  polls {completed.polls}  last status completed (100%)" in shown.stdout
+    [as_json] = json.loads(cluster.cli("status", job_id, "--json").stdout)
+    assert (as_json["last_status"], as_json["last_progress"]) == ("completed", 100)
+
+    not_found = cluster.cli("status", missing)
+    assert "outcome failed  polls 1  last status - (-)" in not_found.stdout

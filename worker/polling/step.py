@@ -253,19 +253,8 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
     short_since = watch.short_since if watch.short_since is not None else now
     # At the deadline, a completed job short of results is delivered as it is.
     outcome = _short_answer_accepted(watch, outcome, SHORT_RESULTS_WAIT_S if final else now - short_since)
-    if isinstance(outcome, check365.Completed):
-        # The watch_completed line that follows says the same at INFO.
-        log.debug("poll_done", watch_id=watch_id, status="completed", progress=100, polls=polls)
-        metrics.poll("completed")
-        metrics.detection_lag(now - (watch.history[-1].at if watch.history else watch.started_at))
-        heads = _stage_completed(ctx, watch, holder, outcome, now)
-        return _finish(ctx, _with_polls(watch, polls), holder, "completed", heads)
-    if isinstance(outcome, check365.Failed):
-        log.debug("poll_done", watch_id=watch_id, status=outcome.status, polls=polls)
-        metrics.poll("failed")
-        message = outcome.message or f"Check365 reports the job as {outcome.status}"
-        event = failed_event(watch_id, watch.job_id, "job_failed", message, watch.metadata, now=now)
-        return _finish(ctx, _with_polls(watch, polls), holder, "failed", [event])
+    if isinstance(outcome, check365.Completed | check365.Failed):
+        return _job_done(ctx, replace(watch, polls=polls), holder, outcome, now)
 
     metrics.poll("incomplete" if isinstance(outcome, check365.Incomplete) else "running")
     if final:
@@ -302,6 +291,25 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
         short_since=short_since if isinstance(outcome, check365.Incomplete) else None,
     )
     return _reschedule(ctx, watch, holder, delay, polls=polls, failures=0, seen=seen)
+
+
+def _job_done(
+    ctx: Context, watch: Watch, holder: str, outcome: check365.Completed | check365.Failed, now: float
+) -> StepResult:
+    """Check365 says the job is over: completed (its parts) or failed (one event)."""
+    if isinstance(outcome, check365.Completed):
+        # The watch_completed line that follows says the same at INFO.
+        log.debug("poll_done", watch_id=watch.watch_id, status="completed", progress=100, polls=watch.polls)
+        metrics.poll("completed")
+        metrics.detection_lag(now - (watch.history[-1].at if watch.history else watch.started_at))
+        seen = replace(watch, last_status=str(outcome.data.get("status")), last_progress=100.0)
+        heads = _stage_completed(ctx, watch, holder, outcome, now)
+        return _finish(ctx, seen, holder, "completed", heads)
+    log.debug("poll_done", watch_id=watch.watch_id, status=outcome.status, polls=watch.polls)
+    metrics.poll("failed")
+    message = outcome.message or f"Check365 reports the job as {outcome.status}"
+    event = failed_event(watch.watch_id, watch.job_id, "job_failed", message, watch.metadata, now=now)
+    return _finish(ctx, replace(watch, last_status=outcome.status), holder, "failed", [event])
 
 
 def _time_out(ctx: Context, watch: Watch, holder: str, *, deliver_here: bool = True, **logged: object) -> StepResult:

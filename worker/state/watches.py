@@ -269,6 +269,10 @@ class WatchStore:
                         "finished_at": fmt(now),
                         "events": json.dumps(ids, separators=(",", ":")),
                         "polls": str(watch.polls),
+                        # What the last poll saw, which `status` shows: the finishing poll's
+                        # answer when it had one.
+                        "last_status": watch.last_status or "",
+                        "last_progress": "" if watch.last_progress is None else repr(float(watch.last_progress)),
                     },
                     event_prefix=outbox.items.key(""),
                     body_prefix=outbox.body_key(""),
