@@ -144,8 +144,11 @@ COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 HAND_BACK_SETTINGS = {
     "BROKER_VISIBILITY_TIMEOUT_S": "600",
     "REARM_GRACE_S": "300",
-    "POLL_INITIAL_DELAY_S": "3",
-    "POLL_MAX_DELAY_S": "5",
+    # Long enough for the taker to start and the holder to be signalled before the
+    # first countdown falls due, on a loaded machine too (3 s was not: the holder then
+    # ran polls itself).
+    "POLL_INITIAL_DELAY_S": "15",
+    "POLL_MAX_DELAY_S": "20",
     "WATCH_TIMEOUT_S": "120",
     "CHECK365_MAX_RPS": "1000",
 }
