@@ -9,6 +9,7 @@ ping``) start without the API key and the webhook secret; the worker refuses to.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 from celery import Celery
@@ -39,8 +40,20 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
+class App(Celery):  # type: ignore[misc]  # Celery is untyped
+    """Celery whose ``worker`` and ``beat`` programs keep their banners out of JSON logs."""
+
+    @property
+    def Worker(self) -> Any:
+        return self.subclass_with_self("worker.runtime.banner:Worker")
+
+    @property
+    def Beat(self) -> Any:
+        return self.subclass_with_self("worker.runtime.banner:Beat")
+
+
 settings = _settings()
-app = Celery("check365")
+app = App("check365")
 app.config_from_object(celery_config(settings))
 app.conf.update(include=["worker.runtime.tasks"])
 

@@ -8,6 +8,7 @@ across processes by the multiprocess collector.
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from tests.support.cluster import Cluster, WorkerProcess
 from tests.support.metrics import scrape, scrape_until, total, value
 from tests.support.schemas import assert_events_valid
 from worker.local.redisserver import free_port
+from worker.polling.ratelimit import BLOCKED_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -155,3 +157,69 @@ def test_metrics_port_in_use_stops_the_worker_with_a_clear_message(tmp_path: Pat
         )
         assert worker.wait_exit(30) != 0
         assert f"METRICS_PORT {port} cannot be served" in worker.log_text()
+
+
+def test_liveness_backlog_errors_and_health_on_the_metrics_port(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with Cluster(tmp_path) as cluster:
+        cluster.start_worker(
+            "ops", concurrency=1, env_overrides={"METRICS_PORT": str(port), "METRICS_ADDR": "127.0.0.1"}
+        )
+        assert httpx.get(f"{base}/healthz", timeout=5).json() == {"status": "alive"}
+        ready = httpx.get(f"{base}/readyz", timeout=5)
+        assert ready.status_code == 200
+        assert ready.json() == {"status": "ready", "worker": "consuming", "redis": "ok"}
+
+        # No beat yet: no sweep has ever run, so there is no timestamp to show.
+        idle = scrape(f"{base}/metrics")
+        assert value(idle, "check365_last_sweep_timestamp_seconds") is None
+        assert value(idle, "check365_paused", cause="retry_after") == 0
+        assert value(idle, "check365_api_errors_total", kind="job_not_found") == 0
+
+        # A watch whose poll message was lost 30 s ago: overdue, and only beat's sweep re-arms it.
+        now = time.time()
+        cluster.watches().create(
+            watch_id="w_lost",
+            job_id="M-lost",
+            callback_url=cluster.callback_url("/hooks/M-lost"),
+            metadata=None,
+            now=now - 40,
+            first_poll_at=now - 30,
+            deadline=now + 600,
+            queue="check365",
+        )
+        lost = scrape_until(f"{base}/metrics", lambda s: value(s, "check365_watches_overdue") == 1)
+        assert (value(lost, "check365_watches_oldest_overdue_seconds") or 0) >= 30
+
+        # A job Check365 does not know: the refusal is counted by its kind.
+        cluster.enqueue("M-unknown", "/hooks/M-unknown")
+        scrape_until(f"{base}/metrics", lambda s: value(s, "check365_api_errors_total", kind="job_not_found") == 1)
+
+        # A Retry-After in force is a pool-wide pause.
+        cluster.redis().set(BLOCKED_KEY, f"{time.time() + 60:.3f}")
+        paused = scrape(f"{base}/metrics")
+        assert value(paused, "check365_paused", cause="retry_after") == 1
+        assert 50 < (value(paused, "check365_pause_remaining_seconds", cause="retry_after") or 0) <= 60
+        cluster.redis().delete(BLOCKED_KEY)
+
+        # Beat starts: sweeps run and the gauge follows them; the lost watch is re-armed.
+        cluster.start_beat("ops-beat")
+        swept = scrape_until(
+            f"{base}/metrics",
+            lambda s: (
+                value(s, "check365_last_sweep_timestamp_seconds") is not None
+                and value(s, "check365_watches_overdue") == 0
+            ),
+        )
+        assert abs((value(swept, "check365_last_sweep_timestamp_seconds") or 0) - time.time()) < 5
+
+        # Redis gone: not ready, still alive; the gauges are left out rather than wrong.
+        cluster.redis_server.stop(kill=True)
+        not_ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert not_ready.status_code == 503
+        assert not_ready.json()["redis"].startswith("unreachable")
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+        down = scrape(f"{base}/metrics")
+        assert value(down, "check365_redis_up") == 0
+        assert value(down, "check365_watches_overdue") is None

@@ -109,7 +109,8 @@ def test_a_bad_setting_stops_the_process_with_one_line_naming_the_variable(
 
 @pytest.mark.parametrize("role", ROLES)
 def test_valid_settings_start_the_process(startup_cluster: Cluster, role: str) -> None:
-    process = celery(startup_cluster, role, f"good-{role}")
+    # Beat's line per sent task, awaited below, is a DEBUG line.
+    process = celery(startup_cluster, role, f"good-{role}", LOG_LEVEL="debug")
 
     process.wait_ready(EXIT_TIMEOUT)
     if role == "beat":
@@ -121,7 +122,8 @@ def test_valid_settings_start_the_process(startup_cluster: Cluster, role: str) -
 
 
 def test_beat_starts_and_sends_the_sweep_without_the_api_key_or_the_secret(startup_cluster: Cluster) -> None:
-    process = celery(startup_cluster, "beat", "beat-without-secrets", **NO_SECRETS)
+    # Beat's line per sent task, awaited below, is a DEBUG line.
+    process = celery(startup_cluster, "beat", "beat-without-secrets", LOG_LEVEL="debug", **NO_SECRETS)
 
     process.wait_ready(EXIT_TIMEOUT)
     process.wait_for_log("Sending due task check365-sweep", EXIT_TIMEOUT)
@@ -130,7 +132,7 @@ def test_beat_starts_and_sends_the_sweep_without_the_api_key_or_the_secret(start
 
 
 def test_inspect_ping_answers_without_the_api_key_or_the_secret(startup_cluster: Cluster) -> None:
-    # Compose's healthcheck: `celery -A worker inspect ping -d celery@$HOSTNAME`.
+    # An operator's `celery -A worker inspect ping -d celery@$HOSTNAME`.
     worker = celery(startup_cluster, "worker", "pinged")
     worker.wait_ready(EXIT_TIMEOUT)
     ping = [sys.executable, "-m", "celery", "-A", "worker", "inspect", "ping", "-d", f"pinged@{socket.gethostname()}"]

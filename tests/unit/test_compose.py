@@ -298,16 +298,24 @@ def test_queue_and_concurrency_follow_the_environment(compose: Compose) -> None:
     assert "--concurrency=3" in command
 
 
-def test_worker_healthcheck_pings_its_own_node(default_config: Config) -> None:
-    healthcheck = _services(default_config)["worker"]["healthcheck"]
-    assert healthcheck["test"][0] == "CMD-SHELL"
-    argv = shlex.split(healthcheck["test"][1])
-    assert argv[:5] == ["celery", "-A", "worker", "inspect", "ping"]
-    # $$ survives Compose interpolation; the container's shell then expands it.
-    # A single $ would be replaced by the *host's* HOSTNAME when the file is loaded.
-    assert argv[argv.index("-d") + 1] == "celery@$$HOSTNAME"
-    assert "--timeout" in argv
+def test_worker_healthcheck_asks_its_own_readyz(default_config: Config) -> None:
+    worker = _services(default_config)["worker"]
+    healthcheck = worker["healthcheck"]
+    assert healthcheck["test"][0] == "CMD"
+    argv = healthcheck["test"][1:]
+    assert argv[:2] == ["check365-worker", "healthcheck"]
+    # Without --live or --beat it asks /readyz on METRICS_PORT, which the worker serves.
+    assert not {"--live", "--beat"} & set(argv)
+    assert int(worker["environment"]["METRICS_PORT"]) > 0
     assert _seconds(healthcheck["timeout"]) > float(argv[argv.index("--timeout") + 1])
+
+
+def test_beat_healthcheck_asks_for_recent_sweeps(default_config: Config) -> None:
+    beat = _services(default_config)["beat"]
+    argv = beat["healthcheck"]["test"]
+    assert argv == ["CMD", "check365-worker", "healthcheck", "--beat"]
+    # Beat's first sweep comes one interval after it starts, and a worker runs it.
+    assert _seconds(beat["healthcheck"]["start_period"]) >= 60
 
 
 def test_worker_shuts_down_softly(default_config: Config) -> None:

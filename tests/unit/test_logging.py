@@ -255,3 +255,18 @@ def test_redactor_leaves_ordinary_text_alone() -> None:
     redactor = Redactor([API_KEY])
     assert redactor.scrub("job J-1 completed") == "job J-1 completed"
     assert redactor.scrub(f"a{API_KEY}b") == "a***b"
+
+
+def test_beats_line_per_sent_task_is_at_debug_like_the_workers() -> None:
+    stream = configured(level="info")
+    beat = logging.getLogger("celery.beat")
+    beat.info("Scheduler: Sending due task %s (%s)", "check365-sweep", "check365.sweep")
+    beat.info("beat: Starting...")
+    beat.error("Message Error: %s", "broker gone")
+    assert [line["event"] for line in lines(stream)] == ["beat: Starting...", "Message Error: broker gone"]
+
+    stream = configured(level="debug")
+    logging.getLogger("celery.beat").info("Scheduler: Sending due task %s (%s)", "check365-sweep", "check365.sweep")
+    [line] = lines(stream)
+    assert line["level"] == "debug"
+    assert str(line["event"]).startswith("Scheduler: Sending due task check365-sweep")

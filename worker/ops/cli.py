@@ -22,11 +22,15 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from check365_client import BrokerUnavailable
+from worker import __version__
 from worker.delivery.events import iso_timestamp
 from worker.errors import Check365WorkerError, InvalidSignature, InvalidWatchRequest, SettingsError
 from worker.local.simulator import FAULT_KINDS
 from worker.runtime.celeryconfig import DELIVER_TASK
 from worker.settings import Settings, load_settings
+
+# Beat is reported down once this many sweep intervals pass without a sweep.
+BEAT_SILENT_SWEEPS = 4
 
 
 def _settings() -> Settings:
@@ -413,6 +417,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(timeout_s=args.timeout)
 
 
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy: for container healthchecks."""
+    import httpx
+
+    settings = _settings()
+    if args.beat:
+        from worker.runtime.beats import last_sweep
+        from worker.runtime.context import redis_client
+
+        client = redis_client(settings)
+        try:
+            seconds, micros = client.time()
+            last = last_sweep(client)
+        finally:
+            client.close()
+        limit = BEAT_SILENT_SWEEPS * settings.sweep_interval_s
+        age = None if last is None else seconds + micros / 1e6 - last
+        if age is None or age > limit:
+            said = "no sweep has run yet" if age is None else f"the last sweep ran {age:.0f} s ago"
+            print(f"unhealthy: {said} (limit {limit:g} s, {BEAT_SILENT_SWEEPS} x SWEEP_INTERVAL_S)")
+            return 1
+        print(f"healthy: the last sweep ran {age:.0f} s ago")
+        return 0
+    if settings.metrics_port == 0:
+        raise SettingsError("METRICS_PORT", "is 0: the worker serves no health endpoint")
+    path = "/healthz" if args.live else "/readyz"
+    try:
+        response = httpx.get(f"http://127.0.0.1:{settings.metrics_port}{path}", timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"unhealthy: no answer on port {settings.metrics_port} ({type(exc).__name__})")
+        return 1
+    print(("healthy: " if response.status_code == 200 else "unhealthy: ") + response.text.strip()[:500])
+    return 0 if response.status_code == 200 else 1
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from worker.ops.doctor import run_doctor
 
@@ -465,11 +504,32 @@ def _fault_kinds(raw: str) -> tuple[str, ...]:
     return kinds
 
 
+def _add_health_commands(sub: Any) -> None:
+    p = sub.add_parser("doctor", help="check settings, Redis, the Check365 endpoint and key, the secret, clock")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser(
+        "healthcheck",
+        help="exit 0 when this host's worker is ready (its /readyz on METRICS_PORT), or with --beat when sweeps run",
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--live", action="store_true", help="ask /healthz (the process serves) instead of /readyz")
+    which.add_argument(
+        "--beat",
+        action="store_true",
+        help=f"check that a sweep ran in the last {BEAT_SILENT_SWEEPS} x SWEEP_INTERVAL_S (for beat's container)",
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the endpoint (default 5)")
+    p.set_defaults(func=cmd_healthcheck)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="check365-worker",
         description="Watch Check365 bulk jobs and deliver their results as signed webhooks.",
     )
+    parser.add_argument("--version", action="version", version=f"check365-worker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("enqueue", help="validate and enqueue a watch")
@@ -510,9 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("doctor", help="check settings, Redis, the Check365 endpoint and key, the secret, clock")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_doctor)
+    _add_health_commands(sub)
 
     p = sub.add_parser("simulate", help="serve a local Check365 simulator")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -19,15 +19,20 @@ nobody reads. A metric must never break the step that records it, so every recor
 function swallows (and logs once) any error, for example a full disk under the
 multiprocess directory.
 
-The gauges (active watches, pending deliveries, dead letters) describe the whole
-deployment, not one worker: they are read from Redis at scrape time, so every worker
-reports the same values and a dashboard should use ``max`` rather than ``sum`` for them.
+The gauges (backlogs, the last sweep, pauses; see ``worker.ops.pool``) describe the
+whole deployment, not one worker: they are read from Redis at scrape time, so every
+worker reports the same values and a dashboard should use ``max`` rather than ``sum``
+for them.
+
+The same port answers ``/healthz`` (the process serves) and ``/readyz`` (it consumes
+and Redis answers), for container healthchecks and orchestrators.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import sys
@@ -36,19 +41,22 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Final, ParamSpec
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import redis
 import structlog
 
+from worker.errors import Check365Misconfigured, Check365Throttled, PermanentError
+from worker.ops.pool import PAUSE_CAUSES, PoolReader, PoolState
 from worker.settings import Settings
-from worker.state.outbox import DEAD_KEY, Outbox
-from worker.state.watches import WatchStore
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
+    from wsgiref.types import WSGIApplication as WSGIApp
 
     from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.registry import Collector
 
 log = structlog.get_logger("check365.metrics")
@@ -73,6 +81,14 @@ POLL_OUTCOMES: Final = (
 )
 DELIVERY_OUTCOMES: Final = ("delivered", "failed", "dead_lettered")
 DEAD_LETTER_REASONS: Final = ("gone", "retries_exhausted", "unsafe_callback")
+CHECK365_ERROR_KINDS: Final = (
+    "unavailable",
+    "misconfigured",
+    "rate_limited",
+    "unauthorized",
+    "job_not_found",
+    "bad_request",
+)
 
 # Check365 answers in well under a second when healthy; the read timeout defaults to 30 s.
 REQUEST_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -94,6 +110,7 @@ class _Metrics:
     deliveries: Counter
     delivery_seconds: Histogram
     dead_letters: Counter
+    check365_errors: Counter
 
 
 _lock = threading.Lock()
@@ -134,6 +151,13 @@ def _create() -> _Metrics:
             "check365_delivery_seconds", "Latency of webhook attempts.", buckets=DELIVERY_BUCKETS
         ),
         dead_letters=Counter("check365_dead_letters", "Events dead-lettered, by reason.", ["reason"]),
+        check365_errors=Counter(
+            "check365_api_errors",
+            "Check365 requests that failed, by kind: unavailable (5xx, timeout, connection error, garbage, "
+            "success false), misconfigured (an answer that is not Check365's: check CHECK365_BASE_URL), "
+            "rate_limited (429), unauthorized, job_not_found, bad_request, and any kind an error names.",
+            ["kind"],
+        ),
     )
     # Every known label value starts at zero, so that rate() and alerts see a series
     # from the first scrape instead of a gap until the first such event.
@@ -145,6 +169,8 @@ def _create() -> _Metrics:
         metrics.deliveries.labels(outcome)
     for reason in DEAD_LETTER_REASONS:
         metrics.dead_letters.labels(reason)
+    for kind in CHECK365_ERROR_KINDS:
+        metrics.check365_errors.labels(kind)
     return metrics
 
 
@@ -185,8 +211,12 @@ def watch_finished(outcome: str) -> None:
 
 
 @_safely
-def poll(outcome: str) -> None:
-    _get().polls.labels(outcome).inc()
+def poll(outcome: str, error: Exception | None = None) -> None:
+    """Count a poll step; a failed request is also counted by the kind of its ``error``."""
+    metrics = _get()
+    metrics.polls.labels(outcome).inc()
+    if error is not None:
+        metrics.check365_errors.labels(error_kind(error)).inc()
 
 
 @_safely
@@ -207,6 +237,24 @@ def check365_request() -> Iterator[None]:
         yield
     finally:
         _observe_request(time.monotonic() - started)
+
+
+def error_kind(exc: Exception) -> str:
+    """The ``kind`` label of a failed Check365 request.
+
+    An error class may name its own kind with a ``kind`` attribute; otherwise a
+    permanent refusal is counted by its reason and anything else is ``unavailable``.
+    """
+    kind = getattr(exc, "kind", None)
+    if isinstance(kind, str) and kind:
+        return kind
+    if isinstance(exc, PermanentError):
+        return exc.reason
+    if isinstance(exc, Check365Throttled):
+        return "rate_limited"
+    if isinstance(exc, Check365Misconfigured):
+        return "misconfigured"
+    return "unavailable"
 
 
 @_safely
@@ -231,6 +279,82 @@ def dead_lettered(reason: str) -> None:
 # --------------------------------------------------------------------------- exposition
 
 
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def pool_families(state: PoolState) -> Iterator[GaugeMetricFamily]:
+    """The pool-wide gauges of one reading of Redis."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    yield _gauge("check365_watches_active", "Watches not yet finished, in the whole deployment.", state.watches_active)
+    yield _gauge(
+        "check365_watches_overdue",
+        "Watches whose next poll is past due and not running (queued, or lost and awaiting the sweep).",
+        state.watches_overdue.count,
+    )
+    yield _gauge(
+        "check365_watches_oldest_overdue_seconds",
+        "How long past due the most overdue poll is (0 when none is).",
+        state.watches_overdue.oldest_age_s,
+    )
+    yield _gauge(
+        "check365_deliveries_pending",
+        "Webhook events not yet delivered nor dead-lettered, in the whole deployment.",
+        state.events_pending.count,
+    )
+    yield _gauge(
+        "check365_deliveries_oldest_pending_seconds",
+        "Age of the oldest webhook event not yet delivered nor dead-lettered (0 when none is).",
+        state.events_pending.oldest_age_s,
+    )
+    yield _gauge(
+        "check365_deliveries_overdue",
+        "Webhook events whose next attempt is past due and not running.",
+        state.events_overdue.count,
+    )
+    yield _gauge(
+        "check365_deliveries_oldest_overdue_seconds",
+        "How long past due the most overdue delivery attempt is (0 when none is).",
+        state.events_overdue.oldest_age_s,
+    )
+    yield _gauge(
+        "check365_dead_letters_stored",
+        "Dead-lettered events waiting for a replay, in the whole deployment.",
+        state.dead_letters,
+    )
+    if state.last_sweep is not None:
+        yield _gauge(
+            "check365_last_sweep_timestamp_seconds",
+            "When the latest sweep ran (unix seconds): beat is alive while it keeps up with SWEEP_INTERVAL_S.",
+            state.last_sweep,
+        )
+    paused = GaugeMetricFamily(
+        "check365_paused",
+        "1 while the pool holds its Check365 requests back, by cause: rate_limit (polls wait for a turn), "
+        "retry_after (Check365 asked to wait), key_refused (Check365 refuses the API key).",
+        labels=["cause"],
+    )
+    remaining = GaugeMetricFamily(
+        "check365_pause_remaining_seconds",
+        "Seconds until Check365 requests flow again, by cause (0 when not paused).",
+        labels=["cause"],
+    )
+    for cause in PAUSE_CAUSES:
+        paused.add_metric([cause], 1 if cause in state.pauses else 0)
+        if cause != "key_refused":
+            remaining.add_metric([cause], state.pauses.get(cause, 0.0))
+    yield paused
+    yield remaining
+    yield _gauge(
+        "check365_key_refused_seconds",
+        "How long Check365 has been refusing the API key (0 while it accepts it).",
+        state.pauses.get("key_refused", 0.0),
+    )
+
+
 def _pool_collector(redis_url: str) -> Collector:
     # Defined here, not at module level, because subclassing Collector imports
     # prometheus_client, which must wait until the multiprocess directory is set.
@@ -241,23 +365,12 @@ def _pool_collector(redis_url: str) -> Collector:
         """Pool-wide gauges, read from Redis at every scrape."""
 
         def __init__(self) -> None:
-            self._redis = redis.Redis.from_url(
-                redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
-            )
-            # The stores name their own keys; asking them keeps the gauges on the right ones.
-            self._keys = (
-                WatchStore(self._redis, state_ttl_s=1).items.due_key,
-                Outbox(self._redis, state_ttl_s=1).items.due_key,
-                DEAD_KEY,
-            )
+            self.reader = PoolReader(_redis(redis_url))
 
         def collect(self) -> Iterable[GaugeMetricFamily]:
             up = GaugeMetricFamily("check365_redis_up", "1 when Redis answered this scrape's gauge reads.")
             try:
-                with self._redis.pipeline(transaction=False) as pipe:
-                    for key in self._keys:
-                        pipe.zcard(key)
-                    watches, events, dead = pipe.execute()
+                state = self.reader.read()
             except redis.RedisError:
                 # No value is better than a wrong one: the gauges are left out of this scrape.
                 up.add_metric([], 0)
@@ -265,21 +378,13 @@ def _pool_collector(redis_url: str) -> Collector:
                 return
             up.add_metric([], 1)
             yield up
-            yield GaugeMetricFamily(
-                "check365_watches_active", "Watches not yet finished, in the whole deployment.", value=watches
-            )
-            yield GaugeMetricFamily(
-                "check365_deliveries_pending",
-                "Webhook events not yet delivered nor dead-lettered, in the whole deployment.",
-                value=events,
-            )
-            yield GaugeMetricFamily(
-                "check365_dead_letters_stored",
-                "Dead-lettered events waiting for a replay, in the whole deployment.",
-                value=dead,
-            )
+            yield from pool_families(state)
 
     return PoolCollector()
+
+
+def _redis(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
 
 
 def make_registry(redis_url: str) -> CollectorRegistry:
@@ -291,6 +396,65 @@ def make_registry(redis_url: str) -> CollectorRegistry:
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
     registry.register(_pool_collector(redis_url))
     return registry
+
+
+# --------------------------------------------------------------------------- health
+
+
+class Health:
+    """``/healthz`` and ``/readyz`` of the endpoint.
+
+    Alive: the process serves HTTP. Ready: the worker has started consuming and is
+    not shutting down, and Redis (the broker and the state store: one server,
+    REDIS_URL) answers a ping.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self._redis = _redis(redis_url)
+        self.consuming = False
+
+    def ready(self) -> tuple[bool, dict[str, str]]:
+        checks = {"worker": "consuming" if self.consuming else "not consuming (starting or shutting down)"}
+        try:
+            self._redis.ping()
+            checks["redis"] = "ok"
+        except redis.RedisError as exc:
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+        return self.consuming and checks["redis"] == "ok", checks
+
+
+def make_app(registry: CollectorRegistry, health: Health) -> WSGIApp:
+    from prometheus_client import make_wsgi_app
+
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            return _answer(start_response, 200, {"status": "alive"})
+        if path == "/readyz":
+            ready, checks = health.ready()
+            status = "ready" if ready else "not ready"
+            return _answer(start_response, 200 if ready else 503, {"status": status, **checks})
+        return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
+
+
+def _answer(start_response: Callable[..., Any], status: int, body: dict[str, str]) -> list[bytes]:
+    data = json.dumps(body).encode()
+    reason = "OK" if status == 200 else "Service Unavailable"
+    start_response(f"{status} {reason}", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+class _Handler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes and probes come every few seconds: not worth a log line each."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
 
 
 def _enable_multiprocess(directory: str) -> None:
@@ -309,6 +473,7 @@ class MetricsServer:
     directory: str
     addr: str
     port: int
+    health: Health
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -322,21 +487,28 @@ def start_server(settings: Settings, addr: str = DEFAULT_ADDR) -> MetricsServer:
 
     Call it in the worker's main process before the pool forks.
     """
-    from prometheus_client import start_http_server
-
     # A fresh directory per worker: after a restart, PIDs repeat (always, in
     # containers) and stale files of a previous run would be added to the counts.
     directory = tempfile.mkdtemp(prefix="check365-metrics-")
     _enable_multiprocess(directory)
+    health = Health(settings.redis_url)
     try:
-        server, thread = start_http_server(settings.metrics_port, addr=addr, registry=make_registry(settings.redis_url))
+        server = make_server(
+            addr,
+            settings.metrics_port,
+            make_app(make_registry(settings.redis_url), health),
+            server_class=_Server,
+            handler_class=_Handler,
+        )
     except OSError:
         shutil.rmtree(directory, ignore_errors=True)
         raise
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
     # Created now, in the main process, so that every series is served from the first
     # scrape (at zero); pool children inherit the objects and write their own files.
     _get()
-    return MetricsServer(server, thread, directory, addr, settings.metrics_port)
+    return MetricsServer(server, thread, directory, addr, settings.metrics_port, health)
 
 
 # --------------------------------------------------------------------------- Celery signals
@@ -365,7 +537,13 @@ def _on_worker_init(**_: Any) -> None:
 def _on_worker_ready(**_: Any) -> None:
     # Logged here rather than at start: logging is configured after worker_init.
     if _server is not None:
+        _server.health.consuming = True
         log.info("metrics_started", port=_server.port, addr=_server.addr, directory=_server.directory)
+
+
+def _on_worker_shutting_down(**_: Any) -> None:
+    if _server is not None:
+        _server.health.consuming = False
 
 
 def _on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
@@ -394,5 +572,6 @@ def connect_worker_signals(settings: Settings) -> None:
 
     signals.worker_init.connect(_on_worker_init)
     signals.worker_ready.connect(_on_worker_ready)
+    signals.worker_shutting_down.connect(_on_worker_shutting_down)
     signals.worker_process_shutdown.connect(_on_worker_process_shutdown)
     signals.worker_shutdown.connect(_on_worker_shutdown)

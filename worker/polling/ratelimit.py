@@ -27,6 +27,9 @@ from worker.state import scripts
 RATE_KEY = f"{PREFIX}ratelimit:check365"
 BLOCKED_KEY = f"{PREFIX}blocked_until"
 TURNS_KEY = f"{PREFIX}ratelimit:turns"
+# While Check365 refuses the API key, the pool pauses its requests (contract section 3):
+# this key holds when the streak of refusals began (Redis's clock) and lives while it lasts.
+# The pool gauges and ``doctor`` read it.
 KEY_REFUSED_KEY = f"{PREFIX}key_refused_since"
 
 # A caller coming back for its turn may find the previous one came a little late.

@@ -237,7 +237,7 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
     except Check365Rejected as exc:
         if exc.reason == "unauthorized" and (held := _hold_for_key(ctx, watch, holder, exc, final)) is not None:
             return held
-        metrics.poll("rejected")
+        metrics.poll("rejected", exc)
         log.warning("poll_rejected", watch_id=watch_id, reason=exc.reason, error=str(exc))
         event = failed_event(watch_id, watch.job_id, exc.reason, str(exc), watch.metadata, now=ctx.clock())
         # Refused, but polled all the same: the count says so.
@@ -335,7 +335,7 @@ def _hold_for_key(ctx: Context, watch: Watch, holder: str, exc: Check365Rejected
     refused_for = ctx.limiter.key_refused(grace, pause)
     if refused_for >= grace:
         return None
-    metrics.poll("unauthorized")
+    metrics.poll("unauthorized", exc)
     log.error(
         "poll_key_refused",
         watch_id=watch.watch_id,
@@ -355,7 +355,7 @@ def _retry_later(ctx: Context, watch: Watch, holder: str, exc: RetryableError) -
     """A poll that got no usable answer: try again after a growing, jittered delay."""
     settings = ctx.settings
     misconfigured = isinstance(exc, Check365Misconfigured)
-    metrics.poll("misconfigured" if misconfigured else "transient")
+    metrics.poll("misconfigured" if misconfigured else "transient", exc)
     if exc.retry_after:
         ctx.limiter.block(exc.retry_after)
     failures = watch.failures + 1

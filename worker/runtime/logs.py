@@ -25,6 +25,8 @@ from worker.settings import Settings
 REDACTED = "***"
 # The loggers of Celery's per-task "received" and "succeeded" lines.
 CELERY_PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+# Beat's logger: it says "Scheduler: Sending due task ..." at INFO at every tick.
+CELERY_BEAT_LOGGER = "celery.beat"
 # Any api_key query parameter, whoever logs it and whatever its value.
 _API_KEY_PARAM = re.compile(r"(api_key=)[^&\s\"']+", re.IGNORECASE)
 # Whatever the key, a webhook secret literal never belongs in a log line.
@@ -105,6 +107,20 @@ def hide_task_arguments(
     return event_dict
 
 
+class _RoutineAtDebug(logging.Filter):
+    """Beat's line per sent task is routine, like the worker's per-task lines: DEBUG.
+
+    A filter rather than a level on beat's logger, which would also hide its
+    start-up line and its errors.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and str(record.msg).startswith("Scheduler: Sending due task"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 class _ScrubRenderedExceptions:
     """Tracebacks are rendered to text by format_exc_info: scrub them after that."""
 
@@ -138,7 +154,9 @@ def _json_dumps(value: Any, **_: Any) -> str:
         return json.dumps(value, default=str)
 
 
-def _use_json(settings: Settings, stream: Any) -> bool:
+def uses_json(settings: Settings, stream: Any = None) -> bool:
+    """Whether log lines on ``stream`` (stderr by default) are JSON."""
+    stream = sys.stderr if stream is None else stream
     if settings.log_format == "json":
         return True
     if settings.log_format == "console":
@@ -159,7 +177,7 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         hide_task_arguments,
         redactor,
     ]
-    as_json = _use_json(settings, stream)
+    as_json = uses_json(settings, stream)
     final: list[Any] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
     if as_json:
         final += [
@@ -183,6 +201,8 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    # Python's warnings (Celery's SecurityWarning, deprecations) as log lines, not raw text.
+    logging.captureWarnings(True)
     # httpx logs every request URL at INFO; the URL carries the API key. It is
     # redacted anyway, but one line per poll is noise at INFO.
     for noisy in ("httpx", "httpcore"):
@@ -195,6 +215,9 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
     per_task_level = logging.DEBUG if root.level <= logging.DEBUG else max(logging.WARNING, root.level)
     for per_task in CELERY_PER_TASK_LOGGERS:
         logging.getLogger(per_task).setLevel(per_task_level)
+    beat = logging.getLogger(CELERY_BEAT_LOGGER)
+    if not any(isinstance(f, _RoutineAtDebug) for f in beat.filters):
+        beat.addFilter(_RoutineAtDebug())
 
     structlog.configure(
         # Lines below the level are dropped before any processor runs.

@@ -6,6 +6,10 @@ attempt that should have run more than ``REARM_GRACE_S`` ago lost its message
 waiting out a delay too long for a countdown has no message at all. Either way
 the item gets a fresh token and a new message, which makes any late original
 stale.
+
+Each sweep also records which beat sent it (the ``origin`` of its message) and
+when, so that the metrics and ``doctor`` can tell a dead beat, and a second one,
+from a healthy deployment.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import structlog
 
 from worker.polling.step import Finished, expire_stranded
+from worker.runtime.beats import record_sweep
 from worker.runtime.context import Context
 from worker.runtime.leases import watch_lease_s
 from worker.state.store import text
@@ -47,14 +52,17 @@ class RearmedEvent:
     queue: str
 
 
-def sweep(ctx: Context, *, batch: int = BATCH) -> tuple[list[RearmedWatch], list[RearmedEvent]]:
+def sweep(
+    ctx: Context, *, batch: int = BATCH, origin: str | None = None
+) -> tuple[list[RearmedWatch], list[RearmedEvent]]:
     """The watches and events to send a message for, each with its fresh token.
 
     A watch still overdue once ``stranded_after_s`` past its deadline (a re-armed message
     had its chance and it did not run) is timed out here instead: its event is among the
-    events returned.
+    events returned. ``origin`` names the beat that sent this sweep (see worker.runtime.beats).
     """
     now = ctx.clock()
+    record_sweep(ctx.redis, origin, now)
     grace = ctx.settings.rearm_grace_s
     watches: list[RearmedWatch] = []
     events: list[RearmedEvent] = []

@@ -150,13 +150,14 @@ def _settle(result: DeliveryResult, queue: str) -> str:
     return result.reason
 
 
-@app.task(name=SWEEP_TASK, base=CheckedTask, ignore_result=True)
-def sweep_task(*args: Any, **kwargs: Any) -> str:
+@app.task(name=SWEEP_TASK, base=CheckedTask, bind=True, ignore_result=True)
+def sweep_task(self: Any, *args: Any, **kwargs: Any) -> str:
     # Beat sends no arguments; a foreign message with some must not fail in the pool.
     if args or kwargs:
         reject("watch_rejected", "the sweep takes no arguments")
         return "rejected"
-    watches, events = sweep(process_context(settings))
+    origin = self.request.origin if isinstance(self.request.origin, str) else None
+    watches, events = sweep(process_context(settings), origin=origin)
     for item in watches:
         _send_poll(item.watch.watch_id, item.token, 0.0, item.watch.queue or settings.queue)
     for event in events:
