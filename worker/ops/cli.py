@@ -29,9 +29,6 @@ from worker.local.simulator import FAULT_KINDS
 from worker.runtime.celeryconfig import DELIVER_TASK
 from worker.settings import Settings, load_settings
 
-# Beat is reported down once this many sweep intervals pass without a sweep.
-BEAT_SILENT_SWEEPS = 4
-
 
 def _settings() -> Settings:
     return load_settings(process="cli")
@@ -421,6 +418,8 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     """Exit 0 when healthy: for container healthchecks."""
     import httpx
 
+    from worker.ops.doctor import BEAT_SILENT_SWEEPS
+
     settings = _settings()
     if args.beat:
         from worker.runtime.beats import last_sweep
@@ -518,7 +517,7 @@ def _add_health_commands(sub: Any) -> None:
     which.add_argument(
         "--beat",
         action="store_true",
-        help=f"check that a sweep ran in the last {BEAT_SILENT_SWEEPS} x SWEEP_INTERVAL_S (for beat's container)",
+        help="check that a sweep ran in the last 4 x SWEEP_INTERVAL_S (for beat's container)",
     )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the endpoint (default 5)")
     p.set_defaults(func=cmd_healthcheck)
