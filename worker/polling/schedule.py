@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
+    "DEFAULT_PATIENCE",
     "HISTORY_LIMIT",
     "RETRY_AFTER_CAP_S",
     "SHORT_RESULTS_WAIT_S",
@@ -59,6 +60,10 @@ __all__ = [
     "remember",
     "transient_delay",
 ]
+
+# POLL_PATIENCE's default: the schedule as tuned, about 1.5 times the fewest polls
+# possible on the benchmark's mixed workload (see the README's Performance section).
+DEFAULT_PATIENCE = 1.0
 
 # Eight points give a rate estimate that resists one or two bad readings while
 # the JSON kept per watch stays around 200 bytes.
@@ -118,6 +123,13 @@ _SCAN_POLLS = 13.0
 # From this many points on, the scatter is estimated from the median residual,
 # so that one stale reading does not inflate it.
 _ROBUST_MIN_POINTS = 5
+# From this patience on, polls aim at the latest completion the readings allow.
+_PATIENCE_LATEST = 8.0
+# Spread of a whole-percent reading around the truth (uniform over one percent).
+_QUANTUM_SD_PP = 1 / math.sqrt(12)
+# Equal whole-percent readings count as a pause only once they have stood for
+# this many times the time one percent takes at the pace so far.
+_QUANTUM_WAIT = 2.0
 # Progress differences below this (percentage points) count as no change.
 _FLAT_EPS = 1e-6
 # A rate that would need more than ~30 years to finish is no rate at all, and
@@ -137,9 +149,25 @@ class Observation:
 
 
 def remember(history: Iterable[Observation], observation: Observation) -> list[Observation]:
-    """The history to store after ``observation``: the newest ``HISTORY_LIMIT`` entries."""
+    """The history to store after ``observation``: the newest ``HISTORY_LIMIT`` entries.
+
+    Of three equal readings in a row the middle one is dropped: it tells nothing
+    the other two do not, and a job polled often while it stands still would
+    otherwise forget how it got there.
+    """
     kept = [*history, observation]
-    return kept[-HISTORY_LIMIT:]
+    if (
+        len(kept) >= 3
+        and observation.progress is not None
+        and kept[-2].progress == kept[-3].progress == observation.progress
+    ):
+        del kept[-2]
+    while len(kept) > HISTORY_LIMIT:
+        # Full: the reading closest to the one before it goes, so that polls made
+        # close together do not push out how the job got there.
+        gaps = [(b.at - a.at, i) for i, (a, b) in enumerate(itertools.pairwise(kept[:-2]), 1)]
+        del kept[min(gaps)[1] if gaps else 0]
+    return kept
 
 
 def observations_to_json(observations: Iterable[Observation]) -> list[list[float | None]]:
@@ -195,6 +223,7 @@ def next_poll_delay(
     deadline: float,
     initial_delay: float,
     max_delay: float,
+    patience: float = DEFAULT_PATIENCE,
 ) -> float:
     """Seconds until the next poll of a job, in ``(0, max_delay]``.
 
@@ -204,6 +233,8 @@ def next_poll_delay(
     reaches further, so the timeout is declared on time.
     """
     _check_delays(initial_delay, max_delay)
+    if not (math.isfinite(patience) and patience > 0):
+        raise ValueError("patience must be a finite number greater than 0")
     if not math.isfinite(now):
         raise ValueError("now must be a finite number of seconds")
     if not math.isfinite(started_at) or started_at > now:
@@ -211,7 +242,7 @@ def next_poll_delay(
     started_at = max(started_at, now - _MAX_AGE_S)
     floor = max(min(initial_delay, _FLOOR_S), _MIN_DELAY_S)
     points = _usable_points(history, now)
-    delay = _plan(points, started_at - now, initial_delay, max_delay, floor)
+    delay = _plan(points, started_at - now, initial_delay, max_delay, floor, patience)
     if not math.isnan(deadline):
         delay = min(delay, deadline - now)
     return min(max(delay, _MIN_DELAY_S), max_delay)
@@ -260,20 +291,24 @@ SHORT_RESULTS_WAIT_S = 60.0
 _SHORT_RESULTS_MAX_GAP_S = 15.0
 
 
-def incomplete_results_delay(initial_delay: float, waited_s: float = 0.0) -> float:
+def incomplete_results_delay(initial_delay: float, waited_s: float = 0.0, patience: float = DEFAULT_PATIENCE) -> float:
     """Delay before re-polling a job reported completed with results still missing.
 
     The job is done and its results may still be being written: a short pause at
     first, then half the time waited so far (at most 15 s), so that a job that stays
     short costs about ten polls before ``SHORT_RESULTS_WAIT_S`` ends the wait.
+    ``patience`` scales the gaps after the first (never below a second).
     """
     if not math.isfinite(initial_delay) or initial_delay <= 0:
         first = _FLOOR_S
     else:
         first = max(min(initial_delay, 2.0), _MIN_DELAY_S)
+    if not (math.isfinite(patience) and patience > 0):
+        patience = DEFAULT_PATIENCE
     if not math.isfinite(waited_s) or waited_s <= 0:
         return first
-    return max(first, min(waited_s / 2, _SHORT_RESULTS_MAX_GAP_S))
+    gap = min(waited_s / 2, _SHORT_RESULTS_MAX_GAP_S) * patience
+    return max(min(first, _FLOOR_S) if patience < 1 else first, gap)
 
 
 def _is_number(value: object) -> bool:
@@ -308,12 +343,20 @@ def _usable_points(history: Sequence[Observation], now: float) -> list[tuple[flo
 
 
 def _plan(
-    points: list[tuple[float, float]], start: float, initial_delay: float, max_delay: float, floor: float
+    points: list[tuple[float, float]],
+    start: float,
+    initial_delay: float,
+    max_delay: float,
+    floor: float,
+    patience: float = DEFAULT_PATIENCE,
 ) -> float:
     """The delay before clamping; ``start`` and the points' times are relative to now."""
-    scan = max(_SCAN_FRACTION * initial_delay, floor)
+    scan = max(patience * _SCAN_FRACTION * initial_delay, floor)
     if not points or max(p for _, p in points) <= _FLAT_EPS:
-        return max(initial_delay, _GROWTH_UNSTARTED * -start)
+        return max(initial_delay, patience * _GROWTH_UNSTARTED * -start)
+    whole = all(p == int(p) for _, p in points)
+    if whole:
+        points = _midpoints(points)
     # The watch usually starts when the job is created: (start, 0) is one more
     # reading, and the only other one after the first poll.
     pts = [(start, 0.0), *points] if start < points[0][0] else points
@@ -323,6 +366,13 @@ def _plan(
     run = len(pts) - 1
     while run > 0 and abs(pts[run - 1][1] - last) <= _FLAT_EPS:
         run -= 1
+    if whole and 0 < run < len(pts) - 1:
+        pace = (pts[run][1] - pts[0][1]) / (pts[run][0] - pts[0][0])
+        if pace > _MIN_RATE and -pts[run][0] < _QUANTUM_WAIT / pace:
+            # A whole percent takes 1/pace to tick over: readings that stay equal
+            # for less than that are no pause, and add nothing to the fit.
+            pts = pts[: run + 1]
+            run = len(pts) - 1
     # Progress last moved just before its best reading was first seen.
     best = max(p for _, p in pts)
     first_best = next(i for i, (_, p) in enumerate(pts) if p >= best - _FLAT_EPS)
@@ -330,7 +380,7 @@ def _plan(
     active = _active_axis(pts)
     line = _fit(active)
     if line is None:
-        return max(scan, _GROWTH_STALLED * idle)
+        return max(scan, patience * _GROWTH_STALLED * idle)
     rate, position, scatter, t_mean, sxx, n = line
 
     fast = rate
@@ -340,7 +390,7 @@ def _plan(
         for (ta, pa), (tb, pb) in itertools.pairwise(active):
             if tb - ta > 1e-6:
                 fast = max(fast, (pb - pa) / (tb - ta))
-        fast = min(fast, _FAST_CAP * rate)
+        fast = min(fast, (1.0 + (_FAST_CAP - 1.0) / max(patience, 1.0)) * rate)
     left = max(100.0 - position, 0.0)
     remaining = left / rate
 
@@ -348,9 +398,9 @@ def _plan(
         # Stalled (or between two steps of a stepwise job). On the active axis
         # the oldest point lies as far back as the job has been progressing.
         if idle > _DEAD_RATIO * -active[0][0]:
-            return max(scan, _GROWTH_DEAD * idle)
-        stalled_gap = max(scan, _GROWTH_STALLED * idle)
-        resume_gap = max((100.0 - last) / fast + scan, _STALL_LAG * idle)
+            return max(scan, patience * _GROWTH_DEAD * idle)
+        stalled_gap = max(scan, patience * _GROWTH_STALLED * idle)
+        resume_gap = max((100.0 - last) / fast + scan, patience * _STALL_LAG * idle)
         return min(stalled_gap, resume_gap)
 
     dof = n - 2
@@ -358,19 +408,60 @@ def _plan(
         scatter, z = _PRIOR_SCATTER_PP, _MARGIN_Z
     else:
         z = _MARGIN_Z * max(_T95[min(dof, len(_T95)) - 1] / _Z95, 1.0)
+    if whole:
+        scatter = max(scatter, _QUANTUM_SD_PP)
     # Standard error of the time at which the line reaches 100 %.
     sigma = scatter * math.sqrt(1 / n + (remaining - t_mean) ** 2 / sxx) / rate
+    step = max(scan, 2 * sigma / _SCAN_POLLS)
+    if remaining + _AIM_LATE_S < floor:
+        # Past the predicted moment: the prediction was early, and a patient
+        # schedule does not keep polling at the floor for it.
+        return max(floor, min(step, patience * floor))
+    if patience > 1.0:
+        # Patient: aim towards the latest completion the readings allow, where
+        # one poll sees the end, trading lag for the polls of a scan.
+        latest = _latest_end(active, whole, remaining + _Z95 * sigma)
+        lean = min((patience - 1.0) / (_PATIENCE_LATEST - 1.0), 1.0)
+        aim = remaining + lean * max(latest - remaining, 0.0)
+        return max_delay if aim > max_delay else max(floor, aim + _AIM_LATE_S)
     # The earlier of the cautious estimate and the recent pace: too early costs
-    # one poll, too late costs lag.
-    aim = min(remaining - z * sigma, left / fast)
+    # one poll, too late costs lag. Patience below 1 aims earlier and scans closer.
+    aim = min(remaining - z / patience * sigma, left / fast)
     if aim > max_delay:
         # Far away: the polls on the way there refine the estimate.
         return max_delay
     if aim >= scan:
         return aim + _AIM_LATE_S
     # Within the uncertainty of the prediction: scan it.
-    step = max(scan, 2 * sigma / _SCAN_POLLS)
     return max(floor, min(step, remaining + _AIM_LATE_S))
+
+
+def _latest_end(active: list[tuple[float, float]], whole: bool, fallback: float) -> float:
+    """The latest completion (seconds from now) a steady job could have, given whole-percent readings.
+
+    A reading ``p`` stands for ``[p, p + 1)``: the slowest steady pace runs from the
+    top of the first reading to the bottom of the last. Readings that are not whole
+    numbers carry no such bounds: ``fallback`` then.
+    """
+    (t0, p0), (t1, p1) = active[0], active[-1]
+    if not whole or t1 - t0 <= 1e-6:
+        return fallback
+    # Undo the midpoint shift: the start of the watch (0) is exact, a reading is its floor.
+    low0 = p0 if p0 <= 0 else p0 - 0.5 + 1.0
+    low1 = p1 - 0.5 if 0 < p1 < 100 else p1
+    slowest = (low1 - low0) / (t1 - t0)
+    if slowest <= _MIN_RATE:
+        return fallback
+    return t1 + (100.0 - low1) / slowest
+
+
+def _midpoints(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Whole-percent readings moved to the middle of the percent they stand for.
+
+    Check365 reports an integer percent: a reading of 37 covers 37 to 38, and
+    taking it at face value puts every prediction half a point late.
+    """
+    return [(t, p + 0.5 if 0 < p < 100 else p) for t, p in points]
 
 
 def _active_axis(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
