@@ -487,7 +487,7 @@ def frontier(
     fixed = {g: [_fixed_outcome(job, g) for job in population] for g in intervals}
     profiles: dict[str, Any] = {}
     for profile in FRONTIER_PROFILES:
-        idx = [i for i, j in enumerate(population) if profile == "mixed" or j.profile == profile]
+        idx = [i for i, j in enumerate(population) if profile in ("mixed", j.profile)]
         curve = [{"interval_s": g, **_point([outs[i] for i in idx])} for g, outs in fixed.items()]
         line = [{"patience": p, **_point([outs[i] for i in idx])} for p, outs in ours.items()]
         for point in line:

@@ -36,6 +36,7 @@ from typing import Any, Generic, Literal, TypeVar, cast
 from urllib.parse import quote, quote_plus, urlsplit
 
 from worker.errors import SettingsError
+from worker.polling.schedule import DEFAULT_PATIENCE, PATIENCE_MAX, PATIENCE_MIN
 
 T = TypeVar("T")
 
@@ -208,6 +209,16 @@ def _parse_secrets(name: str, raw: str) -> tuple[str, ...]:
     return secrets
 
 
+def _parse_patience(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(name, f"must be a number, got {raw!r}") from None
+    if not PATIENCE_MIN <= value <= PATIENCE_MAX:
+        raise SettingsError(name, f"must be a number from {PATIENCE_MIN:g} to {PATIENCE_MAX:g}, got {raw!r}")
+    return value
+
+
 def _parse_queue(name: str, raw: str) -> str:
     if not raw.replace("_", "").replace("-", "").replace(".", "").isalnum() or len(raw) > 200:
         raise SettingsError(name, "must be a queue name of letters, digits, '.', '_' or '-'")
@@ -285,6 +296,14 @@ class Settings:
         300.0,
         seconds(positive=True),
         "...and the longest gap ever left between two polls of one job",
+        WORKER,
+    )
+    poll_patience: float = setting(
+        "POLL_PATIENCE",
+        DEFAULT_PATIENCE,
+        _parse_patience,
+        f"where polling sits between requests and detection lag, from {PATIENCE_MIN:g} to {PATIENCE_MAX:g}: lower"
+        " polls more and sees completions sooner, higher polls less (see [Polling frontier](#polling-frontier))",
         WORKER,
     )
     watch_timeout_s: float = setting(

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.polling.schedule import (
+    DEFAULT_PATIENCE,
     HISTORY_LIMIT,
     RETRY_AFTER_CAP_S,
     Observation,
@@ -392,3 +393,70 @@ def test_incomplete_results_delay_grows_with_the_wait_up_to_fifteen_seconds() ->
     assert gaps == [2.0, 2.0, 3.0, 10.0, 15.0, 15.0]
     assert incomplete_results_delay(5.0, math.nan) == 2.0
     assert incomplete_results_delay(5.0, -3.0) == 2.0
+
+
+# -- POLL_PATIENCE -------------------------------------------------------------------------
+
+
+def run_whole_percent_job(duration: float, patience: float) -> tuple[int, float]:
+    """Polls and detection lag of a steady job reporting whole percents, as Check365 does."""
+    history: list[Observation] = []
+    t, polls = INITIAL, 0
+    while True:
+        polls += 1
+        if t >= duration:
+            return polls, t - duration
+        history = remember(history, Observation(T0 + t, float(min(99, math.floor(100 * t / duration)))))
+        t += next_poll_delay(
+            history, now=T0 + t, started_at=T0, deadline=FAR, initial_delay=INITIAL, max_delay=MAX, patience=patience
+        )
+
+
+def test_patience_trades_polls_for_lag_on_a_steady_job() -> None:
+    durations = [37.0, 190.0, 845.0, 2600.0, 6100.0]
+    runs = {p: [run_whole_percent_job(d, p) for d in durations] for p in (0.1, DEFAULT_PATIENCE, 30.0)}
+    polls = {p: sum(n for n, _ in r) for p, r in runs.items()}
+    worst_lag = {p: max(lag for _, lag in r) for p, r in runs.items()}
+    assert polls[0.1] > polls[DEFAULT_PATIENCE] > polls[30.0]
+    assert worst_lag[0.1] <= 1.5
+    # The most patient spends no more polls than a fixed 240 s interval after the first
+    # poll, and still sees each completion within a quarter of the longest gap.
+    assert polls[30.0] <= sum(1 + math.ceil((d - INITIAL) / 240) for d in durations)
+    assert worst_lag[30.0] < MAX / 4
+
+
+def test_patience_scales_the_gaps_of_a_stalled_job() -> None:
+    history = [Observation(T0 + 5, 5.0), Observation(T0 + 35, 35.0), Observation(T0 + 40, 40.0)]
+    history.append(Observation(T0 + 70, 40.0))
+    gaps = [
+        next_poll_delay(history, now=T0 + 70, started_at=T0, deadline=FAR, initial_delay=INITIAL, max_delay=MAX,
+                        patience=p)
+        for p in (0.25, 1.0, 4.0)
+    ]  # fmt: skip
+    assert gaps[0] < gaps[1] < gaps[2]
+    assert gaps[1] == delay(history, T0 + 70)
+
+
+@pytest.mark.parametrize("patience", [0.0, -1.0, math.nan, math.inf])
+def test_patience_must_be_a_positive_number(patience: float) -> None:
+    with pytest.raises(ValueError, match="patience"):
+        next_poll_delay([], now=T0, started_at=T0, deadline=FAR, initial_delay=INITIAL, max_delay=MAX,
+                        patience=patience)  # fmt: skip
+
+
+def test_patience_scales_the_re_polls_of_a_short_answer() -> None:
+    assert incomplete_results_delay(5.0, 20.0, DEFAULT_PATIENCE) == incomplete_results_delay(5.0, 20.0)
+    assert (
+        incomplete_results_delay(5.0, 20.0, 0.1)
+        < incomplete_results_delay(5.0, 20.0)
+        < (incomplete_results_delay(5.0, 20.0, 4.0))
+    )
+    assert incomplete_results_delay(5.0, 20.0, 0.05) >= 1.0
+
+
+def test_whole_percent_readings_that_wait_for_the_next_percent_are_no_pause() -> None:
+    # 1 % per 60 s: two equal readings 10 s apart are a percent not yet ticked over,
+    # not a stall, so the aim stays on the completion instead of growing stall gaps.
+    history = [Observation(T0 + t, float(math.floor(t / 60))) for t in (5.0, 300.0, 5880.0, 5890.0)]
+    got = delay(history, T0 + 5890)
+    assert got <= 6000 - 5890 + 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import SettingsError
+from worker.polling.schedule import DEFAULT_PATIENCE
 from worker.settings import (
     TABLE_BEGIN,
     TABLE_END,
@@ -78,6 +79,13 @@ def test_secrets_stay_out_of_repr() -> None:
         ({"WEBHOOK_SECRET": "whsec_!!!"}, "WEBHOOK_SECRET"),
         ({"WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"short").decode()}, "WEBHOOK_SECRET"),
         ({"POLL_MAX_DELAY_S": "abc"}, "POLL_MAX_DELAY_S"),
+        ({"POLL_PATIENCE": "abc"}, "POLL_PATIENCE"),
+        ({"POLL_PATIENCE": "0"}, "POLL_PATIENCE"),
+        ({"POLL_PATIENCE": "-1"}, "POLL_PATIENCE"),
+        ({"POLL_PATIENCE": "nan"}, "POLL_PATIENCE"),
+        ({"POLL_PATIENCE": "inf"}, "POLL_PATIENCE"),
+        ({"POLL_PATIENCE": "0.01"}, "POLL_PATIENCE"),
+        ({"POLL_PATIENCE": "1000"}, "POLL_PATIENCE"),
         ({"POLL_MAX_DELAY_S": "0"}, "POLL_MAX_DELAY_S"),
         ({"POLL_INITIAL_DELAY_S": "-1"}, "POLL_INITIAL_DELAY_S"),
         ({"POLL_INITIAL_DELAY_S": "nan"}, "POLL_INITIAL_DELAY_S"),
@@ -227,3 +235,9 @@ def test_the_generator_rewrites_both_documents(tmp_path: Path) -> None:
     assert "| stale |" not in readme
     assert readme == f"# x\n\n{TABLE_BEGIN}\n{markdown_table()}\n{TABLE_END}\n\nafter\n"
     assert (tmp_path / "config" / ".env.example").read_text(encoding="utf-8") == env_example()
+
+
+def test_poll_patience_defaults_to_the_schedules_default_and_takes_fractions() -> None:
+    assert load_settings(BASE).poll_patience == DEFAULT_PATIENCE
+    assert load_settings({**BASE, "POLL_PATIENCE": " 0.25 "}).poll_patience == 0.25
+    assert load_settings({**BASE, "POLL_PATIENCE": "30"}).poll_patience == 30.0

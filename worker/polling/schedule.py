@@ -50,6 +50,8 @@ from typing import NamedTuple
 __all__ = [
     "DEFAULT_PATIENCE",
     "HISTORY_LIMIT",
+    "PATIENCE_MAX",
+    "PATIENCE_MIN",
     "RETRY_AFTER_CAP_S",
     "SHORT_RESULTS_WAIT_S",
     "Observation",
@@ -64,6 +66,10 @@ __all__ = [
 # POLL_PATIENCE's default: the schedule as tuned, about 1.5 times the fewest polls
 # possible on the benchmark's mixed workload (see the README's Performance section).
 DEFAULT_PATIENCE = 1.0
+# Below this the one-second floor sets every gap anyway; above it every gap is at
+# the max delay or aimed at the latest completion already.
+PATIENCE_MIN = 0.05
+PATIENCE_MAX = 100.0
 
 # Eight points give a rate estimate that resists one or two bad readings while
 # the JSON kept per watch stays around 200 bytes.
@@ -242,7 +248,7 @@ def next_poll_delay(
     started_at = max(started_at, now - _MAX_AGE_S)
     floor = max(min(initial_delay, _FLOOR_S), _MIN_DELAY_S)
     points = _usable_points(history, now)
-    delay = _plan(points, started_at - now, initial_delay, max_delay, floor, patience)
+    delay = _plan(points, started_at - now, initial_delay, max_delay, floor, patience=patience)
     if not math.isnan(deadline):
         delay = min(delay, deadline - now)
     return min(max(delay, _MIN_DELAY_S), max_delay)
@@ -348,6 +354,7 @@ def _plan(
     initial_delay: float,
     max_delay: float,
     floor: float,
+    *,
     patience: float = DEFAULT_PATIENCE,
 ) -> float:
     """The delay before clamping; ``start`` and the points' times are relative to now."""
@@ -366,13 +373,11 @@ def _plan(
     run = len(pts) - 1
     while run > 0 and abs(pts[run - 1][1] - last) <= _FLAT_EPS:
         run -= 1
-    if whole and 0 < run < len(pts) - 1:
-        pace = (pts[run][1] - pts[0][1]) / (pts[run][0] - pts[0][0])
-        if pace > _MIN_RATE and -pts[run][0] < _QUANTUM_WAIT / pace:
-            # A whole percent takes 1/pace to tick over: readings that stay equal
-            # for less than that are no pause, and add nothing to the fit.
-            pts = pts[: run + 1]
-            run = len(pts) - 1
+    if whole and _ticking(pts, run):
+        # Readings that stay equal for less than a percent's time are no pause,
+        # and add nothing to the fit.
+        pts = pts[: run + 1]
+        run = len(pts) - 1
     # Progress last moved just before its best reading was first seen.
     best = max(p for _, p in pts)
     first_best = next(i for i, (_, p) in enumerate(pts) if p >= best - _FLAT_EPS)
@@ -434,6 +439,15 @@ def _plan(
         return aim + _AIM_LATE_S
     # Within the uncertainty of the prediction: scan it.
     return max(floor, min(step, remaining + _AIM_LATE_S))
+
+
+def _ticking(pts: list[tuple[float, float]], run: int) -> bool:
+    """Whether the trailing equal whole-percent readings from ``run`` on may just be waiting for the next percent."""
+    if not 0 < run < len(pts) - 1:
+        return False
+    pace = (pts[run][1] - pts[0][1]) / (pts[run][0] - pts[0][0])
+    # A whole percent takes 1/pace to tick over.
+    return pace > _MIN_RATE and -pts[run][0] < _QUANTUM_WAIT / pace
 
 
 def _latest_end(active: list[tuple[float, float]], whole: bool, fallback: float) -> float:

@@ -263,7 +263,7 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
         )
     history = remember(watch.history, Observation(at=now, progress=outcome.progress))
     if isinstance(outcome, check365.Incomplete):
-        delay = incomplete_results_delay(settings.poll_initial_delay_s, now - short_since)
+        delay = incomplete_results_delay(settings.poll_initial_delay_s, now - short_since, settings.poll_patience)
     else:
         delay = next_poll_delay(
             history,
@@ -272,6 +272,7 @@ def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
             deadline=watch.deadline,
             initial_delay=settings.poll_initial_delay_s,
             max_delay=settings.poll_max_delay_s,
+            patience=settings.poll_patience,
         )
     delay = min(delay, settings.poll_max_delay_s, max(watch.deadline - now, 0.001))
     log.info(
