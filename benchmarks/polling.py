@@ -413,7 +413,7 @@ def trade_off(jobs: int = 10_000, seed: int = 1) -> list[dict[str, float]]:
 
 
 # The knob's values on the frontier, and the fixed intervals it is judged against.
-PATIENCES = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 30.0)
+PATIENCES = (0.1, 0.25, 0.5, 1.0, 1.75, 3.0, 8.0, 30.0, 100.0)
 FIXED_INTERVALS_S = (2.0, 3.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 180.0, 240.0, 300.0)
 # Where progress predicts the end, ours must dominate every fixed interval; where it
 # does not, ours must be within this factor of the fixed intervals' lag at equal polls.

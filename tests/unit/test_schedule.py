@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from worker.polling.schedule import (
     DEFAULT_PATIENCE,
     HISTORY_LIMIT,
+    PATIENCE_MAX,
+    PATIENCE_MIN,
     RETRY_AFTER_CAP_S,
     Observation,
     incomplete_results_delay,
@@ -66,6 +68,7 @@ observations = st.builds(
     deadline_offset=st.one_of(any_float, st.floats(min_value=-1e3, max_value=1e5)),
     max_delay=st.floats(min_value=1e-3, max_value=1e4),
     initial_fraction=st.floats(min_value=0, max_value=1),
+    patience=st.floats(min_value=PATIENCE_MIN, max_value=PATIENCE_MAX),
 )
 def test_gap_is_positive_finite_and_within_max_delay_for_any_history(
     *,
@@ -75,6 +78,7 @@ def test_gap_is_positive_finite_and_within_max_delay_for_any_history(
     deadline_offset: float,
     max_delay: float,
     initial_fraction: float,
+    patience: float,
 ) -> None:
     now = T0 + now_offset
     deadline = now + deadline_offset
@@ -85,6 +89,7 @@ def test_gap_is_positive_finite_and_within_max_delay_for_any_history(
         deadline=deadline,
         initial_delay=max_delay * initial_fraction,
         max_delay=max_delay,
+        patience=patience,
     )
     assert math.isfinite(got)
     assert 0 < got <= max_delay
@@ -445,7 +450,7 @@ def test_patience_must_be_a_positive_number(patience: float) -> None:
 
 
 def test_patience_scales_the_re_polls_of_a_short_answer() -> None:
-    assert incomplete_results_delay(5.0, 20.0, DEFAULT_PATIENCE) == incomplete_results_delay(5.0, 20.0)
+    assert incomplete_results_delay(5.0, 20.0, 1.0) == incomplete_results_delay(5.0, 20.0)
     assert (
         incomplete_results_delay(5.0, 20.0, 0.1)
         < incomplete_results_delay(5.0, 20.0)

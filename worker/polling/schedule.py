@@ -63,13 +63,19 @@ __all__ = [
     "transient_delay",
 ]
 
-# POLL_PATIENCE's default: the schedule as tuned, about 1.5 times the fewest polls
-# possible on the benchmark's mixed workload (see the README's Performance section).
-DEFAULT_PATIENCE = 1.0
+# The schedule's constants below are written for a patience of 1 (the functions'
+# default). POLL_PATIENCE's default is higher: on the benchmark's mixed workload,
+# with whole-percent readings, it spends no more polls per job than the schedule did
+# before the knob existed (README: Performance).
+DEFAULT_PATIENCE = 1.75
 # Below this the one-second floor sets every gap anyway; above it every gap is at
 # the max delay or aimed at the latest completion already.
 PATIENCE_MIN = 0.05
 PATIENCE_MAX = 100.0
+
+# History is thinned instead of cut when its newest readings would span less than
+# half its whole length.
+_CROWDED = 0.5
 
 # Eight points give a rate estimate that resists one or two bad readings while
 # the JSON kept per watch stays around 200 bytes.
@@ -169,10 +175,13 @@ def remember(history: Iterable[Observation], observation: Observation) -> list[O
     ):
         del kept[-2]
     while len(kept) > HISTORY_LIMIT:
-        # Full: the reading closest to the one before it goes, so that polls made
-        # close together do not push out how the job got there.
+        # Full: the oldest reading goes, unless the newest ones crowd a short
+        # moment (a scan); then the one closest to the one before it goes, so that
+        # polls made close together do not push out how the job got there.
+        span = kept[-1].at - kept[0].at
         gaps = [(b.at - a.at, i) for i, (a, b) in enumerate(itertools.pairwise(kept[:-2]), 1)]
-        del kept[min(gaps)[1] if gaps else 0]
+        crowded = kept[-1].at - kept[1].at < _CROWDED * span
+        del kept[min(gaps)[1] if gaps and crowded else 0]
     return kept
 
 
@@ -229,7 +238,7 @@ def next_poll_delay(
     deadline: float,
     initial_delay: float,
     max_delay: float,
-    patience: float = DEFAULT_PATIENCE,
+    patience: float = 1.0,
 ) -> float:
     """Seconds until the next poll of a job, in ``(0, max_delay]``.
 
@@ -297,24 +306,24 @@ SHORT_RESULTS_WAIT_S = 60.0
 _SHORT_RESULTS_MAX_GAP_S = 15.0
 
 
-def incomplete_results_delay(initial_delay: float, waited_s: float = 0.0, patience: float = DEFAULT_PATIENCE) -> float:
+def incomplete_results_delay(initial_delay: float, waited_s: float = 0.0, patience: float = 1.0) -> float:
     """Delay before re-polling a job reported completed with results still missing.
 
     The job is done and its results may still be being written: a short pause at
     first, then half the time waited so far (at most 15 s), so that a job that stays
     short costs about ten polls before ``SHORT_RESULTS_WAIT_S`` ends the wait.
-    ``patience`` scales the gaps after the first (never below a second).
+    ``patience`` scales every gap, down to a second at most.
     """
     if not math.isfinite(initial_delay) or initial_delay <= 0:
         first = _FLOOR_S
     else:
         first = max(min(initial_delay, 2.0), _MIN_DELAY_S)
     if not (math.isfinite(patience) and patience > 0):
-        patience = DEFAULT_PATIENCE
+        patience = 1.0
+    first = max(first * patience, min(first, _FLOOR_S))
     if not math.isfinite(waited_s) or waited_s <= 0:
         return first
-    gap = min(waited_s / 2, _SHORT_RESULTS_MAX_GAP_S) * patience
-    return max(min(first, _FLOOR_S) if patience < 1 else first, gap)
+    return max(first, min(waited_s / 2, _SHORT_RESULTS_MAX_GAP_S) * patience)
 
 
 def _is_number(value: object) -> bool:
@@ -355,15 +364,17 @@ def _plan(
     max_delay: float,
     floor: float,
     *,
-    patience: float = DEFAULT_PATIENCE,
+    patience: float = 1.0,
 ) -> float:
     """The delay before clamping; ``start`` and the points' times are relative to now."""
     scan = max(patience * _SCAN_FRACTION * initial_delay, floor)
+    # While progress cannot foretell the end, an impatient schedule also caps its
+    # gaps in seconds: a fraction of a long pause is still a long lag.
+    blind = max(max_delay * min(patience, 1.0), scan)
     if not points or max(p for _, p in points) <= _FLAT_EPS:
-        return max(initial_delay, patience * _GROWTH_UNSTARTED * -start)
+        return min(max(initial_delay, patience * _GROWTH_UNSTARTED * -start), blind)
     whole = all(p == int(p) for _, p in points)
-    if whole:
-        points = _midpoints(points)
+    points = _midpoints(points) if whole else points
     # The watch usually starts when the job is created: (start, 0) is one more
     # reading, and the only other one after the first poll.
     pts = [(start, 0.0), *points] if start < points[0][0] else points
@@ -385,7 +396,7 @@ def _plan(
     active = _active_axis(pts)
     line = _fit(active)
     if line is None:
-        return max(scan, patience * _GROWTH_STALLED * idle)
+        return min(max(scan, patience * _GROWTH_STALLED * idle), blind)
     rate, position, scatter, t_mean, sxx, n = line
 
     fast = rate
@@ -403,10 +414,10 @@ def _plan(
         # Stalled (or between two steps of a stepwise job). On the active axis
         # the oldest point lies as far back as the job has been progressing.
         if idle > _DEAD_RATIO * -active[0][0]:
-            return max(scan, patience * _GROWTH_DEAD * idle)
+            return min(max(scan, patience * _GROWTH_DEAD * idle), blind)
         stalled_gap = max(scan, patience * _GROWTH_STALLED * idle)
         resume_gap = max((100.0 - last) / fast + scan, patience * _STALL_LAG * idle)
-        return min(stalled_gap, resume_gap)
+        return min(stalled_gap, resume_gap, blind)
 
     dof = n - 2
     if dof <= 0:
@@ -418,27 +429,26 @@ def _plan(
     # Standard error of the time at which the line reaches 100 %.
     sigma = scatter * math.sqrt(1 / n + (remaining - t_mean) ** 2 / sxx) / rate
     step = max(scan, 2 * sigma / _SCAN_POLLS)
-    if remaining + _AIM_LATE_S < floor:
+    # The earlier of the cautious estimate and the recent pace: too early costs
+    # one poll, too late costs lag. Patience below 1 aims earlier and scans closer.
+    aim = min(remaining - z / min(patience, 1.0) * sigma, left / fast)
+    if patience > 1.0:
+        # Patient: lean towards the latest completion the readings allow, where
+        # one poll sees the end, trading lag for the polls of a scan.
+        latest = _latest_end(pts, started=pts[0][0] == start, whole=whole, fallback=remaining + _Z95 * sigma)
+        aim += min((patience - 1.0) / (_PATIENCE_LATEST - 1.0), 1.0) * max(latest - aim, 0.0)
+    target = max(aim, remaining)
+    if target + _AIM_LATE_S < floor:
         # Past the predicted moment: the prediction was early, and a patient
         # schedule does not keep polling at the floor for it.
         return max(floor, min(step, patience * floor))
-    if patience > 1.0:
-        # Patient: aim towards the latest completion the readings allow, where
-        # one poll sees the end, trading lag for the polls of a scan.
-        latest = _latest_end(active, whole, remaining + _Z95 * sigma)
-        lean = min((patience - 1.0) / (_PATIENCE_LATEST - 1.0), 1.0)
-        aim = remaining + lean * max(latest - remaining, 0.0)
-        return max_delay if aim > max_delay else max(floor, aim + _AIM_LATE_S)
-    # The earlier of the cautious estimate and the recent pace: too early costs
-    # one poll, too late costs lag. Patience below 1 aims earlier and scans closer.
-    aim = min(remaining - z / patience * sigma, left / fast)
     if aim > max_delay:
         # Far away: the polls on the way there refine the estimate.
         return max_delay
     if aim >= scan:
         return aim + _AIM_LATE_S
     # Within the uncertainty of the prediction: scan it.
-    return max(floor, min(step, remaining + _AIM_LATE_S))
+    return max(floor, min(step, target + _AIM_LATE_S))
 
 
 def _ticking(pts: list[tuple[float, float]], run: int) -> bool:
@@ -450,20 +460,25 @@ def _ticking(pts: list[tuple[float, float]], run: int) -> bool:
     return pace > _MIN_RATE and -pts[run][0] < _QUANTUM_WAIT / pace
 
 
-def _latest_end(active: list[tuple[float, float]], whole: bool, fallback: float) -> float:
-    """The latest completion (seconds from now) a steady job could have, given whole-percent readings.
+def _latest_end(points: list[tuple[float, float]], *, started: bool, whole: bool, fallback: float) -> float:
+    """The latest completion (seconds from now) of a job that kept at least its pace, given whole percents.
 
-    A reading ``p`` stands for ``[p, p + 1)``: the slowest steady pace runs from the
-    top of the first reading to the bottom of the last. Readings that are not whole
-    numbers carry no such bounds: ``fallback`` then.
+    A reading ``p`` stands for ``[p, p + 1)`` and the start of the watch (the first
+    point when ``started``) for 0:
+    since each earlier reading the job has gone at least from its top to the
+    bottom of the last one. Readings that are not whole numbers carry no such
+    bounds: ``fallback`` then.
     """
-    (t0, p0), (t1, p1) = active[0], active[-1]
-    if not whole or t1 - t0 <= 1e-6:
+    if not whole or len(points) < 2:
         return fallback
+    t1, p1 = points[-1]
     # Undo the midpoint shift: the start of the watch (0) is exact, a reading is its floor.
-    low0 = p0 if p0 <= 0 else p0 - 0.5 + 1.0
     low1 = p1 - 0.5 if 0 < p1 < 100 else p1
-    slowest = (low1 - low0) / (t1 - t0)
+    tops = [0.0 if i == 0 and started else (1.0 if p <= 0 else p + 0.5) for i, (_, p) in enumerate(points)]
+    slowest = max(
+        ((low1 - top) / (t1 - t) for (t, _), top in zip(points[:-1], tops, strict=False) if t1 - t > 1e-6),
+        default=0.0,
+    )
     if slowest <= _MIN_RATE:
         return fallback
     return t1 + (100.0 - low1) / slowest
