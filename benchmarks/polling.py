@@ -44,12 +44,12 @@ import argparse
 import itertools
 import json
 import math
-import os
 import random
 import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from worker.polling.schedule import (
@@ -252,6 +252,10 @@ def _ours(_polls: int, t: float, history: list[Observation], patience: float = D
     )
 
 
+def _ours_short(waited: float, patience: float = DEFAULT_PATIENCE) -> float:
+    return incomplete_results_delay(INITIAL_DELAY_S, waited, patience)
+
+
 def _doubling(polls: int, _t: float, _history: list[Observation]) -> float:
     return min(INITIAL_DELAY_S * 2.0 ** min(polls, 30), MAX_DELAY_S)
 
@@ -315,7 +319,7 @@ def run(jobs: int = 10_000, seed: int = 1) -> dict[str, Any]:
     outcomes["oracle"] = []
     for job in population:
         job_rng = random.Random(rng.getrandbits(64))
-        outcomes["ours"].append(_run_schedule(job, _ours, job_rng, observe=True))
+        outcomes["ours"].append(_run_schedule(job, _ours, job_rng, observe=True, short_gap=_ours_short))
         outcomes["fixed-5s"].append(_fixed_outcome(job))
         outcomes["doubling"].append(_run_schedule(job, _doubling, job_rng, observe=False))
         outcomes["oracle"].append(Outcome(oracle_polls(job), None if job.duration is None else 0.0))
@@ -478,7 +482,7 @@ def frontier(
             return _ours(polls, t, history, p)
 
         def short_gap(waited: float, p: float = patience) -> float:
-            return incomplete_results_delay(INITIAL_DELAY_S, waited, p)
+            return _ours_short(waited, p)
 
         ours[patience] = [
             _run_schedule(job, delay, random.Random(s), observe=True, short_gap=short_gap)
@@ -705,8 +709,6 @@ def _json_safe(value: Any) -> Any:
     # Python and null in JSON.
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -730,13 +732,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=RESULTS_DIR, help="directory for --frontier's files")
     args = parser.parse_args(argv)
     if args.frontier:
+        from benchmarks.common import write_json
+
         figures = frontier(args.jobs, args.seed)
         print(format_frontier(figures))
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "frontier.json"), "w", encoding="utf-8") as fh:
-            json.dump(_json_safe(figures), fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        plot_frontier(figures, os.path.join(args.out, "frontier.png"))
+        write_json(Path(args.out) / "frontier.json", figures)
+        plot_frontier(figures, str(Path(args.out) / "frontier.png"))
         return 0
     if args.trade_off:
         print(format_trade_off(trade_off(args.jobs, args.seed)))

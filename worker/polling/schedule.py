@@ -30,8 +30,20 @@ Poll gaps (``next_poll_delay``)
     ``max_delay``. Every gap lies within ``(0, max_delay]`` and ends at the
     watch deadline at the latest.
 
+    Check365 reports whole percents: such a reading is taken as the middle of
+    its percent, and equal readings count as a pause only once they have
+    stood for longer than a percent takes at the pace so far.
+
+    ``patience`` (``POLL_PATIENCE``) moves all this along the trade-off
+    between polls and detection lag; the figures above are for 1. Below 1,
+    aims come earlier, scans closer, and gaps while progress cannot foretell
+    the end are shorter and capped at ``patience * max_delay``. Above 1, gaps
+    while progress stands still grow faster, scans widen, and an aimed poll
+    leans towards the latest completion the whole-percent readings allow.
+
     ``benchmarks/polling.py`` measures the schedule against a fixed interval,
-    plain doubling and the fewest polls possible.
+    plain doubling and the fewest polls possible, and with ``--frontier``
+    against fixed intervals from 2 s to 300 s at several patiences.
 
 Transient failures (``transient_delay``)
     Exponential backoff with jitter, honouring a server-given ``Retry-After``.
