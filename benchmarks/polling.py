@@ -302,6 +302,20 @@ def _summary(jobs: list[Job], outcomes: list[Outcome]) -> dict[str, float]:
     }
 
 
+def _workload(jobs: int, seed: int) -> dict[str, Any]:
+    return {
+        "jobs": jobs,
+        "seed": seed,
+        "initial_delay_s": INITIAL_DELAY_S,
+        "max_delay_s": MAX_DELAY_S,
+        "deadline_s": DEADLINE_S,
+        "profile_weights": PROFILE_WEIGHTS,
+        "noise_sd_pp": NOISE_SD_PP,
+        "short_results_share": SHORT_RESULTS_SHARE,
+        "short_forever_share": SHORT_FOREVER_SHARE,
+    }
+
+
 def _has_profile(profile: str) -> Callable[[Job], bool]:
     return lambda job: job.profile == profile
 
@@ -346,15 +360,7 @@ def run(jobs: int = 10_000, seed: int = 1) -> dict[str, Any]:
         for p in PROFILE_WEIGHTS
     }
     return {
-        "settings": {
-            "jobs": jobs,
-            "seed": seed,
-            "initial_delay_s": INITIAL_DELAY_S,
-            "max_delay_s": MAX_DELAY_S,
-            "deadline_s": DEADLINE_S,
-            "profile_weights": PROFILE_WEIGHTS,
-            "noise_sd_pp": NOISE_SD_PP,
-        },
+        "settings": _workload(jobs, seed),
         "mixed": mixed,
         "finishing": finishing,
         "profiles": profiles,
@@ -509,16 +515,7 @@ def frontier(
             entry["misses"] = [p["patience"] for p in line if not p["within"]]
         profiles[profile] = entry
     return {
-        "settings": {
-            "jobs": jobs,
-            "seed": seed,
-            "initial_delay_s": INITIAL_DELAY_S,
-            "max_delay_s": MAX_DELAY_S,
-            "deadline_s": DEADLINE_S,
-            "profile_weights": PROFILE_WEIGHTS,
-            "default_patience": DEFAULT_PATIENCE,
-            "within_factor": WITHIN_FACTOR,
-        },
+        "settings": {**_workload(jobs, seed), "default_patience": DEFAULT_PATIENCE, "within_factor": WITHIN_FACTOR},
         "profiles": profiles,
     }
 

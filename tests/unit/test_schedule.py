@@ -465,3 +465,38 @@ def test_whole_percent_readings_that_wait_for_the_next_percent_are_no_pause() ->
     history = [Observation(T0 + t, float(math.floor(t / 60))) for t in (5.0, 300.0, 5880.0, 5890.0)]
     got = delay(history, T0 + 5890)
     assert got <= 6000 - 5890 + 1
+
+
+# -- whole percents and a history that keeps its reach -----------------------------------------
+
+
+@pytest.mark.parametrize("duration", [4100.0, 6100.0, 7000.0])
+def test_a_long_steady_job_reporting_whole_percents_is_seen_within_seconds(duration: float) -> None:
+    # Taken at face value, a reading of 37 stands half a percent behind the job on
+    # average: a 7,000 s job was then seen about 40 s late.
+    _, lag = run_whole_percent_job(duration, 1.0)
+    assert lag < 5
+
+
+def test_equal_readings_do_not_push_out_how_the_job_got_there() -> None:
+    history: list[Observation] = []
+    for i, t in enumerate([5, 300, 600, 900, 1200, 1500, 1800, 2100]):
+        history = remember(history, Observation(T0 + t, float(10 * i)))
+    for k in range(1, 11):
+        history = remember(history, Observation(T0 + 2100 + k, 70.0))
+    assert len(history) <= HISTORY_LIMIT
+    assert history[0].at <= T0 + 300
+    assert [o.progress for o in history[-2:]] == [70.0, 70.0]
+    assert history[-1].at == T0 + 2110
+
+
+def test_a_close_scan_thins_the_history_instead_of_cutting_it() -> None:
+    history: list[Observation] = []
+    for i, t in enumerate([5, 300, 600, 900, 1200, 1500, 1800, 2100]):
+        history = remember(history, Observation(T0 + t, float(10 * i)))
+    for k in range(1, 11):  # a noisy job scanned every second near its end
+        history = remember(history, Observation(T0 + 2100 + k, 97.0 + k % 2))
+    # Cut, it would hold only the last 8 s; thinned, it still reaches back 300 s.
+    assert len(history) == HISTORY_LIMIT
+    assert history[0].at <= T0 + 1800
+    assert history[-1].at == T0 + 2110

@@ -475,11 +475,11 @@ def _ticking(pts: list[tuple[float, float]], run: int) -> bool:
 def _latest_end(points: list[tuple[float, float]], *, started: bool, whole: bool, fallback: float) -> float:
     """The latest completion (seconds from now) of a job that kept at least its pace, given whole percents.
 
-    A reading ``p`` stands for ``[p, p + 1)`` and the start of the watch (the first
-    point when ``started``) for 0:
-    since each earlier reading the job has gone at least from its top to the
-    bottom of the last one. Readings that are not whole numbers carry no such
-    bounds: ``fallback`` then.
+    A reading ``p`` stands for ``[p, p + 1)``, and the start of the watch (the first
+    point, when ``started``) for exactly 0. Since each earlier point the job has
+    gone at least from its top to the bottom of the last reading; the fastest of
+    those slowest paces bounds the completion. Readings that are not whole numbers
+    carry no such bounds: ``fallback`` then.
     """
     if not whole or len(points) < 2:
         return fallback
