@@ -7,6 +7,8 @@ across processes by the multiprocess collector.
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.support.cluster import Cluster, WorkerProcess
 from tests.support.metrics import scrape, scrape_until, total, value
@@ -22,6 +25,9 @@ from worker.local.redisserver import free_port
 from worker.polling.ratelimit import BLOCKED_KEY
 
 pytestmark = pytest.mark.integration
+
+CONFIG = Path(__file__).resolve().parents[2] / "config"
+METRIC = re.compile(r"\bcheck365_[a-z0-9_]+\b")
 
 COMPLETED_JOBS = ("M-ok-1", "M-ok-2")
 FAILING_JOB = "M-fail"
@@ -223,3 +229,45 @@ def test_liveness_backlog_errors_and_health_on_the_metrics_port(tmp_path: Path) 
         down = scrape(f"{base}/metrics")
         assert value(down, "check365_redis_up") == 0
         assert value(down, "check365_watches_overdue") is None
+
+
+def _queries() -> dict[str, str]:
+    """Every PromQL query of the dashboard and of the alert rules, by where it is."""
+    dashboard = json.loads((CONFIG / "grafana" / "dashboards" / "check365-worker.json").read_text())
+    queries = {
+        f"panel {panel['title']!r}": target["expr"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    }
+    rules = yaml.safe_load((CONFIG / "prometheus" / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            queries[f"alert {rule['alert']}"] = rule["expr"]
+    return queries
+
+
+def test_every_dashboard_panel_and_alert_rule_queries_metrics_a_live_worker_exports(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    with Cluster(tmp_path) as cluster:
+        cluster.start_worker(
+            "dashboard", concurrency=1, env_overrides={"METRICS_PORT": str(port), "METRICS_ADDR": "127.0.0.1"}
+        )
+        cluster.start_beat("dashboard-beat")
+        # Some of every kind of work, so that every family has its series.
+        cluster.enqueue("sim-2-0.3s", "/hooks/dashboard")
+        samples = scrape_until(
+            url,
+            lambda s: (
+                value(s, "check365_last_sweep_timestamp_seconds") is not None
+                and value(s, "check365_deliveries_total", outcome="delivered") == 1
+            ),
+            timeout=30,
+        )
+    exported = {name for name, _ in samples}
+    queries = _queries()
+    assert len(queries) >= 20
+    for where, query in queries.items():
+        named = set(METRIC.findall(query))
+        assert named, f"{where} names no metric of the worker: {query}"
+        assert named <= exported, f"{where} names {sorted(named - exported)}, which the worker does not export"

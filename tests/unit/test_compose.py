@@ -26,6 +26,7 @@ from typing import Any
 
 import dockerfile
 import pytest
+import yaml
 from celery.app.control import Inspect
 from celery.bin.celery import celery as celery_cli
 
@@ -211,7 +212,9 @@ def _setting_names() -> set[str]:
 # --- docker-compose.yml --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("profiles", [(), ("demo", "flower")], ids=["default", "demo+flower"])
+@pytest.mark.parametrize(
+    "profiles", [(), ("demo", "flower"), ("monitoring",)], ids=["default", "demo+flower", "monitoring"]
+)
 def test_compose_file_is_valid(compose: Compose, profiles: tuple[str, ...]) -> None:
     flags = [arg for profile in profiles for arg in ("--profile", profile)]
     result = compose.run(*flags, "config", "-q")
@@ -574,3 +577,64 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
         assert not _dockerignore_excludes(src.rstrip("/")), src
     assert not _dockerignore_excludes("worker/delivery/schemas/event.json")
     assert not _dockerignore_excludes("worker/settings.py")
+
+
+# --- the monitoring profile -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def monitoring_config(compose: Compose) -> Config:
+    return compose.config("monitoring")
+
+
+def _mounted(service: Config, target: str) -> Path:
+    """The file of this repository that ``service`` sees at ``target`` (a bind mount)."""
+    for volume in service.get("volumes", []):
+        inside = volume["target"].rstrip("/")
+        if volume["type"] == "bind" and (target == inside or target.startswith(inside + "/")):
+            source = Path(volume["source"]) / Path(target).relative_to(inside)
+            assert source.resolve().is_relative_to(ROOT / "config"), source
+            return source
+    raise AssertionError(f"nothing is mounted at {target}")
+
+
+def test_monitoring_is_an_opt_in_profile_on_loopback(default_config: Config, monitoring_config: Config) -> None:
+    assert not {"prometheus", "grafana"} & set(_services(default_config))
+    services = _services(monitoring_config)
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+        assert all(port.get("host_ip") == "127.0.0.1" for port in services[name]["ports"]), name
+        for volume in services[name]["volumes"]:
+            assert volume["type"] != "bind" or volume.get("read_only"), f"{name} mounts {volume['source']} writable"
+
+
+def test_prometheus_scrapes_every_worker_and_loads_the_alert_rules(monitoring_config: Config) -> None:
+    services = _services(monitoring_config)
+    prometheus = services["prometheus"]
+    flags = dict(arg.split("=", 1) for arg in prometheus["command"] if arg.startswith("--"))
+    config_file = _mounted(prometheus, flags["--config.file"])
+    config = yaml.safe_load(config_file.read_text())
+    for rules in config["rule_files"]:
+        assert (config_file.parent / rules).is_file(), rules
+    (job,) = config["scrape_configs"]
+    (discovery,) = job["dns_sd_configs"]
+    # Compose's DNS answers a service name with every container of it: scaled workers included.
+    assert discovery["names"] == ["worker"]
+    assert str(discovery["port"]) == services["worker"]["environment"]["METRICS_PORT"]
+
+
+def test_grafana_gets_the_datasource_and_the_dashboard(monitoring_config: Config) -> None:
+    services = _services(monitoring_config)
+    grafana = services["grafana"]
+    provisioning = _mounted(grafana, "/etc/grafana/provisioning")
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    host_port = source["url"].removeprefix("http://")
+    host, port = host_port.split(":")
+    assert host == "prometheus"
+    assert any(str(p["target"]) == port for p in services["prometheus"]["ports"])
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "check365.yml").read_text())["providers"]
+    dashboards = _mounted(grafana, provider["options"]["path"])
+    assert (dashboards / "check365-worker.json").is_file()
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert _mounted(grafana, home).is_file()
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"

@@ -565,3 +565,34 @@ def test_a_path_it_does_not_serve_gets_a_web_servers_html_404(client: httpx.Clie
     assert response.status_code == 404
     assert response.headers["content-type"] == "text/html"
     assert b"<h1>404 Not Found</h1>" in response.content
+
+
+def _readme_simulator_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("### The local Check365 simulator")
+    return text[start : text.index("\n#", start + 1)]
+
+
+def test_the_readme_documents_every_behaviour_and_the_default_key() -> None:
+    section = _readme_simulator_section()
+    for behaviour in BEHAVIOURS:
+        assert f"`{behaviour}`" in section, behaviour
+    assert "**`demo-key`**" in section
+    assert "`/_sim/jobs`" in section or "POST /_sim/jobs" in section
+    assert "--profile demo" in section
+
+
+def test_the_readmes_example_job_ids_are_created_as_it_says(client: httpx.Client, clock: FakeClock) -> None:
+    ids = set(re.findall(r"\bsim-\d+-[\d.]+s(?:-[A-Za-z_]+(?:-\d+)?)?", _readme_simulator_section()))
+    assert {"sim-2500-30s", "sim-10-5s-fail", "sim-3-0s"} <= ids
+    for job_id in sorted(ids):
+        answer = status(client, job_id)
+        assert answer.status_code == 200, job_id
+        size, seconds = re.match(r"sim-(\d+)-([\d.]+)s", job_id).groups()  # type: ignore[union-attr]
+        data = answer.json()["data"]
+        assert data["total"] == int(size), job_id
+        assert (data["status"] == "completed") == (float(seconds) == 0), job_id
+    clock.now += 60
+    assert status(client, "sim-10-5s-fail").json()["data"]["status"] == "failed"
+    assert status(client, "sim-2500-30s").json()["data"]["status"] == "completed"
+    assert status(client, "J-42").status_code == 404
