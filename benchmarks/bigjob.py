@@ -62,7 +62,7 @@ from worker.polling.step import Finished, Reschedule, poll_once, start_watch
 from worker.runtime.context import Context, build_context
 from worker.runtime.logs import configure_logging
 from worker.settings import load_settings
-from worker.state.store import fmt, new_token
+from worker.state.store import Lease, fmt, new_token
 from worker.state.watches import active_key
 
 API_KEY = "bench-key"
@@ -112,7 +112,7 @@ def previous_poll(ctx: Context, watch_id: str, token: str) -> list[tuple[str, st
     """The completing poll as the worker made it before answers were streamed."""
     settings = ctx.settings
     now = ctx.clock()
-    claimed = ctx.watches.claim(watch_id, token, now + 60)
+    claimed = ctx.watches.claim(watch_id, token, Lease.starting(now, 60))
     assert claimed is not None
     watch, holder = claimed
     response = ctx.check365.get(settings.status_url, params={"api_key": settings.api_key, "job_id": watch.job_id})

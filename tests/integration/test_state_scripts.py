@@ -13,7 +13,7 @@ import redis
 from worker.local.redisserver import LocalRedis
 from worker.state import scripts
 from worker.state.outbox import Outbox
-from worker.state.store import PREFIX, DurableSet, LogEntry
+from worker.state.store import PREFIX, DurableSet, Lease, LogEntry
 from worker.state.watches import WatchStore, active_key
 
 pytestmark = pytest.mark.integration
@@ -87,7 +87,7 @@ def test_cancel_is_one_script_that_frees_the_pair_and_outdates_the_pending_messa
     assert created.token is not None
     assert watches.cancel("w_cancel")
     assert client.get(active_key("J-c", "https://h.example/x")) is None
-    assert watches.claim("w_cancel", created.token, 200.0) is None
+    assert watches.claim("w_cancel", created.token, Lease(200.0, 100.0)) is None
     watch = watches.get("w_cancel")
     assert watch is not None and watch.state == "cancelled" and watch.outcome == "cancelled"
     assert 0 < client.ttl(watches.items.key("w_cancel")) <= 60

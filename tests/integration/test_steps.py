@@ -29,6 +29,7 @@ from worker.runtime.leases import watch_lease_s
 from worker.runtime.sweep import sweep
 from worker.settings import Settings
 from worker.state.outbox import STAGED_BODY_TTL_S
+from worker.state.store import Lease
 from worker.state.watches import INLINE_BODIES_BYTES
 
 pytestmark = pytest.mark.integration
@@ -432,6 +433,12 @@ def test_a_single_event_is_created_claimed_by_the_finishing_step_which_delivers_
     assert [a["status_code"] for a in stored_event.attempts] == [200]
 
 
+def end_lease_on_redis(world: World, key: str) -> None:
+    """Let a lease run out on Redis's clock, which a fake clock cannot move."""
+    assert world.ctx.redis.hexists(key, "lease_until")
+    world.ctx.redis.hset(key, "lease_until", "0")
+
+
 def test_a_finishing_step_that_dies_before_delivering_is_recovered_after_its_lease(world: World) -> None:
     result = finished_by_failure(world)
     assert result.leased is not None
@@ -439,6 +446,7 @@ def test_a_finishing_step_that_dies_before_delivering_is_recovered_after_its_lea
     world.clock.advance(watch_lease_s(world.settings) - 1)
     assert sweep(world.ctx) == ([], [])
     world.clock.advance(2)
+    end_lease_on_redis(world, world.ctx.outbox.items.key(webhook_id))
     _, events = sweep(world.ctx)
     assert [e.webhook_id for e in events] == [webhook_id]
     # The dead step's hold is gone; the sweep's message delivers the event.
@@ -497,7 +505,7 @@ def test_a_watch_created_claimed_whose_step_dies_is_polled_after_its_lease(eager
         now=world.clock(),
         first_poll_at=world.clock(),
         deadline=world.clock() + 3600,
-        lease_until=world.clock() + 70,
+        lease=Lease.starting(world.clock(), 70),
     )
     assert created.token is not None
     assert created.watch is not None
@@ -505,6 +513,7 @@ def test_a_watch_created_claimed_whose_step_dies_is_polled_after_its_lease(eager
     world.clock.advance(69)
     assert sweep(world.ctx) == ([], [])
     world.clock.advance(2)
+    end_lease_on_redis(world, world.ctx.watches.items.key("w_dies"))
     watches, _ = sweep(world.ctx)
     assert [w.watch.watch_id for w in watches] == ["w_dies"]
     world.check365_answers.append(status("processing", 5))
@@ -513,7 +522,7 @@ def test_a_watch_created_claimed_whose_step_dies_is_polled_after_its_lease(eager
 
 def test_an_attempt_is_recorded_even_when_its_step_lost_the_event(world: World) -> None:
     webhook_id, token = finish_one(world)
-    claimed = world.ctx.outbox.claim(webhook_id, token, world.clock() + 60)
+    claimed = world.ctx.outbox.claim(webhook_id, token, Lease.starting(world.clock(), 60))
     assert claimed is not None
     event, body, holder = claimed
     world.ctx.redis.hset(f"check365:event:{webhook_id}", "token", "re-armed")
@@ -598,7 +607,7 @@ def test_a_poll_that_loses_its_claim_leaves_no_outcome_and_no_bodies(big_world: 
 
 def test_finishing_needs_every_staged_body_and_writes_nothing_without(world: World) -> None:
     step = world.start()
-    claimed = world.ctx.watches.claim(step.watch_id, step.token, world.clock() + 60)
+    claimed = world.ctx.watches.claim(step.watch_id, step.token, Lease.starting(world.clock(), 60))
     assert claimed is not None
     watch, holder = claimed
     events = completed_events(
@@ -821,3 +830,26 @@ def test_a_cancel_that_a_finish_overtakes_leaves_the_finished_watch_and_its_even
     watch = store.get(step.watch_id)
     assert watch is not None
     assert (watch.state, watch.outcome) == ("finished", "failed")
+
+
+def test_a_sweep_on_a_host_whose_clock_runs_ahead_cannot_take_a_running_steps_watch(world: World) -> None:
+    step = world.start()
+    claimed = world.ctx.watches.claim(step.watch_id, step.token, Lease.starting(world.clock(), 60))
+    assert claimed is not None
+    # The sweep runs on a host whose clock is ten minutes ahead of the step's: by that
+    # clock the lease ran out long ago, by Redis's it has not.
+    world.clock.advance(600)
+    assert sweep(world.ctx) == ([], [])
+    watch, holder = claimed
+    assert world.ctx.watches.advance(watch.watch_id, holder, world.clock() + 5), "the step still holds it"
+
+
+def test_a_sweep_on_a_host_whose_clock_runs_ahead_cannot_take_a_running_delivery(world: World) -> None:
+    webhook_id, token = finish_one(world)
+    claimed = world.ctx.outbox.claim(webhook_id, token, Lease.starting(world.clock(), 45))
+    assert claimed is not None
+    world.clock.advance(600)
+    assert sweep(world.ctx) == ([], [])
+    end_lease_on_redis(world, world.ctx.outbox.items.key(webhook_id))
+    _, events = sweep(world.ctx)
+    assert [e.webhook_id for e in events] == [webhook_id]

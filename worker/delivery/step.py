@@ -23,6 +23,7 @@ from worker.runtime.context import Context, WebhookClients
 from worker.runtime.leases import delivery_lease_s, head, webhook_budget_s, within
 from worker.settings import Settings
 from worker.state.outbox import StoredEvent
+from worker.state.store import Lease
 
 log = structlog.get_logger("check365.delivery")
 
@@ -157,7 +158,7 @@ def retry_delay(tries: int, settings: Settings, retry_after: float | None, jitte
 
 def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
     """Make the attempt the message carrying ``token`` asks for, if that message still holds the event."""
-    claimed = ctx.outbox.claim(webhook_id, token, ctx.clock() + delivery_lease_s(ctx.settings))
+    claimed = ctx.outbox.claim(webhook_id, token, Lease.starting(ctx.clock(), delivery_lease_s(ctx.settings)))
     if claimed is None:
         return Skipped(webhook_id, "stale_token")
     event, body, holder = claimed

@@ -38,6 +38,7 @@ from worker.polling.schedule import (
 from worker.runtime.context import Context
 from worker.runtime.leases import watch_lease_s
 from worker.state.outbox import StoredEvent
+from worker.state.store import Lease
 from worker.state.watches import Seen, Watch
 
 log = structlog.get_logger("check365.polling")
@@ -108,7 +109,7 @@ def start_watch(ctx: Context, request: WatchRequest, queue: str = "", message_id
         first_poll_at=now + delay,
         deadline=now + ctx.settings.watch_timeout_s,
         queue=queue or ctx.settings.queue,
-        lease_until=now + watch_lease_s(ctx.settings) if poll_now else None,
+        lease=Lease.starting(now, watch_lease_s(ctx.settings)) if poll_now else None,
     )
     if created.token is None or created.watch is None:
         log.info("watch_duplicate", watch_id=created.watch_id)
@@ -144,7 +145,7 @@ def _finish(
         outbox=ctx.outbox,
         now=now,
         # The rest of this task may still deliver it: hold it as long as the task may run.
-        lease_until=now + watch_lease_s(ctx.settings) if single is not None else None,
+        lease=Lease.starting(now, watch_lease_s(ctx.settings)) if single is not None else None,
     )
     if finishing is None:
         return Dropped("lost_claim", watch.watch_id)
@@ -171,7 +172,7 @@ def _progress_out(progress: float | None) -> float | int | None:
 
 def poll_once(ctx: Context, watch_id: str, token: str) -> StepResult:
     """Run the poll the message carrying ``token`` asks for, if that message still holds the watch."""
-    claimed = ctx.watches.claim(watch_id, token, ctx.clock() + watch_lease_s(ctx.settings))
+    claimed = ctx.watches.claim(watch_id, token, Lease.starting(ctx.clock(), watch_lease_s(ctx.settings)))
     if claimed is None:
         return Dropped("stale_token", watch_id)
     watch, holder = claimed
@@ -183,7 +184,7 @@ def expire_stranded(ctx: Context, watch_id: str, token: str) -> StepResult:
 
     Its events are left to messages: the sweep, not a poll step, sends them.
     """
-    claimed = ctx.watches.claim(watch_id, token, ctx.clock() + watch_lease_s(ctx.settings))
+    claimed = ctx.watches.claim(watch_id, token, Lease.starting(ctx.clock(), watch_lease_s(ctx.settings)))
     if claimed is None:
         return Dropped("stale_token", watch_id)
     watch, holder = claimed

@@ -22,7 +22,7 @@ import redis
 
 from check365_client.names import PREFIX
 from worker.delivery.events import EventHead
-from worker.state.store import ACTIVE, DurableSet, LogEntry, fmt, members, text
+from worker.state.store import ACTIVE, DurableSet, Lease, LogEntry, fmt, members, text
 
 KIND = "event"
 DEAD_KEY = f"{PREFIX}dead"
@@ -159,10 +159,10 @@ class Outbox:
     def attempts(self, webhook_id: str) -> list[dict[str, Any]]:
         return _attempts(self.redis.lrange(self.attempts_key(webhook_id), 0, -1))
 
-    def claim(self, webhook_id: str, token: str, lease_until: float) -> tuple[StoredEvent, bytes, str] | None:
+    def claim(self, webhook_id: str, token: str, lease: Lease) -> tuple[StoredEvent, bytes, str] | None:
         """Take the delivery step and read the event, its body and its attempts in one call."""
         claim = self.items.claim(
-            webhook_id, token, lease_until, blob_key=self.body_key(webhook_id), list_key=self.attempts_key(webhook_id)
+            webhook_id, token, lease, blob_key=self.body_key(webhook_id), list_key=self.attempts_key(webhook_id)
         )
         if claim is None or claim.blob is None or "webhook_id" not in claim.fields:
             return None

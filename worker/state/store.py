@@ -27,7 +27,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -78,6 +78,18 @@ def closing(state: str) -> dict[str, str]:
     return {"state": state, "token": ""}
 
 
+class Lease(NamedTuple):
+    """How long a step holds an item: until ``until`` on the step's clock (the item's due
+    time) and ``seconds`` from now on Redis's clock (what the sweep compares)."""
+
+    until: float
+    seconds: float
+
+    @classmethod
+    def starting(cls, now: float, seconds: float) -> Lease:
+        return cls(now + seconds, seconds)
+
+
 @dataclass(frozen=True)
 class Claim:
     """A step's hold on an item, and what it read in the same round trip."""
@@ -117,7 +129,7 @@ class DurableSet:
         self,
         item_id: str,
         token: str,
-        lease_until: float,
+        lease: Lease,
         *,
         blob_key: str | None = None,
         list_key: str | None = None,
@@ -131,7 +143,7 @@ class DurableSet:
             raise ValueError("a list_key is read only together with a blob_key")
         holder = new_token()
         keys = [self.key(item_id), self.due_key, *(k for k in (blob_key, list_key) if k is not None)]
-        raw = self._claim(keys=keys, args=[token, holder, fmt(lease_until), item_id])
+        raw = self._claim(keys=keys, args=[token, holder, fmt(lease.until), item_id, fmt(lease.seconds)])
         if not raw:
             return None
         pairs, blob, entries = raw

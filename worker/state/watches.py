@@ -20,7 +20,7 @@ from worker.delivery.events import Event, EventHead
 from worker.polling.schedule import Observation, observations_from_json, observations_to_json
 from worker.state import scripts
 from worker.state.outbox import Outbox, StoredEvent
-from worker.state.store import ACTIVE, DurableSet, closing, fmt, members, new_token, opening, text
+from worker.state.store import ACTIVE, DurableSet, Lease, closing, fmt, members, new_token, opening, text
 
 KIND = "watch"
 FINISHED = "finished"
@@ -128,16 +128,16 @@ class WatchStore:
         first_poll_at: float,
         deadline: float,
         queue: str = "",
-        lease_until: float | None = None,
+        lease: Lease | None = None,
     ) -> Created:
         """Create a watch unless one is active for the pair, or ``watch_id`` exists already.
 
         The new watch waits for its first poll's message, which must carry the
-        returned token. With ``lease_until`` it is created already claimed by the
+        returned token. With a ``lease`` it is created already claimed by the
         caller, who polls it at once: the token is then the holder's.
         """
         token = new_token()
-        due = first_poll_at if lease_until is None else lease_until
+        due = first_poll_at if lease is None else lease.until
         fields = {
             "watch_id": watch_id,
             "job_id": job_id,
@@ -145,7 +145,7 @@ class WatchStore:
             "metadata": json.dumps(metadata, separators=(",", ":")) if metadata is not None else "",
             "started_at": fmt(now),
             "deadline": fmt(deadline),
-            **opening(token, due, armed=lease_until is None),
+            **opening(token, due, armed=lease is None),
             "polls": "0",
             "failures": "0",
             # The queue its messages travel on, so that the sweep re-arms it there.
@@ -165,6 +165,7 @@ class WatchStore:
                     ttl=str(int(self.state_ttl_s + (deadline - now))),
                     watch_prefix=self.items.key(""),
                     fields=fields,
+                    lease_s="" if lease is None else fmt(lease.seconds),
                 )
             ],
         )
@@ -177,8 +178,8 @@ class WatchStore:
         h = self.items.load(watch_id)
         return Watch.from_hash(h) if h and "watch_id" in h else None
 
-    def claim(self, watch_id: str, token: str, lease_until: float) -> tuple[Watch, str] | None:
-        claim = self.items.claim(watch_id, token, lease_until)
+    def claim(self, watch_id: str, token: str, lease: Lease) -> tuple[Watch, str] | None:
+        claim = self.items.claim(watch_id, token, lease)
         if claim is None or "watch_id" not in claim.fields:
             return None
         return Watch.from_hash(claim.fields), claim.holder
@@ -218,13 +219,13 @@ class WatchStore:
         *,
         outbox: Outbox,
         now: float,
-        lease_until: float | None = None,
+        lease: Lease | None = None,
     ) -> Finishing | None:
         """Record the outcome and create its events, returning what to dispatch.
 
         ``Event`` bodies go with the script when they are small in all, else they are
         staged here; an ``EventHead``'s body must have been staged by the caller with
-        ``outbox.stage_bodies(holder, ...)``. With ``lease_until`` the events are
+        ``outbox.stage_bodies(holder, ...)``. With a ``lease`` the events are
         created claimed by the caller, who delivers them. Returns None, and discards
         the staged bodies, when the claim was lost or a staged body is gone.
         """
@@ -232,7 +233,7 @@ class WatchStore:
         inline = sum(len(e.body) for e in full) <= INLINE_BODIES_BYTES
         if not inline:
             outbox.stage_bodies(holder, ((e.webhook_id, e.body) for e in full))
-        due = now if lease_until is None else lease_until
+        due = now if lease is None else lease.until
         tokens: list[tuple[str, str]] = []
         heads: list[dict[str, str]] = []
         bodies: list[bytes] = []
@@ -248,7 +249,7 @@ class WatchStore:
                 now=now,
                 queue=watch.queue,
             )
-            heads.append({**fields, **opening(token, due, armed=lease_until is None)})
+            heads.append({**fields, **opening(token, due, armed=lease is None)})
             bodies.append(event.body if inline and isinstance(event, Event) else b"")
         ids = [h["webhook_id"] for h in heads]
         done = self._finish(
@@ -278,7 +279,8 @@ class WatchStore:
                     body_prefix=outbox.body_key(""),
                     staged_prefix=outbox.staged_body_key(holder, ""),
                     due=fmt(due),
-                    leased=lease_until is not None,
+                    leased=lease is not None,
+                    lease_s="" if lease is None else fmt(lease.seconds),
                     events=[{"id": h["webhook_id"], "fields": h} for h in heads],
                 ),
                 *bodies,
@@ -289,7 +291,7 @@ class WatchStore:
             if staged:
                 outbox.discard_staged(holder, staged)
             return None
-        if done == 2 and lease_until is not None:
+        if done == 2 and lease is not None:
             return Finishing(tokens, [StoredEvent.from_hash(h, []) for h in heads])
         return Finishing(tokens, [])
 

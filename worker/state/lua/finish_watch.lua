@@ -9,6 +9,7 @@
 --          watch {k: v} (the watch's closing fields),
 --          event_prefix, body_prefix, staged_prefix (of event, body and staged body keys),
 --          due (of the new events), leased (true: they are created claimed by the caller),
+--          lease_s (how long, on Redis's clock: see claim.lua),
 --          events [{id, fields {k: v} (the whole new hash)}]}
 -- ARGV[1 + i]: the i-th event's body, '' when the step staged it
 -- Returns 2 when finished with every event leased to the caller, 1 when finished,
@@ -23,13 +24,19 @@ for i, e in ipairs(a.events) do
   end
 end
 local result = 1
-if a.leased then result = 2 end
+local lease_until = nil
+if a.leased then
+  result = 2
+  local t = redis.call('TIME')
+  lease_until = string.format('%.3f', tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(a.lease_s))
+end
 for i, e in ipairs(a.events) do
   local ekey = a.event_prefix .. e.id
   local staged = a.staged_prefix .. e.id
   local inline = ARGV[i + 1]
   if redis.call('EXISTS', ekey) == 0 then
     for k, v in pairs(e.fields) do redis.call('HSET', ekey, k, v) end
+    if lease_until then redis.call('HSET', ekey, 'lease_until', lease_until) end
     local body = a.body_prefix .. e.id
     if inline == '' then
       redis.call('RENAME', staged, body)

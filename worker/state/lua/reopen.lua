@@ -7,6 +7,7 @@
 local a = cjson.decode(ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') ~= a.was then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'active', 'token', a.token, 'due', a.due, 'armed', '1')
+redis.call('HDEL', KEYS[1], 'lease_until')
 for k, v in pairs(a.fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('HINCRBY', KEYS[1], a.count, 1)
 redis.call('PERSIST', KEYS[1])

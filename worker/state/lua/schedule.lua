@@ -9,6 +9,7 @@ if a.log ~= '' then redis.call('RPUSH', KEYS[3], a.log) end
 if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
 if redis.call('HGET', KEYS[1], 'token') ~= a.holder then return 0 end
 redis.call('HSET', KEYS[1], 'due', a.due, 'armed', a.armed)
+redis.call('HDEL', KEYS[1], 'lease_until')
 for k, v in pairs(a.fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('ZADD', KEYS[2], a.due, a.member)
 return 1
