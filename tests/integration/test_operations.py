@@ -15,8 +15,8 @@ from celery import Celery
 
 from tests.support.cluster import Cluster, cli_command, quiet_period, wait_until
 from worker.local.redisserver import free_port
-from worker.runtime.beats import BEAT_LAST_KEY
 from worker.runtime.celeryconfig import WATCH_TASK
+from worker.state.beats import BEAT_LAST_KEY
 from worker.state.outbox import DEAD_KEY
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import redis
 from worker.local.redisserver import LocalRedis
 from worker.ops.pool import PoolReader
 from worker.polling.ratelimit import BLOCKED_KEY, KEY_REFUSED_KEY, TURNS_KEY
-from worker.runtime.beats import last_sweep, overlapping, recent_beats, record_sweep
+from worker.state.beats import last_sweep, overlapping, recent_beats, record_sweep
 from worker.state.outbox import DEAD_KEY
 from worker.state.store import PREFIX
 from worker.state.watches import WatchStore

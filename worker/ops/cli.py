@@ -422,8 +422,8 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
     settings = _settings()
     if args.beat:
-        from worker.runtime.beats import last_sweep
         from worker.runtime.context import redis_client
+        from worker.state.beats import last_sweep
 
         client = redis_client(settings)
         try:

@@ -179,7 +179,7 @@ def _stray_messages_check(client: redis.Redis, consumed: set[str]) -> Check:
 
 def _pool_checks(settings: Settings, client: redis.Redis) -> list[Check]:
     from worker.ops.pool import PoolReader
-    from worker.runtime.beats import overlapping, recent_beats
+    from worker.state.beats import overlapping, recent_beats
 
     state = PoolReader(client).read()
     window = BEAT_SILENT_SWEEPS * settings.sweep_interval_s

@@ -20,7 +20,8 @@ import redis
 
 from check365_client.names import PREFIX
 from worker.polling.ratelimit import BLOCKED_KEY, KEY_REFUSED_KEY, TURNS_KEY
-from worker.runtime.beats import BEAT_LAST_KEY
+from worker.state import scripts
+from worker.state.beats import BEAT_LAST_KEY
 from worker.state.outbox import DEAD_KEY, Outbox
 from worker.state.store import text
 from worker.state.watches import WatchStore
@@ -29,19 +30,6 @@ from worker.state.watches import WatchStore
 # this many, the oldest pending age is that of the ones read (a lower bound).
 PENDING_AGE_SCAN = 10_000
 PAUSE_CAUSES = ("rate_limit", "retry_after", "key_refused")
-
-# KEYS: due:events; ARGV: event hash prefix, how many to read.
-# Returns the earliest created_at of the pending events read, or false.
-_OLDEST_CREATED = """
-local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
-local oldest = false
-for _, id in ipairs(ids) do
-  local c = tonumber(redis.call('HGET', ARGV[1] .. id, 'created_at') or '')
-  if c and (not oldest or c < oldest) then oldest = c end
-end
-if oldest then return tostring(oldest) end
-return false
-"""
 
 
 @dataclass(frozen=True)
@@ -71,7 +59,7 @@ class PoolReader:
         # The stores name their own keys; asking them keeps the reads on the right ones.
         self._watches_due = WatchStore(client, state_ttl_s=1).items.due_key
         self._events_due = Outbox(client, state_ttl_s=1).items.due_key
-        self._oldest_created = client.register_script(_OLDEST_CREATED)
+        self._oldest_created = scripts.load(client, "oldest_created")
 
     def read(self) -> PoolState:
         seconds, micros = self.redis.time()

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import structlog
 
 from worker.polling.step import Finished, expire_stranded
-from worker.runtime.beats import record_sweep
 from worker.runtime.context import Context
 from worker.runtime.leases import watch_lease_s
+from worker.state.beats import record_sweep
 from worker.state.store import text
 from worker.state.watches import Watch
 
@@ -59,7 +59,7 @@ def sweep(
 
     A watch still overdue once ``stranded_after_s`` past its deadline (a re-armed message
     had its chance and it did not run) is timed out here instead: its event is among the
-    events returned. ``origin`` names the beat that sent this sweep (see worker.runtime.beats).
+    events returned. ``origin`` names the beat that sent this sweep (see worker.state.beats).
     """
     now = ctx.clock()
     record_sweep(ctx.redis, origin, now)
