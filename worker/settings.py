@@ -360,6 +360,28 @@ class Settings:
         "timeout of one webhook attempt; the receiver's status line counts, its body is read for at most twice this",
         WORKER,
     )
+    webhook_endpoint_max_in_flight: int = setting(
+        "WEBHOOK_ENDPOINT_MAX_IN_FLIGHT",
+        16,
+        whole(minimum=1),
+        "attempts in flight towards one endpoint (scheme, host and port of the callback URL), for the whole "
+        "pool together (see [Guarantees](#one-receiver-cannot-hold-the-pool))",
+        _CLI,
+    )
+    webhook_breaker_threshold: int = setting(
+        "WEBHOOK_BREAKER_THRESHOLD",
+        5,
+        whole(minimum=1),
+        "consecutive failed attempts that open an endpoint's circuit breaker",
+        _CLI,
+    )
+    webhook_breaker_cooldown_s: float = setting(
+        "WEBHOOK_BREAKER_COOLDOWN_S",
+        30.0,
+        seconds(positive=True),
+        "how long an open breaker waits before its first probe; doubled after each failed probe, up to 32 times this",
+        WORKER,
+    )
     sweep_interval_s: float = setting(
         "SWEEP_INTERVAL_S",
         15.0,

@@ -24,7 +24,7 @@ from worker.local.simulator import generate_results
 from worker.polling.ratelimit import BLOCKED_KEY
 from worker.polling.schedule import SHORT_RESULTS_WAIT_S
 from worker.polling.step import Dropped, Finished, Reschedule, poll_once, start_watch
-from worker.runtime.context import Context, build_context
+from worker.runtime.context import Context, WebhookClients, build_context
 from worker.runtime.leases import watch_lease_s
 from worker.runtime.sweep import sweep
 from worker.settings import Settings
@@ -449,17 +449,17 @@ def test_a_finishing_step_that_dies_before_delivering_is_recovered_after_its_lea
     end_lease_on_redis(world, world.ctx.outbox.items.key(webhook_id))
     _, events = sweep(world.ctx)
     assert [e.webhook_id for e in events] == [webhook_id]
-    # The dead step's hold is gone; the sweep's message delivers the event.
+    # The dead step's hold is gone: were it still running, the endpoint's gate would not let
+    # it make an attempt; the sweep's message delivers the event.
     event, body = result.leased
-    assert isinstance(deliver_claimed(world.ctx, event, body, holder), Delivered)  # its attempt is still made
+    assert deliver_claimed(world.ctx, event, body, holder) == Skipped(webhook_id, "lost_claim")
     assert world.ctx.outbox.get(webhook_id).state == "active"  # type: ignore[union-attr]
     assert isinstance(deliver_once(world.ctx, webhook_id, events[0].token), Delivered)
     stored_event = world.ctx.outbox.get(webhook_id)
     assert stored_event is not None
     assert stored_event.state == "delivered"
-    # Both attempts reached the receiver and both are on record, whoever held the event.
-    assert len(world.receiver_requests) == 2
-    assert len(stored_event.attempts) == 2
+    assert len(world.receiver_requests) == 1
+    assert [a["status_code"] for a in stored_event.attempts] == [200]
 
 
 def test_several_parts_are_left_to_their_messages(world: World) -> None:
@@ -525,8 +525,12 @@ def test_an_attempt_is_recorded_even_when_its_step_lost_the_event(world: World) 
     claimed = world.ctx.outbox.claim(webhook_id, token, Lease.starting(world.clock(), 60))
     assert claimed is not None
     event, body, holder = claimed
-    world.ctx.redis.hset(f"check365:event:{webhook_id}", "token", "re-armed")
-    world.receiver_answers.append(httpx.Response(503))
+
+    def taken_over_meanwhile(request: httpx.Request) -> httpx.Response:
+        world.ctx.redis.hset(f"check365:event:{webhook_id}", "token", "re-armed")
+        return httpx.Response(503)
+
+    world.ctx.webhooks = WebhookClients(world.settings, transport=httpx.MockTransport(taken_over_meanwhile))
     assert deliver_claimed(world.ctx, event, body, holder) == Skipped(webhook_id, "lost_claim")
     stored_event = world.ctx.outbox.get(webhook_id)
     assert stored_event is not None

@@ -7,21 +7,25 @@ to wait for inside the broker's visibility timeout).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import structlog
 
 from worker.delivery.events import iso_timestamp
+from worker.delivery.limits import EndpointLimits, retry_span_s
 from worker.delivery.signing import webhook_headers
-from worker.delivery.urls import Resolver, pin_callback
+from worker.delivery.urls import Resolver, endpoint_key, pin_callback
 from worker.errors import DeliveryFailed, OutOfTime, UnsafeCallbackURL
 from worker.ops import metrics
 from worker.polling.check365 import USER_AGENT, parse_retry_after
 from worker.runtime.context import Context, WebhookClients
 from worker.runtime.leases import delivery_lease_s, head, webhook_budget_s, within
 from worker.settings import Settings
+from worker.state.endpoints import Admission, Released, Settlement
 from worker.state.outbox import StoredEvent
 from worker.state.store import Lease
 
@@ -51,9 +55,14 @@ class Attempt:
         return f"HTTP {self.status_code}"
 
 
+# Every result carries the events its step let out of their endpoint's waiting line
+# (``wake``): the task sends their messages.
+
+
 @dataclass(frozen=True)
 class Delivered:
     webhook_id: str
+    wake: tuple[Released, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,21 +71,36 @@ class RetryLater:
     token: str
     delay: float
     countdown: bool
+    wake: tuple[Released, ...] = ()
 
 
 @dataclass(frozen=True)
 class DeadLettered:
     webhook_id: str
     reason: str
+    wake: tuple[Released, ...] = ()
 
 
 @dataclass(frozen=True)
 class Skipped:
     webhook_id: str
     reason: str
+    wake: tuple[Released, ...] = ()
 
 
-DeliveryResult = Delivered | RetryLater | DeadLettered | Skipped
+@dataclass(frozen=True)
+class Held:
+    """Not attempted: the endpoint's breaker is open or its cap is reached; the event waits in line."""
+
+    webhook_id: str
+    reason: str  # breaker_open, cap
+    wake: tuple[Released, ...] = ()
+
+
+DeliveryResult = Delivered | RetryLater | DeadLettered | Skipped | Held
+
+# What a step that never came back from its attempt is recorded as, by the step after it.
+UNFINISHED = "timeout (the attempt never returned)"
 
 
 def send_attempt(
@@ -165,14 +189,191 @@ def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
     return deliver_claimed(ctx, event, body, holder)
 
 
+def _attempt_number(event: StoredEvent) -> int:
+    # The attempts list also holds the breaker's history (records with "held"), which are not attempts.
+    return 1 + sum(1 for a in event.attempts if "held" not in a)
+
+
+def _log_breaker(endpoint: str, settlement: Settlement, now: float) -> None:
+    if settlement.transition in ("opened", "reopened"):
+        log.warning(
+            "breaker_opened",
+            endpoint=endpoint,
+            consecutive_failures=settlement.failures,
+            cooldown_s=round(settlement.cooldown_s, 3),
+            reopened=settlement.transition == "reopened",
+        )
+    elif settlement.transition == "closed":
+        opened = settlement.opened_at
+        log.info("breaker_closed", endpoint=endpoint, open_for_s=round(now - opened, 3) if opened else None)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A delivery step's hold on one event, and the endpoint the event goes to."""
+
+    ctx: Context
+    event: StoredEvent
+    holder: str
+    endpoint: str
+    limits: EndpointLimits
+    log: structlog.typing.FilteringBoundLogger
+
+    def settle_endpoint(
+        self, *, outcome: str, closed: bool, slot: str | None = None, error: str = ""
+    ) -> tuple[Released, ...]:
+        """Free the attempt's slot (``slot``: its holder, when not this step), feed the breaker, wake waiters."""
+        now = self.ctx.clock()
+        settlement = self.ctx.endpoints.settle(
+            self.endpoint,
+            holder=self.holder if slot is None else slot,
+            outcome=outcome,
+            limits=self.limits,
+            now=now,
+            webhook_id=self.event.webhook_id,
+            closed=closed,
+            error=error,
+        )
+        _log_breaker(self.endpoint, settlement, now)
+        return settlement.released
+
+    def dead(self, tries: int, reason: str, record: dict[str, object], *, metric: str, **settle: Any) -> DeadLettered:
+        webhook_id = self.event.webhook_id
+        self.ctx.outbox.dead_letter(webhook_id, self.holder, self.ctx.clock(), tries, reason=reason, attempt=record)
+        wake = self.settle_endpoint(closed=True, **settle)
+        metrics.dead_lettered(metric)
+        self.log.warning("webhook_dead_lettered", reason=reason, attempt=tries)
+        return DeadLettered(webhook_id, reason, wake)
+
+    def failed(
+        self, tries: int, error: str, retry_after: float | None, record: dict[str, object], *, slot: str | None = None
+    ) -> DeliveryResult:
+        """Book a failed attempt (``tries`` counts it): the next one is scheduled, or the event is dead."""
+        settings = self.ctx.settings
+        webhook_id = self.event.webhook_id
+        delay = retry_delay(tries, settings, retry_after, self.ctx.rng.random())
+        if delay is None:
+            return self.dead(
+                tries,
+                f"retries exhausted: {error}",
+                record,
+                metric="retries_exhausted",
+                outcome="fail",
+                slot=slot,
+                error=error,
+            )
+        countdown = delay <= countdown_limit(settings)
+        scheduled = self.ctx.outbox.retry_later(
+            webhook_id,
+            self.holder,
+            self.ctx.clock() + delay,
+            armed=countdown,
+            tries=tries,
+            last_error=error,
+            attempt=record,
+        )
+        wake = self.settle_endpoint(outcome="fail", closed=False, slot=slot, error=error)
+        if not scheduled:
+            return Skipped(webhook_id, "lost_claim", wake)
+        metrics.delivery("failed")
+        self.log.warning(
+            "webhook_failed", error=error, attempt=tries, retry_in_s=round(delay, 3), retry_after_s=retry_after
+        )
+        return RetryLater(webhook_id, self.holder, delay, countdown, wake)
+
+    def unfinished(self) -> DeliveryResult | None:
+        """Count an attempt a previous step began and never settled (killed by its time limit, or its
+        worker died) as a failed one, a timeout, for the backoff, the breaker and the dead letters alike;
+        the next attempt then comes after its delay, as after any failure."""
+        started = _started(self.event.started)
+        if started is None or started.get("holder") == self.holder:
+            return None
+        record: dict[str, object] = {
+            "attempt": started.get("attempt"),
+            "at": started.get("at"),
+            "ok": False,
+            "status_code": None,
+            "error": UNFINISHED,
+            "duration_ms": None,
+            "replay": self.event.replays,
+        }
+        # The lost step's slot goes with its failure (its lease has ended anyway).
+        return self.failed(self.event.tries + 1, UNFINISHED, None, record, slot=str(started.get("holder") or ""))
+
+    def held(self, admission: Admission) -> DeliveryResult:
+        """Not attempted: parked in the endpoint's line, or dead once held past its retry schedule's span."""
+        webhook_id = self.event.webhook_id
+        if admission.verdict != "expired":
+            why = "breaker_open" if admission.verdict == "held_open" else "cap"
+            self.log.debug("webhook_held", endpoint=self.endpoint, reason=why, in_flight=admission.in_flight)
+            return Held(webhook_id, why)
+        breaker = admission.breaker
+        waited = (
+            breaker.describe()
+            if breaker.state != "closed"
+            else f"{admission.in_flight} attempts in flight, the endpoint's cap"
+        )
+        reason = f"held past the retry schedule ({retry_span_s(self.ctx.settings):g} s): {waited}"
+        record: dict[str, object] = {
+            "at": iso_timestamp(self.ctx.clock(), milliseconds=True),
+            "ok": False,
+            "held": "expired",
+            "breaker": breaker.state,
+            "consecutive_failures": breaker.failures,
+            "breaker_opened_at": breaker.opened_at,
+            "error": reason,
+        }
+        return self.dead(self.event.tries, reason, record, metric="held_past_schedule", outcome="none", slot="")
+
+
+def _started(raw: str) -> dict[str, object] | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) -> DeliveryResult:
-    """One attempt at an event this step holds as ``holder``, and its bookkeeping."""
+    """One attempt at an event this step holds as ``holder``, if its endpoint lets it, and its bookkeeping."""
     settings = ctx.settings
     now = ctx.clock()
     webhook_id = event.webhook_id
+    number = _attempt_number(event)
     # Every line of this step names the job, the event and which attempt it is.
-    structlog.contextvars.bind_contextvars(job_id=event.job_id, webhook_id=webhook_id, attempt=len(event.attempts) + 1)
-    bound = log.bind(event_type=event.type, part=f"{event.part_index}/{event.part_count}")
+    structlog.contextvars.bind_contextvars(job_id=event.job_id, webhook_id=webhook_id, attempt=number)
+    endpoint = endpoint_key(event.callback_url)
+    step = _Step(
+        ctx,
+        event,
+        holder,
+        endpoint,
+        ctx.endpoint_limits(endpoint),
+        log.bind(event_type=event.type, part=f"{event.part_index}/{event.part_count}"),
+    )
+    settled = step.unfinished()
+    if settled is not None:
+        return settled
+
+    admission = ctx.endpoints.admit(
+        webhook_id=webhook_id,
+        endpoint=endpoint,
+        holder=holder,
+        limits=step.limits,
+        now=now,
+        lease_until=max(event.due, now),
+        deadline=event.since + retry_span_s(settings),
+        created_at=event.created_at,
+        started={"holder": holder, "attempt": number, "at": iso_timestamp(now, milliseconds=True)},
+        now_iso=iso_timestamp(now, milliseconds=True),
+        attempts_key=ctx.outbox.attempts_key(webhook_id),
+    )
+    if admission.verdict == "lost":
+        return Skipped(webhook_id, "lost_claim")
+    if not admission.admitted:
+        return step.held(admission)
 
     attempt = send_attempt(
         ctx.webhooks,
@@ -186,8 +387,8 @@ def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) 
     metrics.delivery_attempt(attempt.duration_s, sent=not attempt.unsafe)
     tries = event.tries + 1
     # Recorded by whichever call settles the step below, in the same round trip.
-    record = {
-        "attempt": len(event.attempts) + 1,
+    record: dict[str, object] = {
+        "attempt": number,
         "at": iso_timestamp(now, milliseconds=True),
         "ok": attempt.ok,
         "status_code": attempt.status_code,
@@ -195,42 +396,23 @@ def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) 
         "duration_ms": round(attempt.duration_s * 1000, 1),
         "replay": event.replays,
     }
-    done = ctx.clock()
+    if admission.verdict == "probe":
+        record["probe"] = True
     if attempt.ok:
-        ctx.outbox.mark_delivered(webhook_id, holder, done, tries, record)
+        ctx.outbox.mark_delivered(webhook_id, holder, ctx.clock(), tries, record)
+        wake = step.settle_endpoint(outcome="ok", closed=True)
         metrics.delivery("delivered")
-        bound.info(
+        step.log.info(
             "webhook_delivered",
             status_code=attempt.status_code,
             attempt=tries,
             latency_ms=round(attempt.duration_s * 1000, 1),
         )
-        return Delivered(webhook_id)
-    if attempt.gone or attempt.unsafe:
-        reason = "gone" if attempt.gone else attempt.describe()
-        ctx.outbox.dead_letter(webhook_id, holder, done, tries, reason=reason, attempt=record)
-        metrics.dead_lettered("gone" if attempt.gone else "unsafe_callback")
-        bound.warning("webhook_dead_lettered", reason=reason, attempt=tries)
-        return DeadLettered(webhook_id, reason)
-
-    delay = retry_delay(tries, settings, attempt.retry_after, ctx.rng.random())
-    if delay is None:
-        reason = f"retries exhausted: {attempt.describe()}"
-        ctx.outbox.dead_letter(webhook_id, holder, done, tries, reason=reason, attempt=record)
-        metrics.dead_lettered("retries_exhausted")
-        bound.warning("webhook_dead_lettered", reason=reason, attempt=tries)
-        return DeadLettered(webhook_id, reason)
-    countdown = delay <= countdown_limit(settings)
-    if not ctx.outbox.retry_later(
-        webhook_id, holder, done + delay, armed=countdown, tries=tries, last_error=attempt.describe(), attempt=record
-    ):
-        return Skipped(webhook_id, "lost_claim")
-    metrics.delivery("failed")
-    bound.warning(
-        "webhook_failed",
-        error=attempt.describe(),
-        attempt=tries,
-        retry_in_s=round(delay, 3),
-        retry_after_s=attempt.retry_after,
-    )
-    return RetryLater(webhook_id, holder, delay, countdown)
+        return Delivered(webhook_id, wake)
+    if attempt.gone:
+        # A 410 is an answer: the endpoint is up.
+        return step.dead(tries, "gone", record, metric="gone", outcome="ok")
+    if attempt.unsafe:
+        # Never sent: it says nothing about the endpoint.
+        return step.dead(tries, attempt.describe(), record, metric="unsafe_callback", outcome="none")
+    return step.failed(tries, attempt.describe(), attempt.retry_after, record)

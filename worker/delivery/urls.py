@@ -129,3 +129,19 @@ def pin_callback(
         sni_hostname=name if parsed.scheme == "https" and parsed.ip is None else None,
         address=str(address),
     )
+
+
+def endpoint_key(url: str) -> str:
+    """The endpoint a callback URL belongs to: its scheme, host and port, normalised.
+
+    Lower-case, the default port dropped (as in the endpoints file's matching), IPv6 in
+    brackets, never a path or query (where a receiver might keep a token). Isolation
+    (the per-endpoint cap and breaker) is keyed on it. A URL that does not parse gets
+    a key of its own, ``invalid``: its events are dead-lettered at their first attempt.
+    """
+    try:
+        parsed = _parse(url, allow_http=True, allow_private=True)
+    except UnsafeCallbackURL:
+        return "invalid"
+    host = f"[{parsed.host}]" if parsed.ip is not None and parsed.ip.version == 6 else parsed.host.removesuffix(".")
+    return f"{parsed.scheme}://{parsed.authority(host)}"

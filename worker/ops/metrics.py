@@ -80,7 +80,7 @@ POLL_OUTCOMES: Final = (
     "throttled",
 )
 DELIVERY_OUTCOMES: Final = ("delivered", "failed", "dead_lettered")
-DEAD_LETTER_REASONS: Final = ("gone", "retries_exhausted", "unsafe_callback")
+DEAD_LETTER_REASONS: Final = ("gone", "retries_exhausted", "unsafe_callback", "held_past_schedule")
 CHECK365_ERROR_KINDS: Final = (
     "unavailable",
     "misconfigured",

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import httpx
 import redis
 
+from worker.delivery.limits import EndpointLimitsFor, default_limits
 from worker.delivery.urls import Resolver, system_resolver
 from worker.polling.check365 import make_client
 from worker.polling.ratelimit import RateLimiter
 from worker.settings import Settings
+from worker.state.endpoints import EndpointState
 from worker.state.outbox import Outbox
 from worker.state.store import Clock
 from worker.state.watches import WatchStore
@@ -37,6 +39,10 @@ class Context:
     clock: Clock
     rng: random.Random
     resolver: Resolver
+    endpoints: EndpointState
+    # The limits of each endpoint (cap, breaker): one function, so that limits declared
+    # per endpoint can stand in for the defaults.
+    endpoint_limits: EndpointLimitsFor
 
     def close(self) -> None:
         self.check365.close()
@@ -110,19 +116,23 @@ def build_context(
     clock: Clock = time.time,
     resolver: Resolver = system_resolver,
     rng: random.Random | None = None,
+    endpoint_limits: EndpointLimitsFor | None = None,
 ) -> Context:
     client = redis_client(settings)
+    outbox = Outbox(client, state_ttl_s=settings.state_ttl_s)
     return Context(
         settings=settings,
         redis=client,
         watches=WatchStore(client, state_ttl_s=settings.state_ttl_s),
-        outbox=Outbox(client, state_ttl_s=settings.state_ttl_s),
+        outbox=outbox,
         check365=make_client(settings, transport=check365_transport),
         webhooks=WebhookClients(settings, transport=webhook_transport),
         limiter=RateLimiter(client, settings.check365_max_rps),
         clock=clock,
         rng=rng or random.Random(),
         resolver=resolver,
+        endpoints=EndpointState(client, due_key=outbox.items.due_key, rearm_grace_s=settings.rearm_grace_s),
+        endpoint_limits=endpoint_limits or default_limits(settings),
     )
 
 

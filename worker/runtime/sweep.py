@@ -83,6 +83,23 @@ def sweep(
         if event_token:
             queue = text(ctx.redis.hget(ctx.outbox.items.key(webhook_id), "queue"))
             events.append(RearmedEvent(webhook_id, event_token, queue or ctx.settings.queue))
+    events += _release_waiting(ctx, now)
     if watches or events:
         log.info("sweep_rearmed", watches=len(watches), events=len(events))
     return watches, events
+
+
+def _release_waiting(ctx: Context, now: float) -> list[RearmedEvent]:
+    """Let waiting events through where a slot is free or a probe is due.
+
+    A finished attempt hands its slot on at once; this catches what no attempt hands on:
+    slots of steps that died (freed when their lease ends) and an open breaker's probe.
+    """
+    released: list[RearmedEvent] = []
+    for endpoint in ctx.endpoints.waiting_endpoints():
+        settlement = ctx.endpoints.settle(
+            endpoint, holder="", outcome="none", limits=ctx.endpoint_limits(endpoint), now=now
+        )
+        released += [RearmedEvent(r.webhook_id, r.token, r.queue or ctx.settings.queue) for r in settlement.released]
+    ctx.endpoints.forget_idle(now)
+    return released

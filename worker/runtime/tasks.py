@@ -18,7 +18,15 @@ import structlog
 
 from check365_client.rules import validate_watch_request
 from worker.app import app, settings
-from worker.delivery.step import DeadLettered, Delivered, DeliveryResult, RetryLater, deliver_claimed, deliver_once
+from worker.delivery.step import (
+    DeadLettered,
+    Delivered,
+    DeliveryResult,
+    Held,
+    RetryLater,
+    deliver_claimed,
+    deliver_once,
+)
 from worker.errors import InvalidWatchRequest
 from worker.intake.boundary import CheckedTask, reject
 from worker.polling.step import Dropped, Finished, Reschedule, StepResult, poll_once, start_watch
@@ -137,7 +145,12 @@ def _deliver(ctx: Context, webhook_id: str, token: str, queue: str) -> str:
 
 
 def _settle(result: DeliveryResult, queue: str) -> str:
-    """Send the retry of a delivery attempt as a countdown when it is short enough."""
+    """Send the retry of a delivery attempt as a countdown when it is short enough, and wake the
+    events the step let out of their endpoint's waiting line."""
+    for released in result.wake:
+        send_delivery(released.webhook_id, released.token, released.queue or queue)
+    if isinstance(result, Held):
+        return "held"
     if isinstance(result, RetryLater):
         if result.countdown:
             send_delivery(result.webhook_id, result.token, queue, result.delay)

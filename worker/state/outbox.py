@@ -66,6 +66,15 @@ class StoredEvent:
     last_error: str | None = None
     queue: str = ""
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    # The attempt a step began (endpoint_admit.lua) and has not settled: if its holder is
+    # not the step reading it, that attempt never returned.
+    started: str = ""
+    replayed_at: float = 0.0
+
+    @property
+    def since(self) -> float:
+        """When the current round of delivery began: creation, or the last replay."""
+        return max(self.created_at, self.replayed_at)
 
     @classmethod
     def from_hash(cls, h: dict[str, str], attempts: list[dict[str, Any]]) -> StoredEvent:
@@ -85,6 +94,8 @@ class StoredEvent:
             last_error=h.get("last_error") or None,
             queue=h.get("queue", ""),
             attempts=attempts,
+            started=h.get("started", ""),
+            replayed_at=float(h.get("replayed_at") or 0),
         )
 
 
@@ -188,7 +199,7 @@ class Outbox:
             holder,
             due,
             armed=armed,
-            fields={"tries": str(tries), "last_error": last_error},
+            fields={"tries": str(tries), "last_error": last_error, "started": ""},
             log=self._log(webhook_id, attempt),
         )
 
@@ -199,7 +210,7 @@ class Outbox:
             holder,
             DELIVERED,
             ttl_s=self.state_ttl_s,
-            fields={"delivered_at": fmt(now), "tries": str(tries), "last_error": ""},
+            fields={"delivered_at": fmt(now), "tries": str(tries), "last_error": "", "started": ""},
             log=self._log(webhook_id, attempt),
             expire_also=[self.body_key(webhook_id)],
         )
@@ -213,7 +224,7 @@ class Outbox:
             holder,
             DEAD,
             into=(DEAD_KEY, now),
-            fields={"dead_at": fmt(now), "tries": str(tries), "last_error": reason},
+            fields={"dead_at": fmt(now), "tries": str(tries), "last_error": reason, "started": ""},
             log=self._log(webhook_id, attempt),
         )
 
@@ -222,7 +233,9 @@ class Outbox:
 
     def replay(self, webhook_id: str, now: float) -> str | None:
         """Move a dead letter back to delivery; return the token its message must carry."""
-        return self.items.reopen(webhook_id, now, was=DEAD, leaving=DEAD_KEY, count="replays", fields={"tries": "0"})
+        # A replay starts a new round: its retries, and the span it may wait for its endpoint.
+        fields = {"tries": "0", "replayed_at": fmt(now), "started": ""}
+        return self.items.reopen(webhook_id, now, was=DEAD, leaving=DEAD_KEY, count="replays", fields=fields)
 
     def is_active(self, webhook_id: str) -> bool:
         return text(self.redis.hget(self.items.key(webhook_id), "state")) == ACTIVE

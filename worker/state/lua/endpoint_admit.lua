@@ -1,0 +1,72 @@
+-- The gate before a delivery attempt: may the step holding this event attempt it now?
+-- The endpoint's breaker and its cap on attempts in flight decide. Admitted, the attempt
+-- takes a slot until the step's lease ends and is recorded as started on the event, so
+-- that an attempt that never returns is found and counted by the next step. Refused,
+-- the event is parked: back in the due set, due at its deadline, unarmed (no message,
+-- no slot), and in the endpoint's waiting line, from which a freed slot, a closing
+-- breaker or a probe's turn releases it (endpoint_settle.lua).
+-- KEYS: event hash, due:events, endpoint hash, in-flight zset, waiting zset, backlog zset,
+--       endpoints index zset, waiting endpoints set, attempts list
+-- ARGV: holder, now, lease end, cap, deadline, webhook_id, endpoint, started record,
+--       now as ISO text, event created_at
+-- Returns {verdict, state, failures, opened_at, probe_at, last_error, in flight}; the
+-- verdict is go, probe, held_open, held_cap, expired (held past its deadline) or lost.
+local ev, due, ep, inflight, waiting = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local holder, now, id, endpoint = ARGV[1], tonumber(ARGV[2]), ARGV[6], ARGV[7]
+if redis.call('HGET', ev, 'state') ~= 'active' then return {'lost'} end
+if redis.call('HGET', ev, 'token') ~= holder then return {'lost'} end
+redis.call('ZADD', KEYS[6], 'NX', ARGV[10], id)
+redis.call('ZADD', KEYS[7], now, endpoint)
+-- Slots of steps whose lease ended (killed, crashed) are free again.
+redis.call('ZREMRANGEBYSCORE', inflight, '-inf', '(' .. ARGV[2])
+-- A slot reserved for this event when it was released from the line is now its own.
+redis.call('ZREM', inflight, 'r:' .. id)
+redis.call('ZREM', waiting, id)
+local b = redis.call('HMGET', ep, 'state', 'failures', 'opened_at', 'probe_at', 'last_error', 'probe')
+local state = b[1] or 'closed'
+local verdict
+if state == 'closed' then
+  if redis.call('ZCARD', inflight) < tonumber(ARGV[4]) then verdict = 'go' else verdict = 'held_cap' end
+else
+  -- Open or half-open: one probe at a time, once the cool-down has passed.
+  local probing = b[6] and b[6] ~= '' and redis.call('ZSCORE', inflight, b[6])
+  if not probing and now >= tonumber(b[4] or '0') then
+    verdict = 'probe'
+    state = 'half_open'
+    redis.call('HSET', ep, 'state', 'half_open', 'probe', holder, 'probe_reserved_until', '0')
+  else
+    verdict = 'held_open'
+  end
+end
+local inflight_n = redis.call('ZCARD', inflight)
+local function answer(v)
+  return {v, state, b[2] or '0', b[3] or '', b[4] or '', b[5] or '', inflight_n}
+end
+if verdict == 'go' or verdict == 'probe' then
+  redis.call('ZADD', inflight, ARGV[3], holder)
+  redis.call('HSET', ev, 'started', ARGV[8])
+  redis.call('HDEL', ev, 'waiting_place')
+  return answer(verdict)
+end
+if now >= tonumber(ARGV[5]) then return answer('expired') end
+redis.call('HSET', ev, 'due', ARGV[5], 'armed', '0')
+redis.call('ZADD', due, ARGV[5], id)
+-- First come, first served: places are numbered. An event keeps its place if it had one
+-- (it was released from the line and lost the race for the slot).
+local place = redis.call('HGET', ev, 'waiting_place')
+if not place then
+  place = redis.call('HINCRBY', ep, 'places', 1)
+  redis.call('HSET', ev, 'waiting_place', place)
+end
+redis.call('ZADD', waiting, place, id)
+redis.call('SADD', KEYS[8], endpoint)
+-- The breaker's history in the event's attempts: one line per open period it waited out.
+if verdict == 'held_open' and redis.call('HGET', ev, 'held_for') ~= (b[3] or '') then
+  redis.call('HSET', ev, 'held_for', b[3] or '')
+  redis.call('RPUSH', KEYS[9], cjson.encode({
+    at = ARGV[9], ok = false, held = 'breaker_open', breaker = state,
+    breaker_opened_at = tonumber(b[3] or '0'), consecutive_failures = tonumber(b[2] or '0'),
+    next_probe_at = tonumber(b[4] or '0'), error = 'not attempted: breaker open (last: ' .. (b[5] or '?') .. ')'
+  }))
+end
+return answer(verdict)
