@@ -4,7 +4,10 @@ the cap on attempts in flight, the breaker, the waiting line, unfinished attempt
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -249,3 +252,48 @@ def test_a_step_that_lost_its_hold_before_the_gate_makes_no_attempt(world: World
     world.ctx.redis.hset(f"check365:event:{event.webhook_id}", "token", "re-armed")
     assert deliver_claimed(world.ctx, event, body, holder) == Skipped(event.webhook_id, "lost_claim")
     assert world.receiver_requests == []
+
+
+def test_each_endpoint_is_seen_from_outside_in_the_cli_and_the_metrics(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prometheus_client import generate_latest
+
+    from tests.support.cluster import cli_command
+    from worker.ops.metrics import make_registry
+
+    events = [finished(world, f"J-{n}") for n in range(4)]
+    answer(world, httpx.MockTransport(lambda request: httpx.Response(503)))
+    for event, body, holder in events[:3]:
+        deliver_claimed(world.ctx, event, body, holder)
+    assert isinstance(deliver_claimed(world.ctx, *events[3]), Held)
+
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "REDIS_URL": world.settings.redis_url,
+        "WEBHOOK_BREAKER_THRESHOLD": "3",
+        "WEBHOOK_ENDPOINT_MAX_IN_FLIGHT": "2",
+    }
+    shown = subprocess.run(
+        [*cli_command(), "endpoints", "--json"], env=env, capture_output=True, text=True, check=True, timeout=30
+    )
+    [row] = json.loads(shown.stdout)
+    assert row["endpoint"] == ENDPOINT
+    assert (row["breaker"], row["consecutive_failures"], row["breaker_threshold"]) == ("open", 3, 3)
+    assert (row["in_flight"], row["max_in_flight"], row["waiting"], row["backlog"]) == (0, 2, 1, 4)
+    assert row["last_error"] == "HTTP 503"
+    assert row["next_probe"] is not None
+    text = subprocess.run(
+        [*cli_command(), "endpoints"], env=env, capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    assert f"{ENDPOINT}  breaker open (3/3)  in flight 0/2  waiting 1  backlog 4" in text
+    # Never a path, a query or a secret: only the endpoint's scheme, host and port.
+    assert "/check365" not in shown.stdout + text
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # what a worker's endpoint serves from
+    scraped = generate_latest(make_registry(world.settings.redis_url)).decode()
+    label = f'{{endpoint="{ENDPOINT}"}}'
+    assert f"check365_endpoint_breaker_state{label} 2.0" in scraped
+    assert f"check365_endpoint_backlog{label} 4.0" in scraped
+    assert f"check365_endpoint_in_flight{label} 0.0" in scraped
+    assert f"check365_endpoint_oldest_pending_age_seconds{label}" in scraped

@@ -3,8 +3,9 @@
 Each byte comes well inside WEBHOOK_TIMEOUT_S, so httpx never times out, and the bytes
 before the status line are not the body the budget checks. The step delivering the
 event must be killed by its task's time limit while it still holds the event (see
-worker/runtime/leases.py); the sweep then re-arms the event once the lease has ended, and the
-next attempt delivers it with the same webhook-id. Two steps never hold it at once.
+worker/runtime/leases.py); the sweep then re-arms the event once the lease has ended, the
+step it wakes counts the attempt that never returned as a timeout, and the attempt after its
+retry delay delivers it with the same webhook-id. Two steps never hold it at once.
 """
 
 from __future__ import annotations
@@ -80,7 +81,11 @@ def test_a_receiver_trickling_its_answer_is_cut_off_by_the_time_limit_and_the_ev
         30,
         "the event is delivered",
     )
-    # The killed step recorded nothing; the attempt after it did.
-    assert [(a["ok"], a["status_code"]) for a in event.attempts] == [(True, 200)]
+    # The killed step's attempt never returned: the next step counted it as a timeout, and
+    # the attempt after its retry delay was delivered.
+    assert [(a["ok"], a["status_code"], a["error"]) for a in event.attempts] == [
+        (False, None, "timeout (the attempt never returned)"),
+        (True, 200, None),
+    ]
     assert worker.alive
     assert len(cluster.receiver.received(path)) == 2

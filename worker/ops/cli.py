@@ -151,6 +151,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _attempt_line(a: dict[str, Any]) -> str:
+    if a.get("held"):
+        # The breaker's history: the event waited here without an attempt.
+        return f"    held at {_shown(a.get('at'))}: {_shown(a.get('error'))}"
     result = a.get("status_code") or a.get("error")
     return f"    attempt {a.get('attempt')} at {_shown(a.get('at'))}: {_shown(result)} ({a.get('duration_ms')} ms)"
 
@@ -194,6 +197,57 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     else:
         print(f"cancelled {len(cancelled)} active watch(es) of job {args.job_id}")
     return 0 if cancelled else 1
+
+
+# -- endpoints -------------------------------------------------------------------------------
+
+
+def cmd_endpoints(args: argparse.Namespace) -> int:
+    from worker.delivery.limits import default_limits
+    from worker.runtime.context import redis_client
+    from worker.state.endpoints import EndpointState
+
+    settings = _settings()
+    limits_for = default_limits(settings)
+    state = EndpointState(redis_client(settings), due_key="", rearm_grace_s=settings.rearm_grace_s)
+    now = time.time()
+    rows = []
+    for view in state.views(now, limit=args.limit):
+        limits = limits_for(view.endpoint)
+        rows.append(
+            {
+                "endpoint": view.endpoint,
+                "breaker": view.state,
+                "consecutive_failures": view.failures,
+                "breaker_threshold": limits.breaker_threshold,
+                "in_flight": view.in_flight,
+                "max_in_flight": limits.max_in_flight,
+                "waiting": view.waiting,
+                "backlog": view.backlog,
+                "oldest_pending_age_s": round(now - view.oldest_pending_at, 3) if view.oldest_pending_at else None,
+                "opened_at": _when(view.opened_at) if view.state != "closed" else None,
+                "next_probe": _when(view.probe_at) if view.state != "closed" else None,
+                "last_error": view.last_error or None,
+                "last_active_at": _when(view.last_active_at),
+            }
+        )
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"{len(rows)} endpoint(s)")
+    for r in rows:
+        age = "-" if r["oldest_pending_age_s"] is None else f"{r['oldest_pending_age_s']:.0f}s"
+        print(
+            f"  {_shown(r['endpoint'])}  breaker {r['breaker']} ({r['consecutive_failures']}/{r['breaker_threshold']})"
+            f"  in flight {r['in_flight']}/{r['max_in_flight']}  waiting {r['waiting']}  backlog {r['backlog']}"
+            f"  oldest {age}"
+        )
+        if r["breaker"] != "closed":
+            print(
+                f"    open since {_shown(r['opened_at'])}  next probe {_shown(r['next_probe'])}"
+                f"  last error {_shown(r['last_error'])}"
+            )
+    return 0
 
 
 # -- dead letters ---------------------------------------------------------------------------
@@ -504,6 +558,12 @@ def _fault_kinds(raw: str) -> tuple[str, ...]:
 
 
 def _add_health_commands(sub: Any) -> None:
+    """The commands that show how the pool and its receivers are doing."""
+    p = sub.add_parser("endpoints", help="each endpoint's breaker, attempts in flight and backlog")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_endpoints)
+
     p = sub.add_parser("doctor", help="check settings, Redis, the Check365 endpoint and key, the secret, clock")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)

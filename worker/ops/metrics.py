@@ -51,6 +51,7 @@ import structlog
 from worker.errors import Check365Misconfigured, Check365Throttled, PermanentError
 from worker.ops.pool import PAUSE_CAUSES, PoolReader, PoolState
 from worker.settings import Settings
+from worker.state.endpoints import BREAKER_STATES, EndpointState
 
 if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication as WSGIApp
@@ -96,6 +97,9 @@ REQUEST_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DETECTION_LAG_BUCKETS: Final = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 # A webhook attempt times out after WEBHOOK_TIMEOUT_S (15 s by default).
 DELIVERY_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0)
+# Endpoints with series of their own, the most recently active first: the label's
+# cardinality stays bounded however many hosts callbacks have named.
+MAX_ENDPOINT_SERIES: Final = 200
 # A scrape must answer even when Redis does not: Prometheus' default scrape timeout is 10 s.
 REDIS_TIMEOUT_S: Final = 2.0
 
@@ -365,7 +369,9 @@ def _pool_collector(redis_url: str) -> Collector:
         """Pool-wide gauges, read from Redis at every scrape."""
 
         def __init__(self) -> None:
-            self.reader = PoolReader(_redis(redis_url))
+            client = _redis(redis_url)
+            self.reader = PoolReader(client)
+            self._endpoints = EndpointState(client, due_key="", rearm_grace_s=0)
 
         def collect(self) -> Iterable[GaugeMetricFamily]:
             up = GaugeMetricFamily("check365_redis_up", "1 when Redis answered this scrape's gauge reads.")
@@ -379,6 +385,45 @@ def _pool_collector(redis_url: str) -> Collector:
             up.add_metric([], 1)
             yield up
             yield from pool_families(state)
+            yield from self._endpoint_gauges()
+
+        def _endpoint_gauges(self) -> Iterable[GaugeMetricFamily]:
+            try:
+                views = self._endpoints.views(time.time(), limit=MAX_ENDPOINT_SERIES)
+            except redis.RedisError:
+                return
+            now = time.time()
+            families = {
+                "in_flight": GaugeMetricFamily(
+                    "check365_endpoint_in_flight",
+                    "Delivery attempts in flight towards the endpoint, pool-wide (slots reserved for "
+                    "events let out of its waiting line included).",
+                    labels=["endpoint"],
+                ),
+                "breaker": GaugeMetricFamily(
+                    "check365_endpoint_breaker_state",
+                    "The endpoint's circuit breaker: 0 closed, 1 half-open (a probe in flight), 2 open.",
+                    labels=["endpoint"],
+                ),
+                "backlog": GaugeMetricFamily(
+                    "check365_endpoint_backlog",
+                    "The endpoint's events neither delivered nor dead-lettered.",
+                    labels=["endpoint"],
+                ),
+                "oldest": GaugeMetricFamily(
+                    "check365_endpoint_oldest_pending_age_seconds",
+                    "Age of the endpoint's oldest pending event (0 when none).",
+                    labels=["endpoint"],
+                ),
+            }
+            for view in views:
+                label = [view.endpoint]
+                families["in_flight"].add_metric(label, view.in_flight)
+                families["breaker"].add_metric(label, BREAKER_STATES.index(view.state))
+                families["backlog"].add_metric(label, view.backlog)
+                oldest = view.oldest_pending_at
+                families["oldest"].add_metric(label, max(0.0, now - oldest) if oldest else 0.0)
+            yield from families.values()
 
     return PoolCollector()
 
