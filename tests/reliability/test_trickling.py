@@ -10,6 +10,7 @@ retry delay delivers it with the same webhook-id. Two steps never hold it at onc
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -89,3 +90,57 @@ def test_a_receiver_trickling_its_answer_is_cut_off_by_the_time_limit_and_the_ev
     ]
     assert worker.alive
     assert len(cluster.receiver.received(path)) == 2
+
+
+FOREVER = {**SETTINGS, "WEBHOOK_ENDPOINT_MAX_IN_FLIGHT": "2", "WEBHOOK_BREAKER_THRESHOLD": "5"}
+FOREVER_EVENTS = 5
+
+
+def test_a_receiver_that_trickles_forever_ends_in_the_dead_letters_holding_at_most_its_cap(
+    record_row: Callable[..., Row],
+) -> None:
+    with Cluster() as cluster:
+        worker = cluster.start_worker("forever", concurrency=4, env_overrides=FOREVER, wait=False)
+        beat = cluster.start_beat("forever-beat", env_overrides=FOREVER, wait=False)
+        worker.wait_ready(60)
+        beat.wait_ready(60)
+        paths = [f"/hooks/forever-{n}" for n in range(FOREVER_EVENTS)]
+        for n, path in enumerate(paths):
+            # Every attempt trickles: more answers queued than attempts can be made.
+            cluster.receiver.script(path, [(200, {}, 0.0, TRICKLE_S)] * 10)
+            cluster.sim.add_job(f"forever-{n}", size=2, duration_s=0.0)
+        started = time.time()
+        for n, path in enumerate(paths):
+            cluster.enqueue(f"forever-{n}", path)
+
+        most = 0
+        outbox = cluster.outbox()
+        # Each event: at most three attempts, each cut off by the time limit, then the lease.
+        bound = 3 * (TIME_LIMIT_S + LEASE_S + 2 * float(SETTINGS["SWEEP_INTERVAL_S"])) + SLACK_S
+        while len(outbox.dead_letters()) < FOREVER_EVENTS:
+            most = max(most, len(cluster.receiver.in_flight()))
+            assert time.time() - started < bound, f"not all dead-lettered within {bound:g} s"
+            time.sleep(0.1)
+        took = time.time() - started
+        dead = [outbox.get(webhook_id) for webhook_id in outbox.dead_letters()]
+        record_row(
+            "receiver trickling forever: dead-lettered after the schedule, at most the cap (2) at once",
+            jobs=FOREVER_EVENTS,
+            events_expected=FOREVER_EVENTS,
+            delivered=0,
+            duplicates=0,
+            lost=FOREVER_EVENTS - len(dead),
+            recover_s=took,
+        )
+        assert most <= 2
+        assert len(cluster.receiver.received()) >= 2
+        for event in dead:
+            assert event is not None
+            assert event.state == "dead"
+            attempts = [a for a in event.attempts if "held" not in a]
+            # Every attempt made was cut off and counted as a timeout by the step after it.
+            assert all(a["error"] == "timeout (the attempt never returned)" for a in attempts), event.attempts
+            assert event.last_error is not None
+            assert event.last_error.startswith(("retries exhausted: timeout", "held past the retry schedule"))
+        assert any(e is not None and e.last_error.startswith("retries exhausted") for e in dead)  # type: ignore[union-attr]
+        assert worker.alive
