@@ -105,6 +105,10 @@ def test_the_cap_holds_attempts_in_flight_and_a_finished_attempt_hands_its_slot_
     parked = world.ctx.outbox.get(events[2][0].webhook_id)
     assert parked is not None
     assert parked.tries == 0
+    # Let out of the line: its message is on its way, and a slot is kept for it until it comes.
+    assert world.ctx.redis.hget(f"check365:event:{parked.webhook_id}", "armed") == b"1"
+    inflight = world.ctx.redis.zrange(f"check365:endpoint_inflight:{ENDPOINT}", 0, -1)
+    assert inflight == [f"r:{parked.webhook_id}".encode()]
     (released,) = second.wake
     assert isinstance(deliver_once(world.ctx, released.webhook_id, released.token), Delivered)
 
@@ -131,7 +135,9 @@ def test_the_breaker_opens_after_consecutive_failures_and_holds_events_without_s
     stored = world.ctx.outbox.get(event.webhook_id)
     assert stored is not None
     assert (stored.tries, stored.state) == (0, "active")
+    # Parked: due at its deadline, with no message on its way (the sweep wakes it then).
     assert stored.due == pytest.approx(event.created_at + retry_span_s(world.settings))
+    assert world.ctx.redis.hget(f"check365:event:{event.webhook_id}", "armed") == b"0"
     assert [a.get("held") for a in stored.attempts] == ["breaker_open"]
     assert "503" in stored.attempts[0]["error"]
 

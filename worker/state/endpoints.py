@@ -49,6 +49,11 @@ def _script(client: redis.Redis, name: str) -> Any:
     return client.register_script(source)
 
 
+def _spec(**values: str) -> str:
+    """A script's one structured argument: numbers as text, exactly as written here."""
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+
+
 @dataclass(frozen=True)
 class Breaker:
     """What the gate saw of an endpoint's breaker."""
@@ -167,16 +172,18 @@ class EndpointState:
                 attempts_key,
             ],
             args=[
-                holder,
-                fmt(now),
-                fmt(lease_until),
-                str(limits.max_in_flight),
-                fmt(deadline),
-                webhook_id,
-                endpoint,
-                json.dumps(started, separators=(",", ":")),
-                now_iso,
-                fmt(created_at),
+                _spec(
+                    holder=holder,
+                    now=fmt(now),
+                    lease_until=fmt(lease_until),
+                    cap=str(limits.max_in_flight),
+                    deadline=fmt(deadline),
+                    id=webhook_id,
+                    endpoint=endpoint,
+                    started=json.dumps(started, separators=(",", ":")),
+                    now_iso=now_iso,
+                    created_at=fmt(created_at),
+                )
             ],
         )
         verdict = str(text(raw[0]))
@@ -208,20 +215,22 @@ class EndpointState:
         raw = self._settle(
             keys=[ep, inflight, waiting, backlog, WAITING_KEY, self.due_key],
             args=[
-                holder,
-                fmt(now),
-                outcome,
-                str(limits.breaker_threshold),
-                fmt(limits.cooldown_s),
-                fmt(limits.cooldown_max_s),
-                str(limits.max_in_flight),
-                webhook_id,
-                "1" if closed else "0",
-                EVENT_PREFIX,
-                fmt(self.grace_s),
-                new_token() + "r",
-                endpoint,
-                error[:200],
+                _spec(
+                    holder=holder,
+                    now=fmt(now),
+                    outcome=outcome,
+                    threshold=str(limits.breaker_threshold),
+                    cooldown=fmt(limits.cooldown_s),
+                    cooldown_max=fmt(limits.cooldown_max_s),
+                    cap=str(limits.max_in_flight),
+                    id=webhook_id,
+                    closed="1" if closed else "0",
+                    event_prefix=EVENT_PREFIX,
+                    reserve_s=fmt(self.grace_s),
+                    token_prefix=new_token() + "r",
+                    endpoint=endpoint,
+                    error=error[:200],
+                )
             ],
         )
         flat = [str(text(v)) for v in raw[5]]

@@ -7,18 +7,19 @@
 -- breaker or a probe's turn releases it (endpoint_settle.lua).
 -- KEYS: event hash, due:events, endpoint hash, in-flight zset, waiting zset, backlog zset,
 --       endpoints index zset, waiting endpoints set, attempts list
--- ARGV: holder, now, lease end, cap, deadline, webhook_id, endpoint, started record,
---       now as ISO text, event created_at
+-- ARGV[1]: {holder, now, lease_until, cap, deadline, id, endpoint, started (the record, as
+--          JSON text), now_iso, created_at}
 -- Returns {verdict, state, failures, opened_at, probe_at, last_error, in flight}; the
 -- verdict is go, probe, held_open, held_cap, expired (held past its deadline) or lost.
 local ev, due, ep, inflight, waiting = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local holder, now, id, endpoint = ARGV[1], tonumber(ARGV[2]), ARGV[6], ARGV[7]
+local a = cjson.decode(ARGV[1])
+local holder, now, id, endpoint = a.holder, tonumber(a.now), a.id, a.endpoint
 if redis.call('HGET', ev, 'state') ~= 'active' then return {'lost'} end
 if redis.call('HGET', ev, 'token') ~= holder then return {'lost'} end
-redis.call('ZADD', KEYS[6], 'NX', ARGV[10], id)
+redis.call('ZADD', KEYS[6], 'NX', a.created_at, id)
 redis.call('ZADD', KEYS[7], now, endpoint)
 -- Slots of steps whose lease ended (killed, crashed) are free again.
-redis.call('ZREMRANGEBYSCORE', inflight, '-inf', '(' .. ARGV[2])
+redis.call('ZREMRANGEBYSCORE', inflight, '-inf', '(' .. a.now)
 -- A slot reserved for this event when it was released from the line is now its own.
 redis.call('ZREM', inflight, 'r:' .. id)
 redis.call('ZREM', waiting, id)
@@ -26,7 +27,7 @@ local b = redis.call('HMGET', ep, 'state', 'failures', 'opened_at', 'probe_at', 
 local state = b[1] or 'closed'
 local verdict
 if state == 'closed' then
-  if redis.call('ZCARD', inflight) < tonumber(ARGV[4]) then verdict = 'go' else verdict = 'held_cap' end
+  if redis.call('ZCARD', inflight) < tonumber(a.cap) then verdict = 'go' else verdict = 'held_cap' end
 else
   -- Open or half-open: one probe at a time, once the cool-down has passed.
   local probing = b[6] and b[6] ~= '' and redis.call('ZSCORE', inflight, b[6])
@@ -43,14 +44,14 @@ local function answer(v)
   return {v, state, b[2] or '0', b[3] or '', b[4] or '', b[5] or '', inflight_n}
 end
 if verdict == 'go' or verdict == 'probe' then
-  redis.call('ZADD', inflight, ARGV[3], holder)
-  redis.call('HSET', ev, 'started', ARGV[8])
+  redis.call('ZADD', inflight, a.lease_until, holder)
+  redis.call('HSET', ev, 'started', a.started)
   redis.call('HDEL', ev, 'waiting_place')
   return answer(verdict)
 end
-if now >= tonumber(ARGV[5]) then return answer('expired') end
-redis.call('HSET', ev, 'due', ARGV[5], 'armed', '0')
-redis.call('ZADD', due, ARGV[5], id)
+if now >= tonumber(a.deadline) then return answer('expired') end
+redis.call('HSET', ev, 'due', a.deadline, 'armed', '0')
+redis.call('ZADD', due, a.deadline, id)
 -- First come, first served: places are numbered. An event keeps its place if it had one
 -- (it was released from the line and lost the race for the slot).
 local place = redis.call('HGET', ev, 'waiting_place')
@@ -64,7 +65,7 @@ redis.call('SADD', KEYS[8], endpoint)
 if verdict == 'held_open' and redis.call('HGET', ev, 'held_for') ~= (b[3] or '') then
   redis.call('HSET', ev, 'held_for', b[3] or '')
   redis.call('RPUSH', KEYS[9], cjson.encode({
-    at = ARGV[9], ok = false, held = 'breaker_open', breaker = state,
+    at = a.now_iso, ok = false, held = 'breaker_open', breaker = state,
     breaker_opened_at = tonumber(b[3] or '0'), consecutive_failures = tonumber(b[2] or '0'),
     next_probe_at = tonumber(b[4] or '0'), error = 'not attempted: breaker open (last: ' .. (b[5] or '?') .. ')'
   }))

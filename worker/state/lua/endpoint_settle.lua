@@ -7,19 +7,21 @@
 -- it reaches the gate, so that newcomers do not take it.
 -- KEYS: endpoint hash, in-flight zset, waiting zset, backlog zset, waiting endpoints set,
 --       due:events
--- ARGV: holder ('' = none), now, outcome (ok, fail, none), threshold, first cool-down,
---       longest cool-down, cap, webhook_id ('' = none), '1' when the event is closed,
---       event key prefix, reservation length, token prefix, endpoint, error text
+-- ARGV[1]: {holder ('' = none), now, outcome (ok, fail, none), threshold, cooldown (the first),
+--          cooldown_max, cap, id (the event, '' = none), closed ('1' when the event has ended),
+--          event_prefix (of event keys), reserve_s (a released event's slot), token_prefix,
+--          endpoint, error}
 -- Returns {transition ('', opened, reopened, closed), state, failures, cool-down,
 --          opened_at, released: {id, token, queue, ...}}
 local ep, inflight, waiting = KEYS[1], KEYS[2], KEYS[3]
-local holder, now, outcome, id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[8]
+local a = cjson.decode(ARGV[1])
+local holder, now, outcome, id = a.holder, tonumber(a.now), a.outcome, a.id
 if holder ~= '' then redis.call('ZREM', inflight, holder) end
-if id ~= '' and ARGV[9] == '1' then
+if id ~= '' and a.closed == '1' then
   redis.call('ZREM', KEYS[4], id)
   redis.call('ZREM', waiting, id)
 end
-redis.call('ZREMRANGEBYSCORE', inflight, '-inf', '(' .. ARGV[2])
+redis.call('ZREMRANGEBYSCORE', inflight, '-inf', '(' .. a.now)
 local b = redis.call('HMGET', ep, 'state', 'failures', 'probe', 'opens', 'opened_at', 'probe_at', 'cooldown',
                      'probe_reserved_until')
 local state = b[1] or 'closed'
@@ -35,22 +37,22 @@ if outcome == 'ok' then
   if state ~= 'closed' then
     transition = 'closed'
     state = 'closed'
-    redis.call('HSET', ep, 'state', 'closed', 'probe', '', 'opens', '0', 'closed_at', ARGV[2])
+    redis.call('HSET', ep, 'state', 'closed', 'probe', '', 'opens', '0', 'closed_at', a.now)
   end
 elseif outcome == 'fail' then
   failures = failures + 1
-  redis.call('HSET', ep, 'failures', failures, 'last_error', ARGV[14], 'last_failure_at', ARGV[2])
+  redis.call('HSET', ep, 'failures', failures, 'last_error', a.error, 'last_failure_at', a.now)
   local reopen = state == 'half_open' and holder ~= '' and b[3] == holder
-  if reopen or (state == 'closed' and failures >= tonumber(ARGV[4])) then
+  if reopen or (state == 'closed' and failures >= tonumber(a.threshold)) then
     if reopen then
       transition = 'reopened'
       opens = opens + 1
     else
       transition = 'opened'
       opens = 1
-      opened_at = ARGV[2]
+      opened_at = a.now
     end
-    cooldown = math.min(tonumber(ARGV[5]) * 2 ^ (opens - 1), tonumber(ARGV[6]))
+    cooldown = math.min(tonumber(a.cooldown) * 2 ^ (opens - 1), tonumber(a.cooldown_max))
     probe_at = now + cooldown
     state = 'open'
     redis.call('HSET', ep, 'state', 'open', 'probe', '', 'opens', opens, 'opened_at', opened_at,
@@ -60,7 +62,7 @@ end
 -- Free slots go to the oldest waiting events; an open breaker lets one through as its probe.
 local n = 0
 if state == 'closed' then
-  n = tonumber(ARGV[7]) - redis.call('ZCARD', inflight)
+  n = tonumber(a.cap) - redis.call('ZCARD', inflight)
 elseif now >= probe_at and now >= tonumber(b[8] or '0') then
   local probing = b[3] and b[3] ~= '' and redis.call('ZSCORE', inflight, b[3])
   if not probing then n = 1 end
@@ -71,16 +73,16 @@ while n > 0 do
   local head = redis.call('ZPOPMIN', waiting)
   if #head == 0 then break end
   local wid = head[1]
-  local key = ARGV[10] .. wid
+  local key = a.event_prefix .. wid
   if redis.call('HGET', key, 'state') == 'active' then
     i = i + 1
-    local token = ARGV[12] .. i
-    redis.call('HSET', key, 'token', token, 'due', ARGV[2], 'armed', '1')
-    redis.call('ZADD', KEYS[6], ARGV[2], wid)
+    local token = a.token_prefix .. i
+    redis.call('HSET', key, 'token', token, 'due', a.now, 'armed', '1')
+    redis.call('ZADD', KEYS[6], a.now, wid)
     if state == 'closed' then
-      redis.call('ZADD', inflight, now + tonumber(ARGV[11]), 'r:' .. wid)
+      redis.call('ZADD', inflight, now + tonumber(a.reserve_s), 'r:' .. wid)
     else
-      redis.call('HSET', ep, 'probe_reserved_until', tostring(now + tonumber(ARGV[11])))
+      redis.call('HSET', ep, 'probe_reserved_until', tostring(now + tonumber(a.reserve_s)))
     end
     table.insert(released, wid)
     table.insert(released, token)
@@ -88,5 +90,5 @@ while n > 0 do
     n = n - 1
   end
 end
-if redis.call('ZCARD', waiting) == 0 then redis.call('SREM', KEYS[5], ARGV[13]) end
+if redis.call('ZCARD', waiting) == 0 then redis.call('SREM', KEYS[5], a.endpoint) end
 return {transition, state, tostring(failures), tostring(cooldown), opened_at, released}
