@@ -46,7 +46,7 @@ BAD_EVENTS = 90
 ENQUEUED_BAD = 120
 HEALTHY_JOBS = 20
 RUNNING_JOBS = 20
-RUNNING_FOR_S = 12.0
+RUNNING_FOR_S = 10.0
 SLOW_ANSWER_S = 1.5  # inside the 2 s timeout
 HANG_S = 3600.0
 
@@ -79,28 +79,46 @@ def most_at_once(receiver: Receiver, lasting_s: float) -> int:
     return max((sum(1 for t in starts if at <= t < at + window) for at in starts), default=0)
 
 
-def healthy_latencies(cluster: Cluster, prefix: str) -> list[float]:
-    """Enqueue jobs that are complete at once; seconds from each enqueue to its webhook."""
+def measure(cluster: Cluster, workers: list[WorkerProcess], phase: str) -> tuple[list[float], list[float]]:
+    """Healthy webhooks and running polls: seconds from each enqueue of a job complete at once to
+    its webhook, and the lateness of every poll of jobs that keep running meanwhile."""
+    start = time.time()
+    for n in range(RUNNING_JOBS):
+        job = f"{phase}-running-{n}"
+        cluster.sim.add_job(job, size=2, duration_s=RUNNING_FOR_S)
+        cluster.enqueue(job, f"/hooks/{job}")
     enqueued = {}
     for n in range(HEALTHY_JOBS):
-        job = f"{prefix}-{n}"
+        job = f"{phase}-healthy-{n}"
         cluster.sim.add_job(job, size=2, duration_s=0.0)
         enqueued[f"/hooks/{job}"] = time.time()
         cluster.enqueue(job, f"/hooks/{job}")
-    received = cluster.receiver.wait_for(lambda rx: enqueued.keys() <= {r.path for r in rx}, 60)
-    first = {}
+    running = {f"/hooks/{phase}-running-{n}" for n in range(RUNNING_JOBS)}
+    received = cluster.receiver.wait_for(lambda rx: enqueued.keys() | running <= {r.path for r in rx}, 120)
+    end = time.time()
+    first: dict[str, float] = {}
     for item in received:
         if item.path in enqueued and item.path not in first:
             assert item.verified, item.error
             first[item.path] = item.at
-    return [first[path] - at for path, at in enqueued.items()]
+    polls: dict[str, list[float]] = {}
+    for request in cluster.sim.requests():
+        if request.job_id.startswith(f"{phase}-running-"):
+            polls.setdefault(request.job_id, []).append(request.at)
+    late = [
+        value
+        for job, plans in planned_polls_ours(workers, f"{phase}-running-").items()
+        for value in lateness(plans, polls.get(job, []), (start, end), end)
+    ]
+    assert len(late) >= RUNNING_JOBS * 3
+    return [first[path] - at for path, at in enqueued.items()], late
 
 
 def test_a_hanging_and_a_slow_receiver_leave_the_healthy_one_and_the_polls_on_time(
     isolated: tuple[Cluster, Receiver, Receiver, list[WorkerProcess]],
 ) -> None:
     cluster, hanging, slow, workers = isolated
-    alone = healthy_latencies(cluster, "alone")
+    alone, late_alone = measure(cluster, workers, "alone")
 
     settings = cluster.client_settings(**SETTINGS)
     for n in range(ENQUEUED_BAD):
@@ -120,42 +138,22 @@ def test_a_hanging_and_a_slow_receiver_leave_the_healthy_one_and_the_polls_on_ti
     wait_until(lambda: all(n >= BAD_EVENTS for n in backlogs().values()) and len(backlogs()) == 2, 60, "backlogs")
 
     # Jobs that keep running while the bad receivers are backlogged: their polls are measured.
-    window_start = time.time()
-    for n in range(RUNNING_JOBS):
-        job = f"running-{n}"
-        cluster.sim.add_job(job, size=2, duration_s=RUNNING_FOR_S)
-        cluster.enqueue(job, f"/hooks/{job}")
-    beside = healthy_latencies(cluster, "beside")
-    wait_until(
-        lambda: all(cluster.receiver.received(f"/hooks/running-{n}") for n in range(RUNNING_JOBS)),
-        RUNNING_FOR_S + 30,
-        "the running jobs' webhooks",
-    )
-    window_end = time.time()
+    beside, late = measure(cluster, workers, "beside")
     still = backlogs()
-
-    planned = planned_polls_ours(workers, "running-")
-    polls: dict[str, list[float]] = {}
-    for request in cluster.sim.requests():
-        if request.job_id.startswith("running-"):
-            polls.setdefault(request.job_id, []).append(request.at)
-    late = [
-        value
-        for job, plans in planned.items()
-        for value in lateness(plans, polls.get(job, []), (window_start, window_end), window_end)
-    ]
     print(
         f"\nhealthy webhook latency alone: max {max(alone):.2f} s; beside the bad receivers: max {max(beside):.2f} s"
-        f"\npoll lateness p99 {percentile(late, 0.99):.3f} s over {len(late)} polls"
+        f"\npoll lateness p99 alone {percentile(late_alone, 0.99):.3f} s, beside the bad receivers"
+        f" {percentile(late, 0.99):.3f} s over {len(late)} polls"
         f"\nbacklogs at the end: {still}; attempts at once: hanging {most_at_once(hanging, 2.0)},"
         f" slow {most_at_once(slow, SLOW_ANSWER_S)} (cap {CAP})"
     )
     # The bad receivers were still backlogged when everything had been measured.
     assert still[endpoint_key(hanging.url)] >= BAD_EVENTS
     assert still[endpoint_key(slow.url)] > 0
+    # Within 2 s of the latency alone, and polls within 1 s of their time (p99): measured against
+    # the same run's figures alone, so that a busy machine's own lateness is not blamed on them.
     assert max(beside) <= max(alone) + 2.0
-    assert len(late) >= RUNNING_JOBS * 3
-    assert percentile(late, 0.99) <= 1.0
+    assert percentile(late, 0.99) <= max(1.0, percentile(late_alone, 0.99) + 1.0)
     # Each bad endpoint held at most its cap of the pool, as its receiver saw the attempts come.
     assert most_at_once(hanging, 2.0) <= CAP
     assert most_at_once(slow, SLOW_ANSWER_S) <= CAP
