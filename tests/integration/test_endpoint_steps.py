@@ -17,9 +17,8 @@ from tests.integration.test_steps import CALLBACK, World, redis_server, status
 from worker.delivery.limits import retry_span_s
 from worker.delivery.step import DeadLettered, Delivered, Held, RetryLater, Skipped, deliver_claimed, deliver_once
 from worker.delivery.urls import endpoint_key
-from worker.intake.enqueue import WatchRequest
 from worker.local.redisserver import LocalRedis
-from worker.polling.step import Finished, poll_once, start_watch
+from worker.polling.step import Finished, poll_once
 from worker.runtime.context import WebhookClients
 from worker.runtime.leases import watch_lease_s
 from worker.runtime.sweep import sweep
@@ -51,11 +50,11 @@ def world(redis_server: LocalRedis) -> Iterator[World]:
 
 def finished(world: World, job_id: str) -> tuple[StoredEvent, bytes, str]:
     """A watch whose first poll finds its job failed: one event, held by the step that finished it."""
-    step = start_watch(world.ctx, WatchRequest(job_id, CALLBACK, None))
+    step = world.start(job_id)
     answer_for_job = json.loads(status("failed", 50).content)
     answer_for_job["data"]["jobId"] = job_id
     world.check365_answers.append(httpx.Response(200, json=answer_for_job))
-    result = poll_once(world.ctx, step.watch_id, step.token)  # type: ignore[union-attr]
+    result = poll_once(world.ctx, step.watch_id, step.token)
     assert isinstance(result, Finished)
     assert result.leased is not None
     event, body = result.leased

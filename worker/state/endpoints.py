@@ -29,8 +29,9 @@ from typing import Any
 
 import redis
 
+from check365_client.names import PREFIX
 from worker.delivery.limits import EndpointLimits
-from worker.state.store import PREFIX, fmt, members, new_token, text
+from worker.state.store import fmt, members, new_token, text
 
 INDEX_KEY = f"{PREFIX}endpoints"
 WAITING_KEY = f"{PREFIX}endpoints_waiting"
