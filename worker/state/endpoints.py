@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis
 
 from check365_client.names import PREFIX
 from worker.delivery.limits import EndpointLimits
+from worker.state import scripts
 from worker.state.store import fmt, members, new_token, text
 
 INDEX_KEY = f"{PREFIX}endpoints"
@@ -43,16 +43,6 @@ IDLE_FORGET_S = 86400.0
 SWEEP_BATCH = 500
 
 BREAKER_STATES = ("closed", "half_open", "open")
-
-
-def _script(client: redis.Redis, name: str) -> Any:
-    source = resources.files("worker.state").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-    return client.register_script(source)
-
-
-def _spec(**values: str) -> str:
-    """A script's one structured argument: numbers as text, exactly as written here."""
-    return json.dumps(values, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -140,8 +130,8 @@ class EndpointState:
         self.redis = client
         self.due_key = due_key
         self.grace_s = rearm_grace_s
-        self._admit = _script(client, "endpoint_admit")
-        self._settle = _script(client, "endpoint_settle")
+        self._admit = scripts.load(client, "endpoint_admit")
+        self._settle = scripts.load(client, "endpoint_settle")
 
     def admit(
         self,
@@ -173,7 +163,7 @@ class EndpointState:
                 attempts_key,
             ],
             args=[
-                _spec(
+                scripts.spec(
                     holder=holder,
                     now=fmt(now),
                     lease_until=fmt(lease_until),
@@ -216,7 +206,7 @@ class EndpointState:
         raw = self._settle(
             keys=[ep, inflight, waiting, backlog, WAITING_KEY, self.due_key],
             args=[
-                _spec(
+                scripts.spec(
                     holder=holder,
                     now=fmt(now),
                     outcome=outcome,

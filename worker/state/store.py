@@ -18,8 +18,11 @@ runs (see docs/design.md, "Durable state and tokens"):
 The protocol's fields (``state``, ``token``, ``due``, ``armed``) are written by this
 module alone: by its scripts, or as the maps ``opening`` and ``closing`` build for
 the scripts that create or end items together with others (``WatchStore.create``
-and ``WatchStore.finish``). The other fields of a hash belong to the module of its
-kind of item (``worker.state.watches``, ``worker.state.outbox``).
+and ``WatchStore.finish``). One exception: an event's endpoint gate
+(``worker.state.endpoints``) parks a held event (``due`` at its deadline, unarmed) and
+releases it from its endpoint's line (a fresh token, due now, armed) in the same script
+that decides it, as ``schedule`` and ``rearm`` would. The other fields of a hash belong
+to the module of its kind of item (``worker.state.watches``, ``worker.state.outbox``).
 """
 
 from __future__ import annotations
