@@ -13,7 +13,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from tests.integration.test_steps import CALLBACK, World, redis_server, status
+from tests.integration.test_steps import CALLBACK, World, end_lease_on_redis, redis_server, status
 from worker.delivery.limits import retry_span_s
 from worker.delivery.step import DeadLettered, Delivered, Held, RetryLater, Skipped, deliver_claimed, deliver_once
 from worker.delivery.urls import endpoint_key
@@ -23,6 +23,7 @@ from worker.runtime.context import WebhookClients
 from worker.runtime.leases import watch_lease_s
 from worker.runtime.sweep import sweep
 from worker.state.outbox import StoredEvent
+from worker.state.store import Lease
 
 pytestmark = pytest.mark.integration
 
@@ -229,8 +230,9 @@ def test_an_attempt_that_never_returned_counts_as_a_timeout_for_backoff_breaker_
         # While its lease runs the killed step's slot stays taken.
         assert world.ctx.redis.zcard(f"check365:endpoint_inflight:{ENDPOINT}") == 1
         world.clock.advance(watch_lease_s(world.settings) + 1)
+        end_lease_on_redis(world, world.ctx.outbox.items.key(event.webhook_id))
         (rearmed,) = sweep(world.ctx)[1]
-        claimed = world.ctx.outbox.claim(rearmed.webhook_id, rearmed.token, world.clock() + 60)
+        claimed = world.ctx.outbox.claim(rearmed.webhook_id, rearmed.token, Lease.starting(world.clock(), 60))
         assert claimed is not None
         stored, _, holder = claimed
         result = deliver_claimed(world.ctx, stored, body, holder)
@@ -239,7 +241,7 @@ def test_an_attempt_that_never_returned_counts_as_a_timeout_for_backoff_breaker_
         assert isinstance(result, RetryLater)
         assert result.delay >= world.settings.webhook_retry_delays_s[tries - 1]
         world.clock.advance(result.delay)
-        claimed = world.ctx.outbox.claim(event.webhook_id, result.token, world.clock() + 60)
+        claimed = world.ctx.outbox.claim(event.webhook_id, result.token, Lease.starting(world.clock(), 60))
         assert claimed is not None
         event, body, holder = claimed
     assert isinstance(result, DeadLettered)

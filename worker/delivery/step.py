@@ -363,7 +363,8 @@ def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) 
         holder=holder,
         limits=step.limits,
         now=now,
-        lease_until=max(event.due, now),
+        # What is left of the step's hold on the event (its due time is the lease's end).
+        lease_s=max(event.due - now, 0.0),
         deadline=event.since + retry_span_s(settings),
         created_at=event.created_at,
         started={"holder": holder, "attempt": number, "at": iso_timestamp(now, milliseconds=True)},

@@ -6,7 +6,8 @@ Keys (prefix ``check365:``), per endpoint key ``E`` (``https://host[:port]``):
   ``failures``, ``opens`` in a row, ``opened_at``, ``probe_at``, ``cooldown``, ``probe``,
   ``last_error``);
 - ``endpoint_inflight:E`` (sorted set): the holders of attempts in flight, scored by the
-  end of their lease, so that the slot of a killed step frees itself when its lease ends;
+  end of their lease on Redis's clock, so that the slot of a killed step frees itself when
+  its lease ends;
   ``r:{webhook_id}`` members are slots reserved for events released from the line;
 - ``endpoint_waiting:E`` (sorted set): events parked by the gate, oldest first;
 - ``endpoint_backlog:E`` (sorted set): the endpoint's pending events by creation time
@@ -141,7 +142,7 @@ class EndpointState:
         holder: str,
         limits: EndpointLimits,
         now: float,
-        lease_until: float,
+        lease_s: float,
         deadline: float,
         created_at: float,
         started: dict[str, Any],
@@ -166,7 +167,7 @@ class EndpointState:
                 scripts.spec(
                     holder=holder,
                     now=fmt(now),
-                    lease_until=fmt(lease_until),
+                    lease_s=fmt(lease_s),
                     cap=str(limits.max_in_flight),
                     deadline=fmt(deadline),
                     id=webhook_id,
@@ -241,11 +242,13 @@ class EndpointState:
     def forget_idle(self, now: float) -> int:
         """Drop endpoints idle for ``IDLE_FORGET_S`` with nothing pending, in flight or open."""
         forgotten = 0
+        seconds, micros = self.redis.time()
+        clock = seconds + micros / 1e6  # slots end on Redis's clock
         for endpoint in members(self.redis.zrangebyscore(INDEX_KEY, "-inf", fmt(now - IDLE_FORGET_S), 0, 100)):
             ep, inflight, waiting, backlog = _keys(endpoint)
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hget(ep, "state")
-                pipe.zcount(inflight, fmt(now), "+inf")
+                pipe.zcount(inflight, fmt(clock), "+inf")
                 pipe.zcard(waiting)
                 pipe.zcard(backlog)
                 state, busy, waits, pending = pipe.execute()
@@ -263,13 +266,16 @@ class EndpointState:
         now = time.time() if now is None else now
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrevrange(INDEX_KEY, 0, limit - 1, withscores=True)
-            (indexed,) = pipe.execute()
+            pipe.time()
+            indexed, (seconds, micros) = pipe.execute()
+        # Slots end on Redis's clock (see endpoint_admit.lua).
+        clock = seconds + micros / 1e6
         found = [(str(text(k)), float(score)) for k, score in indexed]
         with self.redis.pipeline(transaction=False) as pipe:
             for endpoint, _ in found:
                 ep, inflight, waiting, backlog = _keys(endpoint)
                 pipe.hmget(ep, "state", "failures", "opened_at", "probe_at", "last_error")
-                pipe.zcount(inflight, fmt(now), "+inf")
+                pipe.zcount(inflight, fmt(clock), "+inf")
                 pipe.zcard(waiting)
                 pipe.zcard(backlog)
                 pipe.zrange(backlog, 0, 0, withscores=True)

@@ -7,7 +7,7 @@
 -- breaker or a probe's turn releases it (endpoint_settle.lua).
 -- KEYS: event hash, due:events, endpoint hash, in-flight zset, waiting zset, backlog zset,
 --       endpoints index zset, waiting endpoints set, attempts list
--- ARGV[1]: {holder, now, lease_until, cap, deadline, id, endpoint, started (the record, as
+-- ARGV[1]: {holder, now, lease_s, cap, deadline, id, endpoint, started (the record, as
 --          JSON text), now_iso, created_at}
 -- Returns {verdict, state, failures, opened_at, probe_at, last_error, in flight}; the
 -- verdict is go, probe, held_open, held_cap, expired (held past its deadline) or lost.
@@ -18,8 +18,11 @@ if redis.call('HGET', ev, 'state') ~= 'active' then return {'lost'} end
 if redis.call('HGET', ev, 'token') ~= holder then return {'lost'} end
 redis.call('ZADD', KEYS[6], 'NX', a.created_at, id)
 redis.call('ZADD', KEYS[7], now, endpoint)
--- Slots of steps whose lease ended (killed, crashed) are free again.
-redis.call('ZREMRANGEBYSCORE', inflight, '-inf', '(' .. a.now)
+-- Slots are held until the step's lease ends on Redis's clock, as claims are (a host whose
+-- clock runs ahead must not free a running step's slot); those of killed steps free themselves.
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', inflight, '-inf', '(' .. string.format('%.3f', clock))
 -- A slot reserved for this event when it was released from the line is now its own.
 redis.call('ZREM', inflight, 'r:' .. id)
 redis.call('ZREM', waiting, id)
@@ -44,13 +47,15 @@ local function answer(v)
   return {v, state, b[2] or '0', b[3] or '', b[4] or '', b[5] or '', inflight_n}
 end
 if verdict == 'go' or verdict == 'probe' then
-  redis.call('ZADD', inflight, a.lease_until, holder)
+  redis.call('ZADD', inflight, string.format('%.3f', clock + tonumber(a.lease_s)), holder)
   redis.call('HSET', ev, 'started', a.started)
   redis.call('HDEL', ev, 'waiting_place')
   return answer(verdict)
 end
 if now >= tonumber(a.deadline) then return answer('expired') end
 redis.call('HSET', ev, 'due', a.deadline, 'armed', '0')
+-- No longer held by this step: the sweep may wake it at its deadline.
+redis.call('HDEL', ev, 'lease_until')
 redis.call('ZADD', due, a.deadline, id)
 -- First come, first served: places are numbered. An event keeps its place if it had one
 -- (it was released from the line and lost the race for the slot).

@@ -21,7 +21,10 @@ if id ~= '' and a.closed == '1' then
   redis.call('ZREM', KEYS[4], id)
   redis.call('ZREM', waiting, id)
 end
-redis.call('ZREMRANGEBYSCORE', inflight, '-inf', '(' .. a.now)
+-- Slots and reservations end on Redis's clock (see endpoint_admit.lua).
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', inflight, '-inf', '(' .. string.format('%.3f', clock))
 local b = redis.call('HMGET', ep, 'state', 'failures', 'probe', 'opens', 'opened_at', 'probe_at', 'cooldown',
                      'probe_reserved_until')
 local state = b[1] or 'closed'
@@ -78,9 +81,10 @@ while n > 0 do
     i = i + 1
     local token = a.token_prefix .. i
     redis.call('HSET', key, 'token', token, 'due', a.now, 'armed', '1')
+    redis.call('HDEL', key, 'lease_until')
     redis.call('ZADD', KEYS[6], a.now, wid)
     if state == 'closed' then
-      redis.call('ZADD', inflight, now + tonumber(a.reserve_s), 'r:' .. wid)
+      redis.call('ZADD', inflight, string.format('%.3f', clock + tonumber(a.reserve_s)), 'r:' .. wid)
     else
       redis.call('HSET', ep, 'probe_reserved_until', tostring(now + tonumber(a.reserve_s)))
     end
