@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from check365_client import tracing
 from check365_client.errors import BrokerUnavailable
 from check365_client.names import DEFAULT_QUEUE, WATCH_TASK, active_key, job_index_key, watch_key
 from check365_client.rules import validate_watch_request
@@ -122,10 +123,17 @@ class Check365Client:
         )
         from kombu.exceptions import OperationalError
 
-        try:
-            result = self._sender().send_task(WATCH_TASK, kwargs=request.kwargs(), queue=self.queue)
-        except (OperationalError, OSError) as exc:
-            raise BrokerUnavailable(f"could not enqueue on the broker: {type(exc).__name__}") from None
+        # The trace of the watch starts here (with OpenTelemetry configured): the worker
+        # continues it from the message's traceparent header.
+        with tracing.span(
+            "check365.enqueue_watch", kind="producer", attributes={"check365.job_id": request.job_id}
+        ) as traced:
+            try:
+                result = self._sender().send_task(
+                    WATCH_TASK, kwargs=request.kwargs(), queue=self.queue, headers=traced.headers() or None
+                )
+            except (OperationalError, OSError) as exc:
+                raise BrokerUnavailable(f"could not enqueue on the broker: {type(exc).__name__}") from None
         return str(result.id)
 
     def get_watch(self, job_id: str, callback_url: str | None = None) -> WatchState | None:

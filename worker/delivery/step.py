@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import structlog
 
+from check365_client import tracing
 from worker.delivery.events import iso_timestamp
 from worker.delivery.limits import EndpointLimits, retry_span_s
 from worker.delivery.signing import webhook_headers
@@ -112,8 +114,12 @@ def send_attempt(
     body: bytes,
     now: float,
     resolver: Resolver,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> Attempt:
-    """POST one signed attempt to the address that was checked, and classify the answer."""
+    """POST one signed attempt to the address that was checked, and classify the answer.
+
+    ``extra_headers`` (the trace context) are sent too; they are not signed.
+    """
     started = time.monotonic()
     try:
         target = pin_callback(
@@ -128,6 +134,7 @@ def send_attempt(
         return Attempt(ok=False, error=str(exc), duration_s=time.monotonic() - started)
 
     headers = webhook_headers(settings.webhook_secrets, webhook_id, int(now), body, USER_AGENT)
+    headers.update(extra_headers or {})
     headers["Host"] = target.host_header
     extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
     try:
@@ -376,15 +383,24 @@ def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) 
     if not admission.admitted:
         return step.held(admission)
 
-    attempt = send_attempt(
-        ctx.webhooks,
-        settings,
-        url=event.callback_url,
-        webhook_id=webhook_id,
-        body=body,
-        now=now,
-        resolver=ctx.resolver,
-    )
+    attributes: dict[str, tracing.Attribute] = {
+        "check365.job_id": event.job_id,
+        "check365.webhook_id": webhook_id,
+        "check365.attempt": number,
+    }
+    with tracing.span("check365.deliver", parent=event.trace, kind="client", attributes=attributes) as traced:
+        attempt = send_attempt(
+            ctx.webhooks,
+            settings,
+            url=event.callback_url,
+            webhook_id=webhook_id,
+            body=body,
+            now=now,
+            resolver=ctx.resolver,
+            extra_headers=traced.headers(),
+        )
+        traced.set("http.response.status_code", attempt.status_code)
+        traced.set("check365.delivered", attempt.ok)
     metrics.delivery_attempt(attempt.duration_s, sent=not attempt.unsafe)
     tries = event.tries + 1
     # Recorded by whichever call settles the step below, in the same round trip.

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from check365_client import tracing
 from check365_client.names import watch_id_for
 from check365_client.rules import WatchRequest
 from worker.delivery.events import Event, EventHead, failed_event, iter_completed_events, timed_out_event
@@ -87,13 +88,21 @@ def new_watch_id(message_id: str | None = None) -> str:
     return "w_" + secrets.token_hex(10)
 
 
-def start_watch(ctx: Context, request: WatchRequest, queue: str = "", message_id: str | None = None) -> StepResult:
+def start_watch(
+    ctx: Context, request: WatchRequest, queue: str = "", message_id: str | None = None, trace: str = ""
+) -> StepResult:
     """Create the watch; with no initial delay, also make its first poll.
 
     ``message_id`` (the start message's task id) makes a redelivered start message a
     duplicate even after its watch has ended: a worker that died after finishing the
     watch, but before acknowledging the message, must not have it start a second one.
+    ``trace`` is the producer's traceparent, if it sent one: the watch's trace continues it.
     """
+    with tracing.span("check365.watch", parent=trace, attributes={"check365.job_id": request.job_id}) as started:
+        return _start(ctx, request, queue, message_id, started.traceparent)
+
+
+def _start(ctx: Context, request: WatchRequest, queue: str, message_id: str | None, trace: str) -> StepResult:
     now = ctx.clock()
     delay = ctx.settings.poll_initial_delay_s
     # POLL_INITIAL_DELAY_S=0: the watch is created claimed by this step, which polls it
@@ -110,6 +119,7 @@ def start_watch(ctx: Context, request: WatchRequest, queue: str = "", message_id
         deadline=now + ctx.settings.watch_timeout_s,
         queue=queue or ctx.settings.queue,
         lease=Lease.starting(now, watch_lease_s(ctx.settings)) if poll_now else None,
+        trace=trace,
     )
     if created.token is None or created.watch is None:
         log.info("watch_duplicate", watch_id=created.watch_id)
@@ -205,6 +215,18 @@ def callback_refusal(ctx: Context, callback_url: str) -> str | None:
 
 
 def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
+    attributes: dict[str, tracing.Attribute] = {
+        "check365.job_id": watch.job_id,
+        "check365.watch_id": watch.watch_id,
+        "check365.poll": watch.polls + 1,
+    }
+    with tracing.span("check365.poll", parent=watch.trace, kind="client", attributes=attributes) as traced:
+        result = _poll(ctx, watch, holder)
+        traced.set("check365.step", result.outcome if isinstance(result, Finished) else type(result).__name__.lower())
+        return result
+
+
+def _poll(ctx: Context, watch: Watch, holder: str) -> StepResult:
     settings = ctx.settings
     now = ctx.clock()
     watch_id = watch.watch_id

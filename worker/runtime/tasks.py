@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from check365_client.rules import validate_watch_request
+from check365_client.tracing import TRACEPARENT, valid_traceparent
 from worker.app import app, settings
 from worker.delivery.step import (
     DeadLettered,
@@ -89,7 +90,8 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
             reject("watch_rejected", str(exc))
             return "rejected"
         message_id = self.request.id if isinstance(self.request.id, str) else None
-        result = start_watch(ctx, request, _queue_of(self), message_id)
+        trace = valid_traceparent(self.request.get(TRACEPARENT))
+        result = start_watch(ctx, request, _queue_of(self), message_id, trace)
     elif isinstance(watch_id, str) and isinstance(token, str) and _ID.fullmatch(watch_id) and _ID.fullmatch(token):
         # Any other kwargs (job_id and the rest, which follow-ups carried before) are ignored.
         structlog.contextvars.bind_contextvars(watch_id=watch_id)

@@ -70,6 +70,7 @@ class StoredEvent:
     # not the step reading it, that attempt never returned.
     started: str = ""
     replayed_at: float = 0.0
+    trace: str = ""  # the watch's traceparent: each attempt is a span of that trace
 
     @property
     def since(self) -> float:
@@ -96,6 +97,7 @@ class StoredEvent:
             attempts=attempts,
             started=h.get("started", ""),
             replayed_at=float(h.get("replayed_at") or 0),
+            trace=h.get("trace", ""),
         )
 
 
@@ -142,6 +144,7 @@ class Outbox:
         callback_url: str = "",
         now: float = 0.0,
         queue: str = "",
+        trace: str = "",
     ) -> dict[str, str]:
         """The event's own fields of a new event hash (``store.opening`` adds the protocol's)."""
         return {
@@ -155,6 +158,7 @@ class Outbox:
             "callback_url": callback_url,
             "created_at": fmt(now),
             "queue": queue,
+            "trace": trace,
         }
 
     def get(self, webhook_id: str) -> StoredEvent | None:

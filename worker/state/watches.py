@@ -59,6 +59,8 @@ class Watch:
     history: list[Observation] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     queue: str = ""
+    # The W3C traceparent that this watch's poll and delivery spans continue ('' for none).
+    trace: str = ""
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Watch:
@@ -83,6 +85,7 @@ class Watch:
             history=observations_from_json(h.get("history") or "[]"),
             events=list(json.loads(h.get("events") or "[]")),
             queue=h.get("queue", ""),
+            trace=h.get("trace", ""),
         )
 
 
@@ -129,6 +132,7 @@ class WatchStore:
         deadline: float,
         queue: str = "",
         lease: Lease | None = None,
+        trace: str = "",
     ) -> Created:
         """Create a watch unless one is active for the pair, or ``watch_id`` exists already.
 
@@ -150,6 +154,7 @@ class WatchStore:
             "failures": "0",
             # The queue its messages travel on, so that the sweep re-arms it there.
             "queue": queue,
+            "trace": trace,
         }
         existing = self._create(
             keys=[
@@ -248,6 +253,7 @@ class WatchStore:
                 callback_url=watch.callback_url,
                 now=now,
                 queue=watch.queue,
+                trace=watch.trace,
             )
             heads.append({**fields, **opening(token, due, armed=lease is None)})
             bodies.append(event.body if inline and isinstance(event, Event) else b"")
