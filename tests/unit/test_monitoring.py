@@ -69,6 +69,8 @@ def test_every_alert_the_operations_issue_asks_for_exists() -> None:
         "Check365DeadLettersGrowing",
         "Check365Errors",
         "Check365KeyRefused",
+        "Check365BreakerOpenLong",
+        "Check365Misconfigured",
     } <= names
     for rule in rules():
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
