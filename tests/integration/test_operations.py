@@ -117,8 +117,11 @@ def test_doctor_on_a_running_pool_passes_with_its_warnings(tmp_path: Path) -> No
         cluster.redis().config_set("maxmemory-policy", "allkeys-lru")
         cluster.redis().config_set("appendonly", "yes")
         cluster.redis().zadd(DEAD_KEY, {"msg_left": time.time()})
-        code, checks = doctor(cluster, WEBHOOK_ALLOW_HTTP="false", WEBHOOK_ALLOW_PRIVATE_NETWORKS="false")
+        code, checks = doctor(
+            cluster, WEBHOOK_ALLOW_HTTP="false", WEBHOOK_ALLOW_PRIVATE_NETWORKS="false", CHECK365_ALLOW_HTTP="true"
+        )
         assert code == 0, checks
+        assert checks["check365_allow_http"]["status"] == "warn"
         assert checks["eviction"]["status"] == "warn"
         assert "allkeys-lru" in checks["eviction"]["detail"]
         assert checks["persistence"] == {"name": "persistence", "status": "ok", "ok": True, "detail": "AOF on"}

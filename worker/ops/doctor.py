@@ -74,7 +74,7 @@ def _settings_checks() -> tuple[list[Check], Settings | None]:
                 "addresses (no SSRF protection)",
             )
         )
-    if getattr(settings, "check365_allow_http", False):
+    if settings.check365_allow_http:
         checks.append(
             Check("check365_allow_http", "warn", "CHECK365_ALLOW_HTTP=true: the API key may travel in clear text")
         )
