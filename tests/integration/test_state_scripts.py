@@ -23,6 +23,9 @@ LUA = {p.stem: p.read_text() for p in Path(str(files("worker.state").joinpath("l
 # The fields of the durable-item protocol, and the scripts of worker/state/store.py that write them.
 PROTOCOL_FIELDS = ("state", "token", "due", "armed")
 STORE_SCRIPTS = {"claim", "schedule", "close", "rearm", "reopen", "stop"}
+# The one exception store.py's docstring names: an endpoint's gate parks a held event and
+# releases it from the line in the script that decides it (and its breaker's hash has a state).
+GATE_SCRIPTS = {"endpoint_admit", "endpoint_settle"}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def test_protocol_fields_are_written_by_the_store_alone() -> None:
         code = "\n".join(line.split("--")[0] for line in text.splitlines())
         for call in re.findall(r"redis\.call\('HSET',[^)]*\)", code):
             named = set(re.findall(r"'(\w+)'", call)) & set(PROTOCOL_FIELDS)
-            assert not named or name in STORE_SCRIPTS, f"{name}.lua writes {named}"
+            assert not named or name in STORE_SCRIPTS | GATE_SCRIPTS, f"{name}.lua writes {named}"
     for module, text in _python_sources().items():
         if not module.startswith("state/"):
             assert not re.search(r"\.hset\(|\.hincrby\(", text), f"{module} writes a hash outside worker/state"
