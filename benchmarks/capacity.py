@@ -1,6 +1,7 @@
 """Capacity: how many concurrent watches one host keeps polling on time, and at what memory.
 
-    python -m benchmarks.capacity [--watches N] [--interval S] [--concurrency N] [--workers N] [--json PATH]
+    python -m benchmarks.capacity [--watches N] [--interval S] [--concurrency N] [--workers N] [--latency S]
+                                  [--json PATH]
 
 One machine, everything real: a Redis server, the Check365 simulator, beat, and two
 ``celery worker`` processes with the same concurrency, each on its own queue, run side
@@ -70,6 +71,8 @@ from benchmarks.common import (
 )
 from tests.support.cluster import Cluster, WorkerProcess
 from worker.intake.enqueue import client_app, enqueue_watch
+from worker.local.httpserver import Latency
+from worker.runtime.celeryconfig import WORKER_THREADS
 from worker.settings import Settings
 
 NAIVE_TASK = "bench.naive_watch"
@@ -286,16 +289,26 @@ class CpuShare:
 def run(
     watches: int = 10_000,
     interval_s: float = 60.0,
-    concurrency: int = 4,
+    concurrency: int | None = None,
     max_rps: float = 1000.0,
+    *,
     workers: int = 1,
+    latency_s: float = 0.0,
 ) -> dict[str, Any]:
-    """``workers`` worker processes share ``concurrency`` slots for ours; the naive one has them all."""
+    """``workers`` worker processes of ours (each with the app's pool unless ``concurrency`` is
+    given, then sharing it); the naive one has the app's pool, or ``concurrency`` slots.
+
+    Check365 answers every status request after ``latency_s``.
+    """
     ours_env = _ours_env(interval_s, max_rps)
-    with Cluster() as cluster:
+    with Cluster(api_latency=Latency(latency_s)) as cluster:
         ours_workers = [
             cluster.start_worker(
-                f"ours{i}", concurrency=concurrency // workers, env_overrides=ours_env, queue=OURS_QUEUE, wait=False
+                f"ours{i}",
+                concurrency=None if concurrency is None else concurrency // workers,
+                env_overrides=ours_env,
+                queue=OURS_QUEUE,
+                wait=False,
             )
             for i in range(workers)
         ]
@@ -377,7 +390,8 @@ def run(
         "settings": {
             "watches": watches,
             "interval_s": interval_s,
-            "concurrency": concurrency,
+            "concurrency": concurrency or WORKER_THREADS * workers,
+            "latency_s": latency_s,
             "workers": workers,
             "max_rps": max_rps,
             "late_s": LATE_S,
@@ -434,12 +448,45 @@ def run(
     }
 
 
-def rows(figures: dict[str, Any]) -> list[Row]:
+# With Check365 answering this late, one host keeps at least KEPT_FRACTION of its polls/s.
+LATENCY_S = 0.25
+KEPT_FRACTION = 0.8
+
+
+def run_both(
+    watches: int = 5_000, interval_s: float = 30.0, workers: int = 2, latency_s: float = LATENCY_S
+) -> dict[str, Any]:
+    """The capacity run with Check365 answering at once, then after ``latency_s``."""
+    zero = run(watches, interval_s, workers=workers)
+    slow = run(watches, interval_s, workers=workers, latency_s=latency_s)
+    kept = slow["ours"]["requests_per_s_in_window"] / zero["ours"]["requests_per_s_in_window"]
+    return {"zero": zero, "latency": slow, "kept_at_latency": kept, "kept_met": kept >= KEPT_FRACTION}
+
+
+def rows_both(figures: dict[str, Any]) -> list[Row]:
+    zero, slow = figures["zero"], figures["latency"]
+    ms = f"{slow['settings']['latency_s'] * 1000:g} ms"
+    return [
+        *rows(zero),
+        *rows(slow, f"capacity at {ms}"),
+        Row.compare(
+            f"capacity: polls/s at {ms} (Check365) next to 0 ms, {zero['settings']['workers']} workers",
+            slow["ours"]["requests_per_s_in_window"],
+            zero["ours"]["requests_per_s_in_window"],
+            "/s",
+            target=f">= {KEPT_FRACTION:g} x at 0 ms",
+            met=figures["kept_met"],
+            baseline_name="at 0 ms",
+        ),
+    ]
+
+
+def rows(figures: dict[str, Any], label: str = "capacity") -> list[Row]:
     s, ours, naive, targets = figures["settings"], figures["ours"], figures["naive"], figures["targets"]
     n = f"{s['watches']:,}"
     return [
         Row.compare(
-            f"capacity: watches polled on time (of {n}, every {s['interval_s']:g} s)",
+            f"{label}: watches polled on time (of {n}, every {s['interval_s']:g} s)",
             ours["watches_on_time"],
             naive["watches_on_time"],
             "",
@@ -449,7 +496,7 @@ def rows(figures: dict[str, Any]) -> list[Row]:
             baseline_name="naive sleep loop",
         ),
         Row.compare(
-            "capacity: poll lateness p99",
+            f"{label}: poll lateness p99",
             ours["lateness_p99_s"],
             naive["lateness_p99_s"],
             "s",
@@ -460,7 +507,7 @@ def rows(figures: dict[str, Any]) -> list[Row]:
         ),
         Row(
             # Polls that waited while other processes used less than QUIET_OTHER_SHARE of the machine.
-            f"capacity: poll lateness p99, quiet moments ({figures['machine']['quiet_polls_judged']:,} of "
+            f"{label}: poll lateness p99, quiet moments ({figures['machine']['quiet_polls_judged']:,} of "
             f"{ours['polls_judged']:,} polls)",
             figures["machine"]["quiet_lateness_p99_s"],
             None,
@@ -469,7 +516,7 @@ def rows(figures: dict[str, Any]) -> list[Row]:
             None,
         ),
         Row.compare(
-            f"capacity: worker RSS per 1,000 watches (at {n})",
+            f"{label}: worker RSS per 1,000 watches (at {n})",
             ours["rss_mib_per_1000_watches"],
             naive["rss_mib_per_1000_watches_on_time"],
             "MiB",
@@ -510,11 +557,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--watches", type=int, default=10_000)
     parser.add_argument("--interval", type=float, default=60.0)
-    parser.add_argument("--concurrency", type=int, default=4, help="slots of ours in all, and of the naive worker")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="slots of ours in all, and of the naive worker (default: the app's)",
+    )
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds Check365 takes to answer (default: 0)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes sharing our slots")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
-    figures = run(args.watches, args.interval, args.concurrency, workers=args.workers)
+    figures = run(args.watches, args.interval, args.concurrency, workers=args.workers, latency_s=args.latency)
     print(format_report(figures))
     if args.json:
         write_json(Path(args.json), figures)

@@ -256,13 +256,17 @@ def start_celery_worker(
     *,
     app: str,
     queue: str,
-    concurrency: int,
+    concurrency: int | None,
     env: Mapping[str, str],
     extra_args: Iterable[str] = (),
 ) -> WorkerProcess:
-    """A ``celery -A APP worker`` subprocess in its own session, stopped with ``cluster``."""
+    """A ``celery -A APP worker`` subprocess in its own session, stopped with ``cluster``.
+
+    Without ``concurrency`` its pool is the one of the app's configuration.
+    """
     args = [
-        sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue, "--concurrency", str(concurrency),
+        sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue,
+        *(() if concurrency is None else ("--concurrency", str(concurrency))),
         "--hostname", f"{name}@%h", "--without-gossip", "--without-mingle", *extra_args,
     ]  # fmt: skip
     process = WorkerProcess(name, args, env, cluster.directory, WORKER_READY)

@@ -37,10 +37,11 @@ import redis
 
 from tests.support.settings import make_settings
 from worker.intake.enqueue import enqueue_watch
+from worker.local.httpserver import NO_LATENCY, Latency
 from worker.local.receiver import Receiver
 from worker.local.redisserver import LocalRedis
 from worker.local.simulator import Simulator
-from worker.runtime.celeryconfig import WATCH_TASK
+from worker.runtime.celeryconfig import WATCH_TASK, delivery_queue
 from worker.settings import VARIABLES, Settings
 from worker.state.outbox import Outbox
 from worker.state.watches import Watch, WatchStore
@@ -295,6 +296,8 @@ class Cluster:
         api_key: str | None = None,
         secret: str | None = None,
         appendonly: bool = False,
+        api_latency: Latency = NO_LATENCY,
+        receiver_latency: Latency = NO_LATENCY,
     ) -> None:
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="check365-cluster-")
         self.directory = Path(directory or self._tmp.name)  # type: ignore[union-attr]
@@ -304,8 +307,8 @@ class Cluster:
         # ``appendonly`` gives Redis an AOF (fsync always), so that ``redis_server.restart()``
         # (SIGKILL, then a new server on the same port) keeps every write, as in production.
         self.redis_server = LocalRedis(appendonly=appendonly, directory=str(self.directory / "redis"))
-        self.sim = Simulator(api_key=self.api_key)
-        self.receiver = Receiver(self.secret)
+        self.sim = Simulator(api_key=self.api_key, latency=api_latency)
+        self.receiver = Receiver(self.secret, latency=receiver_latency)
         self.processes: list[WorkerProcess] = []
         self._redis: redis.Redis | None = None
         self._started: list[Callable[[], None]] = []
@@ -387,7 +390,7 @@ class Cluster:
     def start_worker(
         self,
         name: str,
-        concurrency: int = 4,
+        concurrency: int | None = None,
         env_overrides: Mapping[str, str | None] | None = None,
         queue: str | None = None,
         *,
@@ -397,7 +400,8 @@ class Cluster:
         """A ``celery -A worker worker`` consuming ``queue`` (default: CHECK365_QUEUE, else check365).
 
         The queue is also passed as CHECK365_QUEUE so that the worker's own follow-up
-        messages (next polls, deliveries) stay on it.
+        messages (next polls, deliveries) stay on it. Without ``concurrency`` the pool
+        is the app's own (its threads), as the production command starts it.
         """
         overrides = dict(env_overrides or {})
         queue = queue or overrides.get("CHECK365_QUEUE") or DEFAULT_QUEUE
@@ -411,8 +415,7 @@ class Cluster:
             "worker",
             "-Q",
             queue,
-            "--concurrency",
-            str(concurrency),
+            *(() if concurrency is None else ("--concurrency", str(concurrency))),
             "--hostname",
             f"{name}@%h",
             # Gossip and mingle cost seconds at start-up and nothing here needs them.
@@ -478,10 +481,12 @@ class Cluster:
         task: str = WATCH_TASK,
         queue: str = DEFAULT_QUEUE,
         task_id: str | None = None,
+        **options: Any,
     ) -> str:
         """Send a message by task name with a plain Celery app, as a foreign producer would.
 
         The same ``task_id`` twice is what the broker does when it delivers a message again.
+        ``options`` are Celery's (``time_limit``, ``eta``, ``routing_key``...).
         """
         from celery import Celery
 
@@ -493,6 +498,7 @@ class Cluster:
                 kwargs=dict(kwargs) if kwargs is not None else None,
                 queue=queue,
                 task_id=task_id,
+                **options,
             )
             return str(result.id)
         finally:
@@ -545,18 +551,19 @@ class Cluster:
         return int(self.redis().hlen(KOMBU_UNACKED))
 
     def drop_broker_messages(self, queue: str = DEFAULT_QUEUE) -> int:
-        """Delete every message of ``queue`` and every reserved message: what a lost message looks like.
+        """Delete every message of ``queue`` (and of its deliveries' queue) and every reserved message.
 
-        Only safe while no worker runs: a running worker still holds its reserved
-        messages in memory. Returns how many messages were deleted.
+        What a lost message looks like. Only safe while no worker runs: a running worker
+        still holds its reserved messages in memory. Returns how many messages were deleted.
         """
         client = self.redis()
         with client.pipeline() as pipe:
             pipe.llen(queue)
+            pipe.llen(delivery_queue(queue))
             pipe.hlen(KOMBU_UNACKED)
-            pipe.delete(queue, KOMBU_UNACKED, KOMBU_UNACKED_INDEX, KOMBU_UNACKED_MUTEX)
-            waiting, reserved, _ = pipe.execute()
-        return int(waiting) + int(reserved)
+            pipe.delete(queue, delivery_queue(queue), KOMBU_UNACKED, KOMBU_UNACKED_INDEX, KOMBU_UNACKED_MUTEX)
+            waiting, deliveries, reserved, _ = pipe.execute()
+        return int(waiting) + int(deliveries) + int(reserved)
 
     def active_watch_count(self) -> int:
         """Watches not finished yet, in the whole system (every active watch is in the due set)."""

@@ -288,17 +288,17 @@ def test_worker_command(default_config: Config) -> None:
     default_queue = next(f.default for f in fields(Settings) if f.name == "queue")
     assert command[command.index("-Q") + 1] == default_queue
     assert "--loglevel=INFO" in command
-    assert "--concurrency=8" in command
+    # The pool and its size come from the app's configuration, as with the README's command.
+    assert not any(arg.startswith(("--concurrency", "-c", "-P", "--pool")) for arg in command)
 
 
-def test_queue_and_concurrency_follow_the_environment(compose: Compose) -> None:
-    env = {**REQUIRED_SECRETS, "CHECK365_QUEUE": "watches", "WORKER_CONCURRENCY": "3"}
+def test_the_queue_follows_the_environment(compose: Compose) -> None:
+    env = {**REQUIRED_SECRETS, "CHECK365_QUEUE": "watches"}
     worker = _services(compose.config(env=env))["worker"]
     command = worker["command"]
     # The queue consumed and the queue the setting routes watches to stay one.
     assert command[command.index("-Q") + 1] == "watches"
     assert worker["environment"]["CHECK365_QUEUE"] == "watches"
-    assert "--concurrency=3" in command
 
 
 def test_worker_healthcheck_asks_its_own_readyz(default_config: Config) -> None:

@@ -25,6 +25,7 @@ from worker.errors import DeliveryFailed, OutOfTime, UnsafeCallbackURL
 from worker.ops import metrics
 from worker.polling.check365 import USER_AGENT, parse_retry_after
 from worker.runtime.context import Context, WebhookClients
+from worker.runtime.deadlines import exchange_deadline
 from worker.runtime.leases import delivery_lease_s, head, webhook_budget_s, within
 from worker.settings import Settings
 from worker.state.endpoints import Admission, Released, Settlement
@@ -140,17 +141,18 @@ def send_attempt(
     try:
         client = clients.for_server_name(target.sni_hostname)
         request = client.build_request("POST", target.url, content=body, headers=headers, extensions=extensions)
-        response = client.send(request, stream=True)
-        try:
-            # The status and headers are the answer. A short body is read so that the
-            # connection can serve the next attempt; a long, slow or broken one is cut
-            # off (the connection is then closed, not reused), and the status stands.
-            if not response.is_stream_consumed:  # a transport may hand back a body it has read already
-                head(within(response.iter_raw(), started + webhook_budget_s(settings)), _ANSWER_BODY_MAX_BYTES)
-        except (OutOfTime, httpx.HTTPError):
-            pass
-        finally:
-            response.close()
+        with exchange_deadline(webhook_budget_s(settings) - (time.monotonic() - started)) as deadline:
+            response = client.send(request, stream=True)
+            try:
+                # The status and headers are the answer. A short body is read so that the
+                # connection can serve the next attempt; a long, slow or broken one is cut
+                # off (the connection is then closed, not reused), and the status stands.
+                if not response.is_stream_consumed:  # a transport may hand back a body it has read already
+                    head(within(response.iter_raw(), deadline), _ANSWER_BODY_MAX_BYTES)
+            except (OutOfTime, httpx.HTTPError):
+                pass
+            finally:
+                response.close()
     except httpx.TimeoutException:
         return Attempt(ok=False, error="timeout", duration_s=time.monotonic() - started)
     except httpx.HTTPError as exc:

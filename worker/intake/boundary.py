@@ -13,6 +13,8 @@ installed release, in ``worker.intake.celery_internals``.
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -23,7 +25,7 @@ from celery.worker.request import Request
 
 from check365_client.rules import nested_deeper_than
 from worker.intake.celery_internals import after_failed_connection_cleanup, payload
-from worker.runtime.celeryconfig import DELIVER_TASK
+from worker.runtime.celeryconfig import DELIVER_TASK, MAX_ETA_KEY
 
 log = structlog.get_logger("check365.boundary")
 
@@ -53,6 +55,8 @@ _HEADER_TYPES: dict[str, tuple[type, ...]] = {
     "replaced_task_nesting": (int, _NONE),
     "ignore_result": (bool, _NONE),
     "timelimit": (list, tuple, _NONE),
+    "eta": (str, _NONE),
+    "expires": (str, _NONE),
     "stamped_headers": (list, _NONE),
     "stamps": (dict, _NONE),
 }
@@ -159,6 +163,38 @@ def _routing_problem(message: Any) -> str | None:
     return None
 
 
+def _limits_problem(app: Any, headers: Any) -> str | None:
+    """A message may lower its task's time limit, never raise or lift it, and wait no longer than we ever ask.
+
+    Celery takes a message's ``timelimit`` before the task's own, and would hold an ``eta``
+    for as long as it says: either would break the lease arithmetic (docs/design.md).
+    """
+    if not isinstance(headers, dict):
+        return None
+    task = app.tasks.get(headers.get("task")) if isinstance(headers.get("task"), str) else None
+    limits = headers.get("timelimit")
+    if task is not None and isinstance(limits, list | tuple):
+        own = task.time_limit or app.conf.task_time_limit
+        for value in limits:
+            if value is None or value == 0:  # Celery's "none asked": the task's own limit holds
+                continue
+            if not math.isfinite(value) or value < 0 or (own and value > own):
+                return f"the timelimit header may only lower the task's time limit ({own:g} s), got {value!r}"[:200]
+    eta = headers.get("eta")
+    if isinstance(eta, str):
+        try:
+            at = datetime.fromisoformat(eta)
+        except ValueError:
+            return "the eta header must be an ISO 8601 time"
+        if at.tzinfo is None:  # Celery reads a naive eta as UTC
+            at = at.replace(tzinfo=UTC)
+        ahead = (at - datetime.now(UTC)).total_seconds()
+        longest = app.conf.get(MAX_ETA_KEY)
+        if isinstance(longest, int | float) and ahead > longest:
+            return f"the eta is {ahead:.0f} s ahead, beyond the longest delay this worker sends ({longest:g} s)"
+    return None
+
+
 class CheckedConsumer(Consumer):  # type: ignore[misc] # Celery is untyped
     """The worker's consumer (``worker_consumer``): checks the headers before Celery routes a message.
 
@@ -176,7 +212,7 @@ class CheckedConsumer(Consumer):  # type: ignore[misc] # Celery is untyped
             message.reject_log_error(log, connection_errors)
 
         def on_task_received(message: Any) -> Any:
-            problem = _routing_problem(message)
+            problem = _routing_problem(message) or _limits_problem(self.app, message.headers)
             if problem is not None:
                 return reject(message, InvalidTaskError(problem))
             try:

@@ -121,8 +121,6 @@ def run_demo(timeout_s: float = 90.0) -> int:  # noqa: PLR0915 - a linear script
                     "worker",
                     "-Q",
                     "check365",
-                    "--concurrency",
-                    "4",
                     "--hostname",
                     "demo@%h",
                 ],

@@ -7,15 +7,70 @@ stop so that test teardown stays fast.
 from __future__ import annotations
 
 import contextlib
+import math
+import random
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
 
 import orjson
+
+# A drawn latency never exceeds this: a tail, not a hang (faults are scripted separately).
+MAX_LATENCY_S = 60.0
+
+
+@dataclass(frozen=True)
+class Latency:
+    """How long a local server takes to answer, as a server across the internet would.
+
+    Fixed (``tail`` 0), or log-normal around ``median_s`` with ``tail`` as the spread of
+    its logarithm: with a tail of 0.5, one answer in a hundred takes over 3.2 times the
+    median. Written ``0.25`` or ``0.25~0.5`` on a command line.
+    """
+
+    median_s: float = 0.0
+    tail: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("median_s", "tail"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.median_s > MAX_LATENCY_S:
+            raise ValueError(f"median_s must be at most {MAX_LATENCY_S:g} s, got {self.median_s}")
+
+    @classmethod
+    def parse(cls, text: str) -> Latency:
+        median, tilde, tail = text.partition("~")
+        try:
+            return cls(float(median), float(tail) if tilde else 0.0)
+        except ValueError as exc:
+            shape = "a latency is SECONDS or SECONDS~TAIL (for example 0.25~0.5)"
+            raise ValueError(f"{shape}, got {text!r}: {exc}") from None
+
+    def draw(self, rng: random.Random) -> float:
+        if self.median_s == 0:
+            return 0.0
+        if self.tail == 0:
+            return self.median_s
+        return min(self.median_s * math.exp(rng.gauss(0.0, self.tail)), MAX_LATENCY_S)
+
+    def wait(self, rng: random.Random) -> None:
+        seconds = self.draw(rng)
+        if seconds:
+            time.sleep(seconds)
+
+    def describe(self) -> str:
+        return f"{self.median_s * 1000:g} ms" + (f" (log-normal, tail {self.tail:g})" if self.tail else "")
+
+
+NO_LATENCY = Latency()
 
 
 class QuietHandler(BaseHTTPRequestHandler):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -30,7 +31,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from worker.local.httpserver import LocalServer, QuietHandler, ServerThread
+from worker.local.httpserver import NO_LATENCY, Latency, LocalServer, QuietHandler, ServerThread
 
 # A status, optionally with headers, optionally answered only after a delay in seconds,
 # optionally sent a byte every trickle seconds.
@@ -124,6 +125,7 @@ class Receiver(LocalServer):
         port: int = 0,
         *,
         on_receive: Callable[[Received], None] | None = None,
+        latency: Latency = NO_LATENCY,
     ) -> None:
         webhook = _webhook_class()
         secrets = [secret] if isinstance(secret, str) else list(secret)
@@ -136,6 +138,9 @@ class Receiver(LocalServer):
         self._scripts: dict[str, deque[_Answer]] = {}
         self._defaults: dict[str, _Answer] = {}
         self._in_flight: list[Received] = []
+        # Every webhook is answered this long after it arrived, before any scripted delay.
+        self.latency = latency
+        self._latency_rng = random.Random(2)
         self._server = ServerThread(functools.partial(_ReceiverHandler, self), host, port)
 
     # scripting and observing
@@ -275,6 +280,7 @@ class _ReceiverHandler(QuietHandler):
         headers = {name.lower(): value for name, value in self.headers.items()}
         item, answer = self.receiver._record(path, headers, body, int(self.client_address[1]))
         try:
+            self.receiver.latency.wait(self.receiver._latency_rng)
             if answer.delay_s:
                 # A slow receiver: the request has arrived and is recorded, the answer
                 # comes late (after a client's timeout, it reaches nobody).

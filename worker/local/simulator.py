@@ -38,7 +38,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from worker.local.httpserver import LocalServer, QuietHandler, ServerThread
+from worker.local.httpserver import NO_LATENCY, Latency, LocalServer, QuietHandler, ServerThread
 
 STATUS_PATH = "/api/validation/bulk-status"
 BEHAVIOURS = ("normal", "fail", "never", "unknown_statuses", "late_results")
@@ -371,6 +371,8 @@ class Simulator(LocalServer):
         port: int = 0,
         clock: Callable[[], float] = time.time,
         faults: FaultPlan | None = None,
+        *,
+        latency: Latency = NO_LATENCY,
     ) -> None:
         if not api_key:
             raise ValueError("api_key must not be empty")
@@ -386,6 +388,9 @@ class Simulator(LocalServer):
         self._faults: FaultPlan | None = None
         self._fault_rng = random.Random(0)
         self.set_faults(faults)
+        # Every status answer waits this long first (the API across the internet).
+        self.latency = latency
+        self._latency_rng = random.Random(1)
         self._server = ServerThread(functools.partial(_SimHandler, self), host, port)
 
     # jobs, faults, observations
@@ -565,6 +570,7 @@ class _SimHandler(QuietHandler):
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         if parts.path == STATUS_PATH:
+            self.sim.latency.wait(self.sim._latency_rng)
             answer, _ = self.sim._answer_status(dict(parse_qsl(parts.query, keep_blank_values=True)))
             if answer.status == _CLOSE_NOW:
                 self.close_connection = True
@@ -617,9 +623,10 @@ def serve_forever(
     faults: FaultPlan | None,
     *,
     on_ready: Callable[[str], None] | None = None,
+    latency: Latency = NO_LATENCY,
 ) -> None:
     """Serve until interrupted (Ctrl-C); ``on_ready`` receives the base URL once listening."""
-    with Simulator(api_key, host=host, port=port, faults=faults) as sim:
+    with Simulator(api_key, host=host, port=port, faults=faults, latency=latency) as sim:
         if on_ready is not None:
             on_ready(sim.url)
         try:

@@ -25,8 +25,9 @@ from check365_client import BrokerUnavailable
 from worker import __version__
 from worker.delivery.events import iso_timestamp
 from worker.errors import Check365WorkerError, InvalidSignature, InvalidWatchRequest, SettingsError
+from worker.local.httpserver import Latency
 from worker.local.simulator import FAULT_KINDS
-from worker.runtime.celeryconfig import DELIVER_TASK
+from worker.runtime.celeryconfig import DELIVER_TASK, delivery_queue
 from worker.settings import Settings, load_settings
 
 
@@ -268,7 +269,7 @@ def _replay(settings: Settings, outbox: Any, webhook_id: str) -> str | None:
         if event.state == "active":
             return "not dead-lettered: still being delivered"
         return f"not dead-lettered (state {event.state})"
-    queue = (event.queue if event else "") or settings.queue
+    queue = delivery_queue((event.queue if event else "") or settings.queue)
     client_app(settings).send_task(DELIVER_TASK, kwargs={"webhook_id": webhook_id, "token": token}, queue=queue)
     return None
 
@@ -454,6 +455,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             args.host,
             args.port,
             faults,
+            latency=args.latency,
             on_ready=lambda url: print(f"Check365 simulator on {url}", flush=True),
         )
     except OSError as exc:
@@ -529,6 +531,13 @@ def _fraction(raw: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {raw!r}")
     return value
+
+
+def _latency(raw: str) -> Latency:
+    try:
+        return Latency.parse(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(raw: str) -> float:
@@ -660,6 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=1.0,
         help="the Retry-After of a '429' fault, in seconds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--latency",
+        type=_latency,
+        default="0",
+        help="how long each status answer takes: SECONDS, or SECONDS~TAIL for a log-normal spread "
+        "(for example 0.25~0.5: one answer in a hundred over 0.8 s) (default: at once)",
     )
     p.set_defaults(func=cmd_simulate)
 

@@ -62,6 +62,7 @@ from worker.errors import (
     Check365Unavailable,
     OutOfTime,
 )
+from worker.runtime.deadlines import bounded_transport, exchange_deadline
 from worker.runtime.leases import head, status_budget_s, within
 from worker.runtime.logs import Redactor
 from worker.settings import Settings
@@ -190,19 +191,26 @@ class Failed:
 PollOutcome = Running | Incomplete | Completed | Failed
 
 
-def make_client(settings: Settings, transport: httpx.BaseTransport | None = None) -> httpx.Client:
-    """The one Check365 client of a process: reuse it, its pool keeps connections warm."""
+def make_client(
+    settings: Settings, transport: httpx.BaseTransport | None = None, *, max_connections: int = 20
+) -> httpx.Client:
+    """The one Check365 client of a process: reuse it, its pool keeps connections warm.
+
+    ``max_connections`` is the number of steps that may wait on Check365 at once (the
+    worker's threads): a smaller pool would make the rest queue for a connection.
+    """
     t = settings.check365_timeout_s
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     return httpx.Client(
         timeout=httpx.Timeout(connect=min(_MAX_CONNECT_TIMEOUT_S, t), read=t, write=t, pool=t),
-        limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+        limits=limits,
         # A redirect would re-send the API key to wherever it points.
         follow_redirects=False,
         # Nor may HTTP(S)_PROXY, NETRC or SSL_CERT_* set for other programs send it (or
         # trust its TLS) elsewhere: the API is reached directly, as configured here.
         trust_env=False,
         headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
-        transport=transport,
+        transport=transport or bounded_transport(limits),
     )
 
 
@@ -239,9 +247,11 @@ _Fetched = tuple[int, httpx.Headers, "bytes | _Spool"]
 def _get(client: httpx.Client, settings: Settings, job_id: str, in_memory_max: int, max_answer: int) -> _Fetched | str:
     params = {"api_key": settings.api_key, "job_id": job_id}
     budget = status_budget_s(settings)
-    deadline = time.monotonic() + budget
     try:
-        with client.stream("GET", settings.status_url, params=params) as response:
+        with (
+            exchange_deadline(budget) as deadline,
+            client.stream("GET", settings.status_url, params=params) as response,
+        ):
             chunks = within(response.iter_bytes(_CHUNK_BYTES), deadline)
             if not 200 <= response.status_code < 300:
                 # Error answers are classified whole, and only their message matters.

@@ -1,14 +1,16 @@
 """The collaborators a step needs, built once per worker process.
 
-Celery's prefork pool forks after the app is imported: connections made before the
-fork would be shared by every child. ``process_context`` builds them lazily in the
-process that uses them, and again after a fork.
+The worker's steps run in threads of one process (config/celery.py) and share these:
+httpx clients and redis-py's connection pool are thread-safe, and their pools are sized
+for every thread at once. ``process_context`` builds them lazily in the process that
+uses them, and again after a fork (a prefork pool, if one is chosen on the command line).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from worker.delivery.limits import EndpointLimitsFor, default_limits
 from worker.delivery.urls import Resolver, system_resolver
 from worker.polling.check365 import make_client
 from worker.polling.ratelimit import RateLimiter
+from worker.runtime.celeryconfig import WORKER_THREADS
+from worker.runtime.deadlines import bounded_transport
 from worker.settings import Settings
 from worker.state.endpoints import EndpointState
 from worker.state.outbox import Outbox
@@ -50,18 +54,21 @@ class Context:
         self.redis.close()
 
 
-def make_webhook_client(settings: Settings, transport: httpx.BaseTransport | None = None) -> httpx.Client:
+def make_webhook_client(
+    settings: Settings, transport: httpx.BaseTransport | None = None, *, max_connections: int = WORKER_THREADS
+) -> httpx.Client:
     t = settings.webhook_timeout_s
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
     return httpx.Client(
         timeout=httpx.Timeout(t, connect=min(10.0, t)),
-        limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+        limits=limits,
         # A redirect is a failed attempt: following it would send signed results to
         # an address nobody checked.
         follow_redirects=False,
         # A proxy from the environment would resolve the host itself and undo the
         # address pinning that defeats DNS rebinding.
         trust_env=False,
-        transport=transport,
+        transport=transport or bounded_transport(limits),
     )
 
 
@@ -79,23 +86,28 @@ class WebhookClients:
         self._settings = settings
         self._transport = transport
         self._clients: OrderedDict[str | None, httpx.Client] = OrderedDict()
+        self._lock = threading.Lock()
 
     def for_server_name(self, server_name: str | None) -> httpx.Client:
-        client = self._clients.get(server_name)
-        if client is None:
-            client = make_webhook_client(self._settings, self._transport)
-            self._clients[server_name] = client
-            if len(self._clients) > self.MAX_CLIENTS:
-                _, oldest = self._clients.popitem(last=False)
-                oldest.close()
-        else:
-            self._clients.move_to_end(server_name)
-        return client
+        with self._lock:
+            client = self._clients.get(server_name)
+            if client is None:
+                client = make_webhook_client(self._settings, self._transport)
+                self._clients[server_name] = client
+                if len(self._clients) > self.MAX_CLIENTS:
+                    # Requests of other threads may still use it: httpx fails them as
+                    # connection errors, retried like any other.
+                    _, oldest = self._clients.popitem(last=False)
+                    oldest.close()
+            else:
+                self._clients.move_to_end(server_name)
+            return client
 
     def close(self) -> None:
-        for client in self._clients.values():
-            client.close()
-        self._clients.clear()
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -105,6 +117,8 @@ def redis_client(settings: Settings) -> redis.Redis:
         socket_connect_timeout=5,
         health_check_interval=30,
         retry_on_timeout=True,
+        # Every thread may hold a connection at once, plus the metrics endpoint's gauges.
+        max_connections=WORKER_THREADS + 16,
     )
 
 
@@ -125,7 +139,7 @@ def build_context(
         redis=client,
         watches=WatchStore(client, state_ttl_s=settings.state_ttl_s),
         outbox=outbox,
-        check365=make_client(settings, transport=check365_transport),
+        check365=make_client(settings, transport=check365_transport, max_connections=WORKER_THREADS),
         webhooks=WebhookClients(settings, transport=webhook_transport),
         limiter=RateLimiter(client, settings.check365_max_rps),
         clock=clock,
@@ -138,11 +152,13 @@ def build_context(
 
 _context: Context | None = None
 _context_pid: int | None = None
+_context_lock = threading.Lock()
 
 
 def process_context(settings: Settings) -> Context:
     global _context, _context_pid  # noqa: PLW0603 - one context per process is the point
-    if _context is None or _context_pid != os.getpid():
-        _context = build_context(settings)
-        _context_pid = os.getpid()
-    return _context
+    with _context_lock:
+        if _context is None or _context_pid != os.getpid():
+            _context = build_context(settings)
+            _context_pid = os.getpid()
+        return _context

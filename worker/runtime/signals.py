@@ -1,4 +1,4 @@
-"""Celery signal receivers: one logging pipeline, and job_id/task_id bound per task."""
+"""Celery signal receivers: the deliveries' queue, one logging pipeline, and job_id/task_id bound per task."""
 
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ from celery import signals
 
 from worker.app import settings
 from worker.ops import metrics
+from worker.runtime.celeryconfig import delivery_queue
 from worker.runtime.logs import configure_logging
 
 metrics.connect_worker_signals(settings)
+
+
+@signals.celeryd_after_setup.connect
+def _consume_deliveries(instance: Any = None, **_: Any) -> None:
+    # ``-Q check365`` selects the polls' queue; the deliveries' queue is part of the same
+    # worker by configuration, so that the production command stays one queue long.
+    if instance is not None:
+        instance.app.amqp.queues.select_add(delivery_queue(settings.queue))
 
 
 @signals.setup_logging.connect

@@ -31,8 +31,9 @@ from worker.delivery.step import (
 from worker.errors import InvalidWatchRequest
 from worker.intake.boundary import CheckedTask, reject
 from worker.polling.step import Dropped, Finished, Reschedule, StepResult, poll_once, start_watch
-from worker.runtime.celeryconfig import DELIVER_TASK, SWEEP_TASK, WATCH_TASK
+from worker.runtime.celeryconfig import DELIVER_TASK, SWEEP_TASK, WATCH_TASK, delivery_queue
 from worker.runtime.context import Context, process_context
+from worker.runtime.deadlines import step_deadline
 from worker.runtime.leases import delivery_time_limit_s, watch_time_limit_s
 from worker.runtime.sweep import sweep
 
@@ -41,20 +42,29 @@ log = structlog.get_logger("check365.tasks")
 _ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
-def _queue_of(task: Any) -> str:
-    """The queue this message came on: follow-ups stay on it."""
-    delivery = getattr(task.request, "delivery_info", None) or {}
-    routing_key = delivery.get("routing_key")
-    return routing_key if isinstance(routing_key, str) and routing_key else settings.queue
+def _time_limit(task: Any, own: float) -> float:
+    """The step's time: its task's limit, or a lower one its message asked for (soft or hard).
+
+    The pool's threads enforce no time limit: the step's deadline does (worker/runtime/deadlines.py).
+    The boundary refused any message asking for more (worker/intake/boundary.py).
+    """
+    limits = getattr(task.request, "timelimit", None)
+    asked = [v for v in limits or () if isinstance(v, int | float) and not isinstance(v, bool) and v > 0]
+    return min([own, *asked])
 
 
+# Follow-ups go to the queues of this worker's configuration, never to the routing key a
+# message came with: a producer chooses that one (another service's queue, say).
 def _send_poll(watch_id: str, token: str, delay: float, queue: str) -> None:
     # The watch is in Redis: its next poll needs only which watch, and which message.
     watch_bulk_job.apply_async(kwargs={"watch_id": watch_id, "token": token}, countdown=delay, queue=queue)
 
 
 def send_delivery(webhook_id: str, token: str, queue: str, delay: float = 0.0) -> None:
-    deliver_webhook.apply_async(kwargs={"webhook_id": webhook_id, "token": token}, countdown=delay or None, queue=queue)
+    """Send a delivery step to the deliveries' queue of the polls' ``queue``."""
+    deliver_webhook.apply_async(
+        kwargs={"webhook_id": webhook_id, "token": token}, countdown=delay or None, queue=delivery_queue(queue)
+    )
 
 
 # The hard time limits keep every step inside the lease it holds (see worker/runtime/leases.py).
@@ -68,6 +78,11 @@ def send_delivery(webhook_id: str, token: str, queue: str, delay: float = 0.0) -
 )
 def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
     """Start a watch, or run its next poll. Returns a short word for tests and Flower."""
+    with step_deadline(_time_limit(self, watch_time_limit_s(settings))):
+        return _watch(self, args, kwargs)
+
+
+def _watch(self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     if args:
         reject("watch_rejected", "positional arguments are not accepted; send kwargs")
         return "rejected"
@@ -91,7 +106,7 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
             return "rejected"
         message_id = self.request.id if isinstance(self.request.id, str) else None
         trace = valid_traceparent(self.request.get(TRACEPARENT))
-        result = start_watch(ctx, request, _queue_of(self), message_id, trace)
+        result = start_watch(ctx, request, settings.queue, message_id, trace)
     elif isinstance(watch_id, str) and isinstance(token, str) and _ID.fullmatch(watch_id) and _ID.fullmatch(token):
         # Any other kwargs (job_id and the rest, which follow-ups carried before) are ignored.
         structlog.contextvars.bind_contextvars(watch_id=watch_id)
@@ -101,17 +116,17 @@ def watch_bulk_job(self: Any, *args: Any, **kwargs: Any) -> str:
         return "rejected"
 
     if isinstance(result, Reschedule):
-        _send_poll(result.watch_id, result.token, result.delay, _queue_of(self))
+        _send_poll(result.watch_id, result.token, result.delay, settings.queue)
         return "scheduled"
     if isinstance(result, Finished):
         if result.leased is not None:
             # Created claimed by this step: delivered here. The event is already durable,
             # so a crash now is recovered like any delivery step's, once its lease ends.
             event, body = result.leased
-            _settle(deliver_claimed(ctx, event, body, result.deliveries[0][1]), _queue_of(self))
+            _settle(deliver_claimed(ctx, event, body, result.deliveries[0][1]), settings.queue)
         else:
             for webhook_id, event_token in result.deliveries:
-                send_delivery(webhook_id, event_token, _queue_of(self))
+                send_delivery(webhook_id, event_token, settings.queue)
         return result.outcome
     assert isinstance(result, Dropped)  # noqa: S101 - exhaustive over StepResult
     if result.reason != "duplicate":  # a duplicate enqueue has its own watch_duplicate line
@@ -138,7 +153,8 @@ def deliver_webhook(self: Any, *args: Any, **kwargs: Any) -> str:
         reject("delivery_rejected", "expects exactly the kwargs webhook_id and token, as short identifiers")
         return "rejected"
     assert isinstance(webhook_id, str) and isinstance(token, str)  # noqa: S101 - checked just above
-    return _deliver(process_context(settings), webhook_id, token, _queue_of(self))
+    with step_deadline(_time_limit(self, delivery_time_limit_s(settings))):
+        return _deliver(process_context(settings), webhook_id, token, settings.queue)
 
 
 def _deliver(ctx: Context, webhook_id: str, token: str, queue: str) -> str:
