@@ -42,13 +42,12 @@ GROUPS = {"running": (4, 30, 8.0), "retrying": (2, 2500, 0.5), "dead": (1, 3, 0.
 PARTS = {"running": 1, "retrying": 3, "dead": 1, "queued": 1}
 OLD_ENV = {"WEBHOOK_RETRY_DELAYS_S": "0.3,6,6"}
 
+# The older version's own helper, with its own settings (read from the environment).
 _PRODUCER = """
 import json, sys
 from worker.enqueue import enqueue_watch
-from worker.settings import load_settings
-settings = load_settings(role="client")
 for job_id, url in json.loads(sys.argv[1]):
-    enqueue_watch(job_id, url, {"upgrade": True}, settings=settings)
+    enqueue_watch(job_id, url, {"upgrade": True})
 """
 
 
@@ -99,10 +98,10 @@ def run(old_tree: Path) -> list[str]:
 
         new = cluster.start_worker("new")
         cluster.start_beat("new-beat")
+        cluster.receiver.default(f"/{jobs['dead'][0][0]}", 200)
         replay = cluster.cli("dead-letters", "replay", dead[0])
         if replay.returncode != 0:
             problems.append(f"replay failed: {replay.stderr.strip()[:300]}")
-        cluster.receiver.default(f"/{jobs['dead'][0][0]}", 200)
 
         def delivered(group: str) -> bool:
             return all(
