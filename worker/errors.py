@@ -5,18 +5,17 @@
     ├── RetryableError           try again later; ``retry_after`` is a server-given delay
     │   ├── Check365Unavailable  5xx, timeout, connection error, garbage, success:false
     │   │   └── Check365Misconfigured  an answer that is not Check365's: the deployment is wrong
-    │   ├── Check365Throttled    429 from Check365, or the pool-wide rate limit
-    │   └── DeliveryFailed       the receiver did not answer 2xx
-    └── PermanentError           trying again cannot help
-        ├── Check365Rejected     job not found, key refused, request refused (``reason``)
+    │   ├── Check365Throttled    429 from Check365
+    │   ├── OutOfTime            an answer still arriving when its exchange's budget ran out
+    │   └── DeliveryFailed       the callback host could not be resolved (the attempt is retried)
+    └── PermanentError           trying again cannot help (``reason`` says why)
+        ├── Check365Rejected     job not found, key refused, request refused
         ├── UnsafeCallbackURL    the callback URL breaks the SSRF or scheme rules
-        ├── DeliveryGone         the receiver answered 410 Gone
+        │                        (also the client's UnsafeCallbackURL: refused at enqueue too)
         └── InvalidSignature     a webhook fails Standard Webhooks verification
 
-    check365_client.ClientError  (the producers' client: see check365_client/errors.py)
-    ├── InvalidWatchRequest      enqueue kwargs break the contract (nothing is enqueued)
-    │   └── UnsafeCallbackURL    ...the callback URL's rules; the worker's UnsafeCallbackURL is one too
-    └── BrokerUnavailable        Redis could not be reached
+The producers' client has its own tree, drawn in ``check365_client/errors.py``;
+``InvalidWatchRequest`` (raised by both, re-exported here) and ``UnsafeCallbackURL`` are in it.
 
 Messages never contain the API key, a webhook secret or a full Check365 URL:
 callers may log ``str(exc)`` freely.
@@ -96,11 +95,6 @@ class UnsafeCallbackURL(PermanentError, client_errors.UnsafeCallbackURL):
         self.field = "callback_url"
         self.rule = rule
         Exception.__init__(self, f"callback_url: {rule}")
-
-
-class DeliveryGone(PermanentError):
-    def __init__(self) -> None:
-        super().__init__("gone", "the receiver answered 410 Gone")
 
 
 class InvalidSignature(PermanentError):
