@@ -36,8 +36,8 @@ from worker.polling.check365 import (
     classify_response,
     fetch_status,
     make_client,
-    parse_retry_after,
 )
+from worker.retry_after import parse_retry_after
 from worker.settings import Settings
 
 API_KEY = "ck365_live_9fQ2xZrT7wLmB4vK"

@@ -20,8 +20,8 @@ from worker.polling.check365 import (
     PollOutcome,
     Running,
     classify_response,
-    parse_retry_after,
 )
+from worker.retry_after import parse_retry_after
 
 JOB_ID = "J-42"
 SECRET = "ck365_live_9fQ2xZrT7wLmB4vK"

@@ -17,7 +17,6 @@ from worker.polling.schedule import (
     HISTORY_LIMIT,
     PATIENCE_MAX,
     PATIENCE_MIN,
-    RETRY_AFTER_CAP_S,
     Observation,
     incomplete_results_delay,
     next_poll_delay,
@@ -26,6 +25,7 @@ from worker.polling.schedule import (
     remember,
     transient_delay,
 )
+from worker.retry_after import MAX_RETRY_AFTER_S
 
 T0 = 1_700_000_000.0
 INITIAL = 5.0
@@ -308,7 +308,7 @@ def test_transient_delay_honours_retry_after_even_beyond_the_max(retry_after: fl
 @pytest.mark.parametrize("retry_after", [1e9, math.inf])
 def test_transient_delay_caps_an_absurd_retry_after(retry_after: float) -> None:
     got = transient_delay(1, initial_delay=INITIAL, max_delay=MAX, retry_after=retry_after, rng=random.Random(3))
-    assert got == RETRY_AFTER_CAP_S
+    assert got == MAX_RETRY_AFTER_S
 
 
 @pytest.mark.parametrize("retry_after", [None, 0.0, -5.0, math.nan])

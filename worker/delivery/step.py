@@ -23,7 +23,8 @@ from worker.delivery.signing import webhook_headers
 from worker.delivery.urls import Resolver, endpoint_key, pin_callback
 from worker.errors import DeliveryFailed, OutOfTime, UnsafeCallbackURL
 from worker.ops import metrics
-from worker.polling.check365 import USER_AGENT, parse_retry_after
+from worker.polling.check365 import USER_AGENT
+from worker.retry_after import capped, parse_retry_after
 from worker.runtime.context import Context, WebhookClients
 from worker.runtime.deadlines import exchange_deadline
 from worker.runtime.leases import delivery_lease_s, head, webhook_budget_s, within
@@ -34,8 +35,6 @@ from worker.state.store import Lease
 
 log = structlog.get_logger("check365.delivery")
 
-# Beyond this a server-given Retry-After is not trusted further.
-MAX_RETRY_AFTER_S = 3600.0
 # Positive jitter only: a retry never comes before the configured delay.
 JITTER = 0.1
 # A receiver's answer body is not used; reading a short one keeps the connection reusable.
@@ -185,7 +184,7 @@ def retry_delay(tries: int, settings: Settings, retry_after: float | None, jitte
         return None
     delay = delays[tries - 1] * (1 + JITTER * jitter)
     if retry_after is not None:
-        delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
+        delay = max(delay, capped(retry_after))
     return delay
 
 

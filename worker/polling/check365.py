@@ -47,8 +47,6 @@ import time
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import IO, Any, Final, NoReturn, TypeGuard
 
 import httpx
@@ -62,6 +60,7 @@ from worker.errors import (
     Check365Unavailable,
     OutOfTime,
 )
+from worker.retry_after import parse_retry_after
 from worker.runtime.deadlines import bounded_transport, exchange_deadline
 from worker.runtime.leases import head, status_budget_s, within
 from worker.runtime.logs import Redactor
@@ -82,7 +81,6 @@ __all__ = [
     "classify_response",
     "fetch_status",
     "make_client",
-    "parse_retry_after",
 ]
 
 USER_AGENT: Final = f"check365-worker/{__version__}"
@@ -97,12 +95,6 @@ MAX_MESSAGE_CHARS: Final = 200
 # A job status is a word ("processing", "completed"); it is logged on every poll and
 # copied into events, so a longer one is cut here.
 MAX_STATUS_CHARS: Final = 100
-# A server asking for more than an hour is more likely wrong than right; the
-# watch deadline and the poll schedule still bound the wait.
-MAX_RETRY_AFTER_S: Final = 3600.0
-# Real Retry-After values are under 40 chars; anything far longer is garbage and
-# not worth handing to the date parser.
-_MAX_RETRY_AFTER_LEN: Final = 100
 # Connecting should never take long; a slow connect means the host is unwell.
 _MAX_CONNECT_TIMEOUT_S: Final = 10.0
 
@@ -129,7 +121,6 @@ _BATCH: Final = 1000
 _MAX_PREFIX_BYTES: Final = 16 << 20
 
 _REDACTED: Final = "[redacted]"
-_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 # A message that names the job is about the job even when it also names the key
 # ("job not found for this API key"); otherwise key words win over a bare
@@ -497,31 +488,6 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         if name.lower() == "retry-after":
             return parse_retry_after(value, time.time())
     return None
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After value (delay-seconds or HTTP-date).
-
-    The result lies in [0, 3600]; a missing or unparseable value gives None.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if not value or len(value) > _MAX_RETRY_AFTER_LEN:
-        return None
-    if _DELAY_SECONDS.fullmatch(value):
-        return min(MAX_RETRY_AFTER_S, float(value))
-    try:
-        when = parsedate_to_datetime(value)
-        if when.tzinfo is None:
-            # An HTTP-date is GMT by definition; naive means the zone was "-0000".
-            when = when.replace(tzinfo=UTC)
-        seconds = when.timestamp() - now
-    except (TypeError, ValueError, OverflowError, IndexError):
-        return None
-    if not math.isfinite(seconds):
-        return None
-    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
 # --------------------------------------------------------------------------- big answers

@@ -59,12 +59,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from worker.retry_after import capped
+
 __all__ = [
     "DEFAULT_PATIENCE",
     "HISTORY_LIMIT",
     "PATIENCE_MAX",
     "PATIENCE_MIN",
-    "RETRY_AFTER_CAP_S",
     "SHORT_RESULTS_WAIT_S",
     "Observation",
     "incomplete_results_delay",
@@ -92,10 +93,6 @@ _CROWDED = 0.5
 # Eight points give a rate estimate that resists one or two bad readings while
 # the JSON kept per watch stays around 200 bytes.
 HISTORY_LIMIT = 8
-
-# A Retry-After beyond an hour is more likely a misconfigured proxy than a
-# real instruction; the watch deadline still bounds the total wait.
-RETRY_AFTER_CAP_S = 3600.0
 
 # Shortest delay ever returned: keeps a countdown strictly positive even when
 # the deadline is due now or the settings are sub-second (tests).
@@ -288,7 +285,7 @@ def transient_delay(
     Doubles from ``initial_delay`` up to ``max_delay``, drawn uniformly from the
     upper half of that value so that watches failing together spread out. A
     ``retry_after`` from the server is a floor, honoured even beyond
-    ``max_delay`` up to ``RETRY_AFTER_CAP_S``.
+    ``max_delay`` up to ``worker.retry_after.MAX_RETRY_AFTER_S``.
     """
     _check_delays(initial_delay, max_delay)
     base = max(initial_delay, _MIN_DELAY_S)
@@ -297,7 +294,7 @@ def transient_delay(
     ceiling = min(base * 2.0**exponent, max_delay)
     delay = rng.uniform(ceiling / 2, ceiling)
     if retry_after is not None and _is_number(retry_after) and retry_after > 0:
-        delay = max(delay, min(retry_after, RETRY_AFTER_CAP_S))
+        delay = max(delay, capped(retry_after))
     return delay
 
 
