@@ -22,6 +22,7 @@ from typing import Any
 
 from worker.local.redisserver import LocalRedis
 from worker.settings import load_settings
+from worker.state.connect import connect
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def run_demo(timeout_s: float = 90.0) -> int:  # noqa: PLR0915 - a linear script
                     job.job_id, f"{receiver.url}/hooks/{job.job_id}", {"demo": job.job_id}, settings=client_settings
                 )
             print(f"enqueued {len(JOBS)} watches; progress (from the watch state in Redis):\n")
-            store = WatchStore(__import__("redis").Redis.from_url(redis_server.url), state_ttl_s=3600)
+            store = WatchStore(connect(redis_server.url), state_ttl_s=3600)
             expected = sum(j.parts for j in JOBS)
             shown: set[str] = set()
             last_lines = ""

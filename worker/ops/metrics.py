@@ -51,6 +51,7 @@ import structlog
 from worker.errors import Check365Misconfigured, Check365Throttled, PermanentError
 from worker.ops.pool import PAUSE_CAUSES, PoolReader, PoolState
 from worker.settings import Settings
+from worker.state.connect import connect
 from worker.state.endpoints import BREAKER_STATES, EndpointState
 
 if TYPE_CHECKING:
@@ -429,7 +430,7 @@ def _pool_collector(redis_url: str) -> Collector:
 
 
 def _redis(redis_url: str) -> redis.Redis:
-    return redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+    return connect(redis_url, timeout_s=REDIS_TIMEOUT_S, retry_on_timeout=False)
 
 
 def make_registry(redis_url: str) -> CollectorRegistry:

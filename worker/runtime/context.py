@@ -25,6 +25,7 @@ from worker.polling.ratelimit import RateLimiter
 from worker.runtime.celeryconfig import WORKER_THREADS
 from worker.runtime.deadlines import bounded_transport
 from worker.settings import Settings
+from worker.state.connect import connect
 from worker.state.endpoints import EndpointState
 from worker.state.outbox import Outbox
 from worker.state.store import Clock
@@ -111,15 +112,8 @@ class WebhookClients:
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry_on_timeout=True,
-        # Every thread may hold a connection at once, plus the metrics endpoint's gauges.
-        max_connections=WORKER_THREADS + 16,
-    )
+    # Every thread may hold a connection at once, plus the metrics endpoint's gauges.
+    return connect(settings.redis_url, max_connections=WORKER_THREADS + 16)
 
 
 def build_context(
