@@ -26,6 +26,7 @@ from benchmarks.capacity import lateness, planned_polls_ours
 from benchmarks.common import Row, format_table, percentile, write_json
 from tests.support.cluster import Cluster, wait_until
 from worker.intake.enqueue import enqueue_watch
+from worker.runtime.celeryconfig import WORKER_THREADS
 
 QUEUE = "bench-backlog"
 POLL_S = 2.0
@@ -41,6 +42,9 @@ def run(deliveries: int = 1200, watches: int = 100, receiver_s: float = 1.0, qui
         "WATCH_TIMEOUT_S": "900",
         "CHECK365_MAX_RPS": "100000",
         "WEBHOOK_MAX_RESULTS_PER_PART": "1",
+        # One receiver: its cap on attempts in flight would otherwise park most of the backlog
+        # (holding no thread); at the pool's size every thread can be busy delivering.
+        "WEBHOOK_ENDPOINT_MAX_IN_FLIGHT": str(WORKER_THREADS),
         "WEBHOOK_TIMEOUT_S": repr(max(5.0, 4 * receiver_s)),
         "REARM_GRACE_S": "120",
         "LOG_LEVEL": "info",

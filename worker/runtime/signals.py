@@ -15,12 +15,14 @@ from worker.runtime.logs import configure_logging
 metrics.connect_worker_signals(settings)
 
 
-@signals.celeryd_after_setup.connect
-def _consume_deliveries(instance: Any = None, **_: Any) -> None:
+@signals.worker_init.connect
+def _consume_deliveries(sender: Any = None, **_: Any) -> None:
     # ``-Q check365`` selects the polls' queue; the deliveries' queue is part of the same
-    # worker by configuration, so that the production command stays one queue long.
-    if instance is not None:
-        instance.app.amqp.queues.select_add(delivery_queue(settings.queue))
+    # worker by configuration, so that the production command stays one queue long. Sent
+    # once the queues are selected, before consuming, by `celery worker` and start_worker alike.
+    app = getattr(sender, "app", None)
+    if app is not None:
+        app.amqp.queues.select_add(delivery_queue(settings.queue))
 
 
 @signals.setup_logging.connect
