@@ -58,7 +58,7 @@ def finished(world: World, job_id: str) -> tuple[StoredEvent, bytes, str]:
     result = poll_once(world.ctx, step.watch_id, step.token)
     assert isinstance(result, Finished)
     assert result.leased is not None
-    event, body = result.leased
+    event, body, _ = result.leased
     return event, body, result.deliveries[0][1]
 
 

@@ -414,7 +414,7 @@ def test_sweep_rearms_a_poll_whose_message_was_lost(world: World) -> None:
 def test_a_single_event_is_created_claimed_by_the_finishing_step_which_delivers_it(world: World) -> None:
     result = finished_by_failure(world)
     assert result.leased is not None
-    event, body = result.leased
+    event, body, _ = result.leased
     ((webhook_id, holder),) = result.deliveries
     assert event.webhook_id == webhook_id
     assert body == world.ctx.outbox.body(webhook_id)
@@ -451,7 +451,7 @@ def test_a_finishing_step_that_dies_before_delivering_is_recovered_after_its_lea
     assert [e.webhook_id for e in events] == [webhook_id]
     # The dead step's hold is gone: were it still running, the endpoint's gate would not let
     # it make an attempt; the sweep's message delivers the event.
-    event, body = result.leased
+    event, body, _ = result.leased
     assert deliver_claimed(world.ctx, event, body, holder) == Skipped(webhook_id, "lost_claim")
     assert world.ctx.outbox.get(webhook_id).state == "active"  # type: ignore[union-attr]
     assert isinstance(deliver_once(world.ctx, webhook_id, events[0].token), Delivered)
@@ -653,7 +653,7 @@ def test_a_single_part_too_big_to_travel_with_the_outcome_is_staged_first(redis_
         result = poll_once(world.ctx, step.watch_id, step.token)
         assert isinstance(result, Finished)
         assert result.leased is not None
-        event, sent_body = result.leased
+        event, sent_body, _ = result.leased
         assert len(sent_body) > INLINE_BODIES_BYTES
         assert world.ctx.outbox.body(event.webhook_id) == sent_body
         assert keys(world, "staged_body:*") == []

@@ -38,7 +38,7 @@ from worker.polling.schedule import (
 )
 from worker.runtime.context import Context
 from worker.runtime.leases import watch_lease_s
-from worker.state.outbox import StoredEvent
+from worker.state.outbox import ClaimedEvent
 from worker.state.store import Lease
 from worker.state.watches import Seen, Watch
 
@@ -67,7 +67,7 @@ class Finished:
 
     outcome: str
     deliveries: list[tuple[str, str]]
-    leased: tuple[StoredEvent, bytes] | None = None
+    leased: ClaimedEvent | None = None
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,8 @@ def _finish(
         duration_s=round(now - watch.started_at, 3),
         **logged,
     )
-    if single is not None and finishing.leased:
-        return Finished(outcome, finishing.tokens, (finishing.leased[0], single.body))
+    if single is not None and finishing.leased is not None:
+        return Finished(outcome, finishing.tokens, finishing.leased)
     return Finished(outcome, finishing.tokens)
 
 

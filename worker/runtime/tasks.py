@@ -122,8 +122,8 @@ def _watch(self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         if result.leased is not None:
             # Created claimed by this step: delivered here. The event is already durable,
             # so a crash now is recovered like any delivery step's, once its lease ends.
-            event, body = result.leased
-            _settle(deliver_claimed(ctx, event, body, result.deliveries[0][1]), settings.queue)
+            event, body, holder = result.leased
+            _settle(deliver_claimed(ctx, event, body, holder), settings.queue)
         else:
             for webhook_id, event_token in result.deliveries:
                 send_delivery(webhook_id, event_token, settings.queue)

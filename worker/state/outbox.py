@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -101,6 +101,14 @@ class StoredEvent:
         )
 
 
+class ClaimedEvent(NamedTuple):
+    """An event a step holds as ``holder``, with the exact bytes to sign and send."""
+
+    event: StoredEvent
+    body: bytes
+    holder: str
+
+
 class Outbox:
     def __init__(self, client: redis.Redis, *, state_ttl_s: float) -> None:
         self.redis = client
@@ -174,14 +182,14 @@ class Outbox:
     def attempts(self, webhook_id: str) -> list[dict[str, Any]]:
         return _attempts(self.redis.lrange(self.attempts_key(webhook_id), 0, -1))
 
-    def claim(self, webhook_id: str, token: str, lease: Lease) -> tuple[StoredEvent, bytes, str] | None:
+    def claim(self, webhook_id: str, token: str, lease: Lease) -> ClaimedEvent | None:
         """Take the delivery step and read the event, its body and its attempts in one call."""
         claim = self.items.claim(
             webhook_id, token, lease, blob_key=self.body_key(webhook_id), list_key=self.attempts_key(webhook_id)
         )
         if claim is None or claim.blob is None or "webhook_id" not in claim.fields:
             return None
-        return StoredEvent.from_hash(claim.fields, _attempts(claim.entries)), claim.blob, claim.holder
+        return ClaimedEvent(StoredEvent.from_hash(claim.fields, _attempts(claim.entries)), claim.blob, claim.holder)
 
     def _log(self, webhook_id: str, attempt: dict[str, Any]) -> LogEntry:
         return LogEntry(self.attempts_key(webhook_id), json.dumps(attempt, separators=(",", ":")))

@@ -19,7 +19,7 @@ from check365_client.names import active_key, job_index_key
 from worker.delivery.events import Event, EventHead
 from worker.polling.schedule import Observation, observations_from_json, observations_to_json
 from worker.state import scripts
-from worker.state.outbox import Outbox, StoredEvent
+from worker.state.outbox import ClaimedEvent, Outbox, StoredEvent
 from worker.state.store import ACTIVE, DurableSet, Lease, closing, fmt, members, new_token, opening, text
 
 KIND = "watch"
@@ -109,7 +109,7 @@ class Created(NamedTuple):
 
 class Finishing(NamedTuple):
     tokens: list[tuple[str, str]]  # (webhook_id, token) of every event, for its message
-    leased: list[StoredEvent]  # the events as created claimed by the caller, or none
+    leased: ClaimedEvent | None  # the single event created claimed by the caller, if asked
 
 
 class WatchStore:
@@ -297,9 +297,11 @@ class WatchStore:
             if staged:
                 outbox.discard_staged(holder, staged)
             return None
-        if done == 2 and lease is not None:
-            return Finishing(tokens, [StoredEvent.from_hash(h, []) for h in heads])
-        return Finishing(tokens, [])
+        if done == 2 and lease is not None and len(events) == 1 and isinstance(events[0], Event):
+            # The event's holder token is its new token: the caller delivers it as that holder.
+            fields = heads[0]
+            return Finishing(tokens, ClaimedEvent(StoredEvent.from_hash(fields, []), events[0].body, fields["token"]))
+        return Finishing(tokens, None)
 
     def cancel(self, watch_id: str) -> bool:
         """Stop a watch without an event: an operator's decision, not an outcome of the job."""
