@@ -30,13 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import backlog, capacity, polling, throughput
+from benchmarks import backlog, bigjob, capacity, polling, throughput
 from benchmarks.common import RESULTS_DIR, Row, format_table, machine, markdown_table, row_json, write_json
-
-try:
-    from benchmarks import bigjob
-except ImportError:  # pragma: no cover - the module may be missing from an older checkout
-    bigjob = None  # type: ignore[assignment]
 
 # The whole run must stay under this; each benchmark is sized for it on a 2-core machine.
 TOTAL_BUDGET_S = 600.0
@@ -69,8 +64,6 @@ def _schedule() -> tuple[dict[str, Any], list[Row]]:
 
 
 def _bigjob() -> tuple[dict[str, Any], list[Row]]:
-    if bigjob is None:
-        raise RuntimeError("benchmarks.bigjob is not available in this checkout")
     figures = bigjob.run()
     ours, base, targets = figures["ours"], figures["baseline"], figures["targets"]
     results = figures["settings"]["results"]

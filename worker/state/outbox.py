@@ -22,7 +22,7 @@ import redis
 
 from check365_client.names import PREFIX
 from worker.delivery.events import EventHead
-from worker.state.store import ACTIVE, DurableSet, Lease, LogEntry, fmt, members, text
+from worker.state.store import DurableSet, Lease, LogEntry, fmt, members
 
 KIND = "event"
 DEAD_KEY = f"{PREFIX}dead"
@@ -248,6 +248,3 @@ class Outbox:
         # A replay starts a new round: its retries, and the span it may wait for its endpoint.
         fields = {"tries": "0", "replayed_at": fmt(now), "started": ""}
         return self.items.reopen(webhook_id, now, was=DEAD, leaving=DEAD_KEY, count="replays", fields=fields)
-
-    def is_active(self, webhook_id: str) -> bool:
-        return text(self.redis.hget(self.items.key(webhook_id), "state")) == ACTIVE
