@@ -27,7 +27,7 @@ from worker.delivery.events import iso_timestamp
 from worker.errors import Check365WorkerError, InvalidSignature, InvalidWatchRequest, SettingsError
 from worker.local.httpserver import Latency
 from worker.local.simulator import FAULT_KINDS
-from worker.runtime.celeryconfig import DELIVER_TASK, delivery_queue
+from worker.runtime.celeryconfig import DELIVER_TASK, deliver_kwargs, delivery_queue
 from worker.settings import Settings, load_settings
 
 
@@ -270,7 +270,7 @@ def _replay(settings: Settings, outbox: Any, webhook_id: str) -> str | None:
             return "not dead-lettered: still being delivered"
         return f"not dead-lettered (state {event.state})"
     queue = delivery_queue((event.queue if event else "") or settings.queue)
-    client_app(settings).send_task(DELIVER_TASK, kwargs={"webhook_id": webhook_id, "token": token}, queue=queue)
+    client_app(settings).send_task(DELIVER_TASK, kwargs=deliver_kwargs(webhook_id, token), queue=queue)
     return None
 
 

@@ -11,10 +11,16 @@ from typing import Any
 from check365_client.names import WATCH_TASK
 from worker.settings import Settings
 
-__all__ = ["DELIVER_TASK", "SWEEP_TASK", "WATCH_TASK", "celery_config"]
+__all__ = ["DELIVER_TASK", "SWEEP_TASK", "WATCH_TASK", "celery_config", "deliver_kwargs"]
 
 DELIVER_TASK = "check365.deliver_webhook"
 SWEEP_TASK = "check365.sweep"
+
+
+def deliver_kwargs(webhook_id: str, token: str) -> dict[str, str]:
+    """The kwargs of a ``DELIVER_TASK`` message: the event, and the token that wakes its step."""
+    return {"webhook_id": webhook_id, "token": token}
+
 
 # The pool: threads, from this configuration, so that ``celery -A worker worker`` needs no
 # flag. A step spends nearly all its time waiting on Check365, a receiver or Redis, and a

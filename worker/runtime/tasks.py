@@ -31,7 +31,7 @@ from worker.delivery.step import (
 from worker.errors import InvalidWatchRequest
 from worker.intake.boundary import CheckedTask, reject
 from worker.polling.step import Dropped, Finished, Reschedule, StepResult, poll_once, start_watch
-from worker.runtime.celeryconfig import DELIVER_TASK, SWEEP_TASK, WATCH_TASK, delivery_queue
+from worker.runtime.celeryconfig import DELIVER_TASK, SWEEP_TASK, WATCH_TASK, deliver_kwargs, delivery_queue
 from worker.runtime.context import Context, process_context
 from worker.runtime.deadlines import step_deadline
 from worker.runtime.leases import delivery_time_limit_s, watch_time_limit_s
@@ -63,7 +63,7 @@ def _send_poll(watch_id: str, token: str, delay: float, queue: str) -> None:
 def send_delivery(webhook_id: str, token: str, queue: str, delay: float = 0.0) -> None:
     """Send a delivery step to the deliveries' queue of the polls' ``queue``."""
     deliver_webhook.apply_async(
-        kwargs={"webhook_id": webhook_id, "token": token}, countdown=delay or None, queue=delivery_queue(queue)
+        kwargs=deliver_kwargs(webhook_id, token), countdown=delay or None, queue=delivery_queue(queue)
     )
 
 
