@@ -78,21 +78,26 @@ def test_a_redis_crash_and_restart_loses_nothing_and_needs_no_process_restart(
     jobs: dict[str, int] = {}
     path_of: dict[str, str] = {}
     ends: list[float] = []
+    durations: dict[str, float] = {}
     for n in range(SLOW_JOBS + FAILING_JOBS + LATE_JOBS):
         job = f"redis-{n:02d}"
         jobs[job] = 1 + n % 4
         path_of[job] = f"/hooks/{job}"
         if n < SLOW_JOBS:
-            duration = 0.3
+            durations[job] = 0.3
             cluster.receiver.default(path_of[job], 200, delay_s=1.0)
         elif n < SLOW_JOBS + FAILING_JOBS:
-            duration = 0.3
+            durations[job] = 0.3
             cluster.receiver.script(path_of[job], [503, 503])
         else:
-            duration = 4.0 + 4.0 * n / (SLOW_JOBS + FAILING_JOBS + LATE_JOBS)
-        sim_job = cluster.sim.add_job(job, size=jobs[job], duration_s=duration)
-        ends.append(sim_job.created_at + sim_job.duration_s)
+            durations[job] = 4.0 + 4.0 * n / (SLOW_JOBS + FAILING_JOBS + LATE_JOBS)
+        # Running until every watch is enqueued: on a loaded machine enqueueing takes seconds,
+        # and the first jobs' deliveries were over before the last watches started.
+        cluster.sim.add_job(job, size=jobs[job], duration_s=3600.0)
         cluster.enqueue(job, path_of[job], {"scenario": "redis-restart"})
+    for job, duration in durations.items():
+        sim_job = cluster.sim.add_job(job, size=jobs[job], duration_s=duration)  # its clock starts now
+        ends.append(sim_job.created_at + sim_job.duration_s)
 
     def failed_once() -> bool:
         return any(r.status_sent == 503 for r in cluster.receiver.received())
