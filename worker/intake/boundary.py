@@ -24,7 +24,7 @@ from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
 from check365_client.rules import nested_deeper_than
-from worker.intake.celery_internals import after_failed_connection_cleanup, payload
+from worker.intake.celery_internals import after_failed_connection_cleanup, forget_uncancelled_acks, payload
 from worker.runtime.celeryconfig import DELIVER_TASK, MAX_ETA_KEY
 
 log = structlog.get_logger("check365.boundary")
@@ -240,6 +240,7 @@ class CheckedConsumer(Consumer):  # type: ignore[misc] # Celery is untyped
             # bring them back; what Celery skipped after the failure is done here.
             log.warning("broker_connection_cleanup_failed", error=f"{type(error).__name__}: {error}"[:300])
             after_failed_connection_cleanup(self)
+        forget_uncancelled_acks(self)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         # Celery logs a body that does not decode and acks it, but sends no signal:

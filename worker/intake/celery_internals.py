@@ -42,6 +42,10 @@ OVERRIDDEN: dict[str, tuple[str, str]] = {
         "e3538c586a7ffa758a9bcc654564aa5b1a22fe53ce571f785ba2f3742f53a612",
         "CheckedConsumer overrides it to log the rejection, then calls it",
     ),
+    "celery.worker.request:Request.acknowledge": (
+        "60dad9ce9c39f54ca7c456f700fe5cb037172f4eaad92e5f77232479868c5d2e",
+        "forget_uncancelled_acks sets ``acknowledged`` so that it sends no ack",
+    ),
     "kombu.message:Message.reject_log_error": (
         "894bb41e9964619b8446dc8ba321d373b15b669a463695eacc69f780b83cb9fb",
         "how CheckedConsumer drops a message it refuses",
@@ -73,3 +77,20 @@ def after_failed_connection_cleanup(consumer: Any) -> None:
                     request.cancel(consumer.pool)
                 except Exception:  # the same leniency as Celery's own loop
                     log.warning("request_cancel_failed", task_id=request.id, exc_info=True)
+
+
+def forget_uncancelled_acks(consumer: Any) -> None:
+    """After a lost broker connection, the late acks of the requests still running are not sent.
+
+    The prefork pool's requests were cancelled (their processes killed); a threads pool
+    cannot cancel (``terminate_job`` raises NotImplementedError), so its steps run on and
+    would ack their message on the channel of the lost connection, which kombu has
+    already torn down: AttributeError ('NoneType' object has no attribute 'hostname')
+    in the consumer, and Celery stops the worker as "Unrecoverable". Unacked, the message
+    stays reserved in Redis and comes back after the visibility timeout, where the step's
+    token makes it a no-op, as for any redelivered message.
+    """
+    for request in tuple(active_requests):
+        if request.task.acks_late and not request.acknowledged:
+            request.acknowledged = True
+            log.warning("ack_dropped_after_connection_loss", task_id=request.id)
