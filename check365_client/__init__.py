@@ -17,6 +17,7 @@ from check365_client.errors import (
     ClientError,
     EndpointsFileError,
     InvalidWatchRequest,
+    UnregisteredEndpoint,
     UnsafeCallbackURL,
 )
 from check365_client.names import DEFAULT_QUEUE, WATCH_TASK
@@ -29,6 +30,7 @@ __all__ = [
     "ClientError",
     "EndpointsFileError",
     "InvalidWatchRequest",
+    "UnregisteredEndpoint",
     "UnsafeCallbackURL",
     "WatchState",
     "enqueue_watch",

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from check365_client import tracing
+from check365_client.endpoints import Endpoints, load_endpoints
 from check365_client.errors import BrokerUnavailable
 from check365_client.names import DEFAULT_QUEUE, WATCH_TASK, active_key, job_index_key, watch_key
 from check365_client.rules import validate_watch_request
@@ -87,6 +89,13 @@ class Check365Client:
     ``WEBHOOK_ALLOW_HTTP`` and ``WEBHOOK_ALLOW_PRIVATE_NETWORKS`` (both false in
     production): the client refuses what the worker would. Safe to share between
     threads; build one per broker and keep it.
+
+    ``endpoints_file`` is the worker's ``WEBHOOK_ENDPOINTS_FILE`` (read now; raises
+    EndpointsFileError naming the endpoint and key; no secret's value is read): a callback
+    URL that matches none of its endpoints is refused before anything is sent, as the
+    workers refuse it with ``WEBHOOK_ENDPOINTS_ONLY=true`` (``endpoints_only=False`` keeps
+    such URLs, for a pool that allows them), and an endpoint's own ``allow_http`` and
+    ``allow_private_networks`` apply to its URLs.
     """
 
     def __init__(
@@ -96,6 +105,8 @@ class Check365Client:
         queue: str = DEFAULT_QUEUE,
         allow_http: bool = False,
         allow_private_networks: bool = False,
+        endpoints_file: str | os.PathLike[str] | None = None,
+        endpoints_only: bool = True,
     ) -> None:
         if not isinstance(broker_url, str) or not broker_url:
             raise ValueError("broker_url must be the Redis URL of the worker's broker")
@@ -103,6 +114,8 @@ class Check365Client:
         self.queue = queue
         self.allow_http = allow_http
         self.allow_private_networks = allow_private_networks
+        self.endpoints: Endpoints | None = load_endpoints(endpoints_file) if endpoints_file is not None else None
+        self.endpoints_only = endpoints_only and self.endpoints is not None
         self._lock = threading.Lock()
         self._app: Any = None
         self._redis: Any = None
@@ -120,6 +133,8 @@ class Check365Client:
             {"job_id": job_id, "callback_url": callback_url, "metadata": metadata},
             allow_http=self.allow_http,
             allow_private=self.allow_private_networks,
+            endpoints=self.endpoints,
+            endpoints_only=self.endpoints_only,
         )
         from kombu.exceptions import OperationalError
 
@@ -231,6 +246,19 @@ def _shared(broker_url: str, queue: str, allow_http: bool, allow_private_network
         return client
 
 
+def _with_endpoints(client: Check365Client, endpoints_file: str | os.PathLike[str]) -> Check365Client:
+    """``client``'s broker connection with the endpoints file read now (it may have changed since)."""
+    checked = Check365Client(
+        client.broker_url,
+        queue=client.queue,
+        allow_http=client.allow_http,
+        allow_private_networks=client.allow_private_networks,
+        endpoints_file=endpoints_file,
+    )
+    checked._app = client._sender()
+    return checked
+
+
 def enqueue_watch(
     job_id: str,
     callback_url: str,
@@ -240,13 +268,18 @@ def enqueue_watch(
     queue: str = DEFAULT_QUEUE,
     allow_http: bool = False,
     allow_private_networks: bool = False,
+    endpoints_file: str | os.PathLike[str] | None = None,
 ) -> str:
     """Validate a watch request and enqueue it on ``broker_url``; return the message's id.
 
-    Raises InvalidWatchRequest before anything is sent when a rule is broken, and
-    BrokerUnavailable when Redis cannot be reached. One client per broker is kept and reused.
+    Raises InvalidWatchRequest before anything is sent when a rule is broken (with
+    ``endpoints_file``: UnregisteredEndpoint for a callback URL that matches none of its
+    endpoints, see ``Check365Client``), and BrokerUnavailable when Redis cannot be
+    reached. One client per broker is kept and reused.
     """
     client = _shared(broker_url, queue, allow_http, allow_private_networks)
+    if endpoints_file is not None:
+        client = _with_endpoints(client, endpoints_file)
     return client.enqueue_watch(job_id, callback_url, metadata)
 
 

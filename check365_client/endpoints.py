@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from check365_client.errors import EndpointsFileError
+from check365_client.errors import EndpointsFileError, UnregisteredEndpoint
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -196,6 +197,29 @@ class Endpoints:
         return best
 
 
+@dataclass(frozen=True)
+class CallbackRules:
+    """What a callback URL may do: the endpoint it belongs to, and the scheme and SSRF flags in force for it."""
+
+    endpoint: Endpoint | None
+    allow_http: bool
+    allow_private: bool
+
+
+def callback_rules(
+    url: object, endpoints: Endpoints | None, *, allow_http: bool, allow_private: bool, endpoints_only: bool
+) -> CallbackRules:
+    """The rules for ``url``: an endpoint's own ``allow_http``/``allow_private_networks`` widen the
+    pool's flags for its URLs only; raise UnregisteredEndpoint when only registered endpoints are
+    allowed and ``url`` matches none."""
+    endpoint = endpoints.match(url) if endpoints is not None and isinstance(url, str) else None
+    if endpoint is None:
+        if endpoints_only:
+            raise UnregisteredEndpoint
+        return CallbackRules(None, allow_http, allow_private)
+    return CallbackRules(endpoint, allow_http or endpoint.allow_http, allow_private or endpoint.allow_private_networks)
+
+
 def _bool(name: str, key: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise EndpointsFileError("must be true or false", endpoint=name, key=key)
@@ -301,7 +325,7 @@ def _check_distinct(endpoints: Iterable[Endpoint]) -> None:
         seen[key] = endpoint.name
 
 
-def load_endpoints(path: str | Path) -> Endpoints:
+def load_endpoints(path: str | os.PathLike[str]) -> Endpoints:
     """Read and check the endpoints file at ``path``."""
     try:
         raw = Path(path).read_bytes()

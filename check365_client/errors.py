@@ -3,6 +3,7 @@
     ClientError                  base class
     ├── InvalidWatchRequest      a kwarg breaks the contract's rules; nothing was enqueued
     │   └── UnsafeCallbackURL    the callback URL breaks the scheme or SSRF rules
+    │       └── UnregisteredEndpoint  it matches no endpoint of the file, and only those are allowed
     ├── BrokerUnavailable        Redis could not be reached or refused the command
     └── EndpointsFileError       the endpoints file breaks a rule (``endpoint`` and ``key`` say where)
 
@@ -28,6 +29,15 @@ class InvalidWatchRequest(ClientError, ValueError):
 class UnsafeCallbackURL(InvalidWatchRequest):
     def __init__(self, rule: str) -> None:
         super().__init__("callback_url", rule)
+
+
+class UnregisteredEndpoint(UnsafeCallbackURL):
+    """Only the endpoints file's URLs are allowed (``WEBHOOK_ENDPOINTS_ONLY``), and this one matches none."""
+
+    reason = "unregistered_endpoint"
+
+    def __init__(self) -> None:
+        super().__init__("matches no endpoint of the endpoints file, and only registered endpoints are allowed")
 
 
 class BrokerUnavailable(ClientError):

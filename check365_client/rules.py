@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from check365_client.endpoints import Endpoints, callback_rules
 from check365_client.errors import InvalidWatchRequest
 from check365_client.urls import validate_callback_url
 
@@ -113,9 +114,19 @@ def validate_metadata(metadata: object) -> dict[str, Any] | None:
 
 
 def validate_watch_request(
-    kwargs: object, *, allow_http: bool, allow_private: bool, allow_internal: bool = False
+    kwargs: object,
+    *,
+    allow_http: bool,
+    allow_private: bool,
+    allow_internal: bool = False,
+    endpoints: Endpoints | None = None,
+    endpoints_only: bool = False,
 ) -> WatchRequest:
-    """Check a watch's kwargs against the contract; raise InvalidWatchRequest naming the rule."""
+    """Check a watch's kwargs against the contract; raise InvalidWatchRequest naming the rule.
+
+    With ``endpoints``, a callback URL of an endpoint gets that endpoint's flags; with
+    ``endpoints_only`` too, a URL matching none raises UnregisteredEndpoint.
+    """
     if not isinstance(kwargs, Mapping):
         raise InvalidWatchRequest("kwargs", f"must be an object, got {type(kwargs).__name__}")
     allowed = PUBLIC_FIELDS | INTERNAL_FIELDS if allow_internal else PUBLIC_FIELDS
@@ -126,6 +137,15 @@ def validate_watch_request(
         if required not in kwargs:
             raise InvalidWatchRequest(required, "is required")
     job_id = validate_job_id(kwargs["job_id"])
-    callback_url = validate_callback_url(kwargs["callback_url"], allow_http=allow_http, allow_private=allow_private)
+    rules = callback_rules(
+        kwargs["callback_url"],
+        endpoints,
+        allow_http=allow_http,
+        allow_private=allow_private,
+        endpoints_only=endpoints_only,
+    )
+    callback_url = validate_callback_url(
+        kwargs["callback_url"], allow_http=rules.allow_http, allow_private=rules.allow_private
+    )
     metadata = validate_metadata(kwargs.get("metadata"))
     return WatchRequest(job_id=job_id, callback_url=callback_url, metadata=metadata)

@@ -12,6 +12,7 @@
         ├── Check365Rejected     job not found, key refused, request refused
         ├── UnsafeCallbackURL    the callback URL breaks the SSRF or scheme rules
         │                        (also the client's UnsafeCallbackURL: refused at enqueue too)
+        │   └── UnregisteredCallback  it matches no endpoint, and only registered ones are allowed
         └── InvalidSignature     a webhook fails Standard Webhooks verification
 
 The producers' client has its own tree, drawn in ``check365_client/errors.py``;
@@ -95,6 +96,14 @@ class UnsafeCallbackURL(PermanentError, client_errors.UnsafeCallbackURL):
         self.field = "callback_url"
         self.rule = rule
         Exception.__init__(self, f"callback_url: {rule}")
+
+
+class UnregisteredCallback(UnsafeCallbackURL):
+    """The URL matches no endpoint of the endpoints file, and ``WEBHOOK_ENDPOINTS_ONLY`` allows only those."""
+
+    def __init__(self, rule: str) -> None:
+        super().__init__(rule)
+        self.reason = client_errors.UnregisteredEndpoint.reason
 
 
 class InvalidSignature(PermanentError):

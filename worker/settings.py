@@ -28,13 +28,15 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar, cast
 from urllib.parse import quote, quote_plus, urlsplit
 
+from check365_client.endpoints import Endpoint, Endpoints, load_endpoints
+from check365_client.errors import EndpointsFileError
 from worker.errors import SettingsError
 from worker.polling.schedule import DEFAULT_PATIENCE, PATIENCE_MAX, PATIENCE_MIN
 
@@ -194,19 +196,38 @@ def _parse_api_key(name: str, raw: str) -> str:
     return raw
 
 
-def _parse_secrets(name: str, raw: str) -> tuple[str, ...]:
-    secrets = tuple(raw.split())
+def secrets_problem(raw: str) -> str | None:
+    """What is wrong with ``raw`` as space-separated ``whsec_`` secrets, or None.
+
+    The one check of a secret's form, for ``WEBHOOK_SECRET`` and the endpoints file alike;
+    the answer never quotes the value: it is a secret, even when malformed.
+    """
+    secrets = raw.split()
+    if not secrets:
+        return "must hold at least one whsec_<base64 key>"
     for secret in secrets:
         if not secret.startswith("whsec_"):
-            # Never echo the value: it is a secret, even when malformed.
-            raise SettingsError(name, "each secret must look like whsec_<base64 key>")
+            return "each secret must look like whsec_<base64 key>"
         try:
             key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
         except (binascii.Error, ValueError):
-            raise SettingsError(name, "the part after whsec_ must be valid base64") from None
+            return "the part after whsec_ must be valid base64"
         if len(key) < 16:
-            raise SettingsError(name, "each key must decode to at least 16 bytes")
-    return secrets
+            return "each key must decode to at least 16 bytes"
+    return None
+
+
+def _parse_secrets(name: str, raw: str) -> tuple[str, ...]:
+    problem = secrets_problem(raw)
+    if problem is not None:
+        raise SettingsError(name, problem)
+    return tuple(raw.split())
+
+
+def _parse_path(name: str, raw: str) -> str:
+    if "\x00" in raw:
+        raise SettingsError(name, "must be a file's path")
+    return raw
 
 
 def _parse_patience(name: str, raw: str) -> float:
@@ -238,6 +259,39 @@ def _parse_address(name: str, raw: str) -> str:
     except ValueError:
         raise SettingsError(name, f"must be an IP address to listen on, got {raw!r}") from None
     return raw
+
+
+@dataclass(frozen=True)
+class RegisteredEndpoints:
+    """The endpoints file as the worker uses it: each endpoint with its secrets' values.
+
+    Frozen and hashable like ``Settings``; its repr never shows a secret.
+    """
+
+    file: Endpoints = field(default_factory=Endpoints)
+    secrets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __repr__(self) -> str:
+        return f"RegisteredEndpoints({[e.name for e in self.file]})"
+
+    def __iter__(self) -> Iterator[Endpoint]:
+        return iter(self.file.endpoints)
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def match(self, url: str) -> Endpoint | None:
+        return self.file.match(url)
+
+    def get(self, name: str) -> Endpoint | None:
+        return self.file.get(name)
+
+    def secrets_of(self, name: str) -> tuple[str, ...]:
+        return next((values for n, values in self.secrets if n == name), ())
+
+    @property
+    def all_secrets(self) -> tuple[str, ...]:
+        return tuple(s for _, values in self.secrets for s in values)
 
 
 # --- the settings ------------------------------------------------------------------------------
@@ -329,6 +383,20 @@ class Settings:
         False,
         boolean,
         "allow callbacks to loopback, private, link-local and other non-global addresses",
+        _CLI,
+    )
+    webhook_endpoints_file: str = setting(
+        "WEBHOOK_ENDPOINTS_FILE",
+        "",
+        _parse_path,
+        "path of the endpoints file: the receivers, each with its own secret (see [Endpoints](#endpoints))",
+        _CLI,
+    )
+    webhook_endpoints_only: bool = setting(
+        "WEBHOOK_ENDPOINTS_ONLY",
+        False,
+        boolean,
+        "refuse callback URLs that match no endpoint of the file",
         _CLI,
     )
     broker_visibility_timeout_s: float = setting(
@@ -437,6 +505,10 @@ class Settings:
         WORKER,
     )
 
+    # Read from WEBHOOK_ENDPOINTS_FILE (not a variable of its own): the endpoints, and each
+    # one's secrets as resolved at start-up (``secret`` or its ``secret_env`` variable).
+    endpoints: RegisteredEndpoints = field(default_factory=RegisteredEndpoints, repr=False)
+
     @property
     def status_url(self) -> str:
         return self.base_url.rstrip("/") + "/api/validation/bulk-status"
@@ -449,14 +521,14 @@ class Settings:
         percent-encoded in a query string, and a server quoting its request quotes
         that form.
         """
-        values = [self.api_key, *self.webhook_secrets]
-        values += [s.removeprefix("whsec_") for s in self.webhook_secrets]
+        every = (*self.webhook_secrets, *self.endpoints.all_secrets)
+        values = [self.api_key, *every, *(s.removeprefix("whsec_") for s in every)]
         return tuple(dict.fromkeys(form for v in values if v for form in url_spellings(v)))
 
 
 def declarations() -> tuple[tuple[str, Declaration[Any]], ...]:
     """Every setting, in the order of ``Settings``: (field name, declaration)."""
-    return tuple((f.name, f.metadata["declaration"]) for f in dataclasses.fields(Settings))
+    return tuple((f.name, f.metadata["declaration"]) for f in dataclasses.fields(Settings) if f.metadata)
 
 
 VARIABLES: tuple[str, ...] = tuple(d.variable for _, d in declarations())
@@ -486,9 +558,43 @@ def load_settings(environ: Mapping[str, str] | None = None, *, process: Process 
         elif process in declared.required_by:
             form = f" ({declared.form})" if declared.form else ""
             raise SettingsError(declared.variable, f"is required by the {process}{form}")
+    # Beat never reads the file; the others would refuse every callback URL without one.
+    if values.get("webhook_endpoints_file") and process != "beat":
+        values["endpoints"] = _registered_endpoints(values["webhook_endpoints_file"], env)
+    elif values.get("webhook_endpoints_only") and process != "beat":
+        raise SettingsError("WEBHOOK_ENDPOINTS_ONLY", "needs WEBHOOK_ENDPOINTS_FILE: no endpoint is registered")
     settings = Settings(**values)
     _check_relations(settings)
     return settings
+
+
+_ENDPOINTS_FILE = "WEBHOOK_ENDPOINTS_FILE"
+
+
+def _registered_endpoints(path: str, env: Mapping[str, str]) -> RegisteredEndpoints:
+    """The endpoints file with every secret resolved and checked; SettingsError naming the endpoint and key."""
+    try:
+        endpoints = load_endpoints(path)
+    except EndpointsFileError as exc:
+        raise SettingsError(_ENDPOINTS_FILE, str(exc)) from None
+    secrets: list[tuple[str, tuple[str, ...]]] = []
+    for endpoint in endpoints:
+        if endpoint.secret_env is not None:
+            key, raw = "secret_env", (env.get(endpoint.secret_env) or "").strip()
+            if not raw:
+                where = EndpointsFileError(
+                    f"the variable {endpoint.secret_env} is not set", endpoint=endpoint.name, key=key
+                )
+                raise SettingsError(_ENDPOINTS_FILE, str(where))
+        else:
+            key, raw = "secret", endpoint.secret or ""
+        problem = secrets_problem(raw)
+        if problem is not None:
+            if key == "secret_env":
+                problem = f"the variable {endpoint.secret_env}: {problem}"
+            raise SettingsError(_ENDPOINTS_FILE, str(EndpointsFileError(problem, endpoint=endpoint.name, key=key)))
+        secrets.append((endpoint.name, tuple(raw.split())))
+    return RegisteredEndpoints(endpoints, tuple(secrets))
 
 
 def _is_loopback(host: str | None) -> bool:

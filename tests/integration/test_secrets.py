@@ -1,14 +1,16 @@
-"""The API key and the webhook secret reach no log line and no Redis value, not even at debug level.
+"""The API key and the webhook secrets reach no log line and no Redis value, not even at debug level.
 
 A system of its own runs, with LOG_LEVEL=debug, a completion, a refused API key and a
 delivery that fails once, and failures whose exceptions carry the request (the API key
 travels in the query string): Check365 dropping connections, answering too slowly,
 garbage, 5xx and 429, Check365 unreachable until the watch times out, a receiver that
 answers too slowly, one that refuses connections and one that fails until the event is
-dead-lettered. Then every log line of its worker and beat processes, every command Redis
-received while it ran (MONITOR), every value left in Redis (kombu's queued and unacked
-messages decoded from their base64 envelope, the dead-letter records with their
-attempts) and what the CLI prints about the dead letters and the jobs are searched for
+dead-lettered; and two endpoints of an endpoints file, one with its secret inline and one
+with it in a ``secret_env`` variable, the first retried, the second dead-lettered. Then
+every log line of its worker and beat processes, every command Redis received while it
+ran (MONITOR), every value left in Redis (kombu's queued and unacked messages decoded
+from their base64 envelope, the dead-letter records with their attempts) and what the
+CLI prints about the dead letters and the jobs are searched for
 each secret, plain and base64-encoded at any alignment.
 """
 
@@ -28,8 +30,9 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support.cluster import Cluster, WorkerProcess, cli_command, new_api_key, wait_until
+from tests.support.cluster import Cluster, WorkerProcess, cli_command, new_api_key, new_secret, wait_until
 from worker.intake.enqueue import enqueue_watch
+from worker.local.receiver import Receiver
 from worker.local.redisserver import free_port
 from worker.local.simulator import FaultPlan, Simulator
 
@@ -47,8 +50,37 @@ FAULTS = FaultPlan(
     rate=0.6, kinds=("drop", "slow", "malformed", "5xx", "429", "success_false"), seed=61, slow_s=0.8, retry_after_s=0.2
 )
 # The jobs that end with every event delivered, and those whose event ends dead-lettered.
-DELIVERED_JOBS = ("S-done", "S-refused", "S-retried", "S-faults", "S-no-api", "S-slow-receiver")
-DEAD_JOBS = ("S-dead", "S-unreachable-receiver")
+DELIVERED_JOBS = ("S-done", "S-refused", "S-retried", "S-faults", "S-no-api", "S-slow-receiver", "S-inline")
+DEAD_JOBS = ("S-dead", "S-unreachable-receiver", "S-from-env")
+# The endpoints' secrets: one written in the file, one in the variable its secret_env names.
+INLINE_SECRET = new_secret()
+ENV_SECRET = new_secret()
+# What the endpoints' receiver recorded, by path (it stops when the flow's fixture ends).
+ENDPOINT_RECEIVED: dict[str, list[Any]] = {}
+
+
+def endpoint_env(cluster: Cluster) -> dict[str, str]:
+    """What every process of the flow (and every CLI command) gets besides the cluster's environment."""
+    return {"WEBHOOK_ENDPOINTS_FILE": str(cluster.directory / "endpoints.toml"), "S_ENDPOINT_SECRET": ENV_SECRET}
+
+
+def write_endpoints_file(cluster: Cluster, receiver: Receiver) -> None:
+    (cluster.directory / "endpoints.toml").write_text(
+        f"""
+[endpoints.inline]
+url = "{receiver.url}/inline"
+secret = "{INLINE_SECRET}"
+allow_http = true
+allow_private_networks = true
+
+[endpoints.from-env]
+url = "{receiver.url}/env"
+secret_env = "S_ENDPOINT_SECRET"
+allow_http = true
+allow_private_networks = true
+""",
+        encoding="utf-8",
+    )
 
 
 def base64_forms(secret: str) -> list[bytes]:
@@ -158,10 +190,15 @@ class CommandRecorder:
 @pytest.fixture(scope="module")
 def secret_flow() -> Iterator[tuple[Cluster, CommandRecorder, list[WorkerProcess], dict[str, str]]]:
     """A debug-level system that has run a completion, a refused key, a retried delivery and the failures above."""
-    with Cluster() as cluster, Simulator(cluster.api_key, faults=FAULTS) as faulty_api:
+    with (
+        Cluster() as cluster,
+        Simulator(cluster.api_key, faults=FAULTS) as faulty_api,
+        Receiver([INLINE_SECRET, ENV_SECRET]) as endpoint_receiver,
+    ):
+        write_endpoints_file(cluster, endpoint_receiver)
         recorder = CommandRecorder(cluster.redis_url)
         wrong_key = new_api_key()
-        debug = {"LOG_LEVEL": "debug", **FAILING}
+        debug = {"LOG_LEVEL": "debug", **FAILING, **endpoint_env(cluster)}
         processes = [
             cluster.start_worker("secrets-worker", concurrency=2, env_overrides=debug, wait=False),
             cluster.start_worker(
@@ -208,6 +245,11 @@ def secret_flow() -> Iterator[tuple[Cluster, CommandRecorder, list[WorkerProcess
             cluster.receiver.default("/hooks/S-dead", 500)
             cluster.sim.add_job("S-dead", size=3, duration_s=0.0)
             cluster.enqueue("S-dead", "/hooks/S-dead")
+            endpoint_receiver.script("/inline/S-inline", [500])
+            endpoint_receiver.default("/env/S-from-env", 500)
+            for job, path in (("S-inline", "/inline/S-inline"), ("S-from-env", "/env/S-from-env")):
+                cluster.sim.add_job(job, size=3, duration_s=0.0)
+                enqueue_watch(job, endpoint_receiver.url + path, settings=cluster.client_settings(**debug))
             cluster.sim.add_job("S-unreachable-receiver", size=3, duration_s=0.0)
             enqueue_watch(
                 "S-unreachable-receiver",
@@ -239,7 +281,14 @@ def secret_flow() -> Iterator[tuple[Cluster, CommandRecorder, list[WorkerProcess
             "the refused CHECK365_API_KEY": wrong_key,
             "WEBHOOK_SECRET": cluster.secret,
             "WEBHOOK_SECRET's key": cluster.secret.removeprefix("whsec_"),
+            "the inline endpoint secret": INLINE_SECRET,
+            "the inline endpoint secret's key": INLINE_SECRET.removeprefix("whsec_"),
+            "the secret_env endpoint secret": ENV_SECRET,
+            "the secret_env endpoint secret's key": ENV_SECRET.removeprefix("whsec_"),
         }
+        # Read before the receiver stops.
+        received = {path: endpoint_receiver.received(path) for path in ("/inline/S-inline", "/env/S-from-env")}
+        ENDPOINT_RECEIVED.update(received)
         yield cluster, recorder, processes, secrets
 
 
@@ -259,6 +308,10 @@ def test_the_flow_ran_as_intended(
     # MONITOR saw the broker messages being published, so the search below covers them.
     publishes = [c for c in recorder.commands if c.upper().startswith(b"LPUSH CHECK365 ")]
     assert any(b"check365.watch_bulk_job" in c for c in publishes), "no watch message seen by MONITOR"
+    # The endpoints' events were signed with their own secrets, and retried or dead-lettered.
+    inline, from_env = ENDPOINT_RECEIVED["/inline/S-inline"], ENDPOINT_RECEIVED["/env/S-from-env"]
+    assert [r.status_sent for r in inline] == [500, 200] and all(r.verified for r in inline)
+    assert len(from_env) > 1 and all(r.verified for r in from_env)
 
 
 def test_the_failures_left_their_exception_texts_and_dead_letters(
@@ -296,7 +349,7 @@ def run_cli_side_by_side(cluster: Cluster, commands: list[list[str]]) -> list[tu
     def run(args: list[str]) -> tuple[list[str], int, str]:
         done = subprocess.run(
             [*cli_command(), *args],
-            env=cluster.env(),
+            env=cluster.env(**endpoint_env(cluster)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

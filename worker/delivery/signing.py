@@ -45,6 +45,15 @@ def decode_secret(secret: str) -> bytes:
     return key
 
 
+def fingerprint(secret: str) -> str:
+    """A short public name of a secret, to tell which one is configured where without showing it.
+
+    The first 64 bits of the key's SHA-256: a key of at least 128 random bits cannot be
+    recovered from it, and two secrets are told apart.
+    """
+    return "sha256:" + hashlib.sha256(decode_secret(secret)).hexdigest()[:16]
+
+
 def _signed_content(msg_id: str, timestamp: int | str, body: bytes) -> bytes:
     return f"{msg_id}.{timestamp}.".encode() + body
 

@@ -19,15 +19,16 @@ import structlog
 from check365_client import tracing
 from worker.delivery.events import iso_timestamp
 from worker.delivery.limits import EndpointLimits, retry_span_s
+from worker.delivery.policy import policy_for
 from worker.delivery.signing import webhook_headers
 from worker.delivery.urls import Resolver, endpoint_key, pin_callback
 from worker.errors import DeliveryFailed, OutOfTime, UnsafeCallbackURL
 from worker.ops import metrics
 from worker.polling.check365 import USER_AGENT
 from worker.retry_after import capped, parse_retry_after
-from worker.runtime.context import Context, WebhookClients
+from worker.runtime.context import Context, WebhookClients, webhook_timeout
 from worker.runtime.deadlines import exchange_deadline
-from worker.runtime.leases import delivery_lease_s, head, webhook_budget_s, within
+from worker.runtime.leases import attempt_budget_s, delivery_lease_s, head, within
 from worker.settings import Settings
 from worker.state.endpoints import Admission, Released, Settlement
 from worker.state.outbox import StoredEvent
@@ -116,31 +117,30 @@ def send_attempt(
     resolver: Resolver,
     extra_headers: Mapping[str, str] | None = None,
 ) -> Attempt:
-    """POST one signed attempt to the address that was checked, and classify the answer.
+    """POST one attempt, signed with the secrets of the URL's endpoint as configured now, to the
+    address that was checked, and classify the answer.
 
     ``extra_headers`` (the trace context) are sent too; they are not signed.
     """
     started = time.monotonic()
     try:
-        target = pin_callback(
-            url,
-            allow_http=settings.webhook_allow_http,
-            allow_private=settings.webhook_allow_private_networks,
-            resolver=resolver,
-        )
+        policy = policy_for(settings, url)
+        target = pin_callback(url, allow_http=policy.allow_http, allow_private=policy.allow_private, resolver=resolver)
     except UnsafeCallbackURL as exc:
         return Attempt(ok=False, error=str(exc), unsafe=True)
     except DeliveryFailed as exc:
         return Attempt(ok=False, error=str(exc), duration_s=time.monotonic() - started)
 
-    headers = webhook_headers(settings.webhook_secrets, webhook_id, int(now), body, USER_AGENT)
+    headers = webhook_headers(policy.secrets, webhook_id, int(now), body, USER_AGENT)
     headers.update(extra_headers or {})
     headers["Host"] = target.host_header
     extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
     try:
         client = clients.for_server_name(target.sni_hostname)
-        request = client.build_request("POST", target.url, content=body, headers=headers, extensions=extensions)
-        with exchange_deadline(webhook_budget_s(settings) - (time.monotonic() - started)) as deadline:
+        request = client.build_request(
+            "POST", target.url, content=body, headers=headers, extensions=extensions, timeout=webhook_timeout(policy)
+        )
+        with exchange_deadline(attempt_budget_s(policy) - (time.monotonic() - started)) as deadline:
             response = client.send(request, stream=True)
             try:
                 # The status and headers are the answer. A short body is read so that the
@@ -169,17 +169,32 @@ def send_attempt(
     return Attempt(ok=False, status_code=code, error=error, retry_after=retry_after, duration_s=elapsed)
 
 
+def _delays_of(settings: Settings, event: StoredEvent) -> tuple[float, ...]:
+    try:
+        return policy_for(settings, event.callback_url).retry_delays_s
+    except UnsafeCallbackURL:
+        return settings.webhook_retry_delays_s
+
+
 def countdown_limit(settings: Settings) -> float:
     """The longest delay that may wait as a countdown message in the broker."""
     return min(settings.poll_max_delay_s, settings.broker_visibility_timeout_s / 2)
 
 
-def retry_delay(tries: int, settings: Settings, retry_after: float | None, jitter: float) -> float | None:
+def retry_delay(
+    tries: int,
+    settings: Settings,
+    retry_after: float | None,
+    jitter: float,
+    *,
+    delays: tuple[float, ...] | None = None,
+) -> float | None:
     """Delay before the next attempt after ``tries`` failed ones, or None when exhausted.
 
-    ``jitter`` is a number in [0, 1) drawn by the caller.
+    ``jitter`` is a number in [0, 1) drawn by the caller; ``delays``, an endpoint's own
+    schedule (default: ``WEBHOOK_RETRY_DELAYS_S``).
     """
-    delays = settings.webhook_retry_delays_s
+    delays = delays or settings.webhook_retry_delays_s
     if tries > len(delays):
         return None
     delay = delays[tries - 1] * (1 + JITTER * jitter)
@@ -245,6 +260,11 @@ class _Step:
         _log_breaker(self.endpoint, settlement, now)
         return settlement.released
 
+    @property
+    def delays(self) -> tuple[float, ...]:
+        """The retry schedule of the event's endpoint (``WEBHOOK_RETRY_DELAYS_S`` unless it has its own)."""
+        return _delays_of(self.ctx.settings, self.event)
+
     def dead(self, tries: int, reason: str, record: dict[str, object], *, metric: str, **settle: Any) -> DeadLettered:
         webhook_id = self.event.webhook_id
         self.ctx.outbox.dead_letter(webhook_id, self.holder, self.ctx.clock(), tries, reason=reason, attempt=record)
@@ -259,7 +279,7 @@ class _Step:
         """Book a failed attempt (``tries`` counts it): the next one is scheduled, or the event is dead."""
         settings = self.ctx.settings
         webhook_id = self.event.webhook_id
-        delay = retry_delay(tries, settings, retry_after, self.ctx.rng.random())
+        delay = retry_delay(tries, settings, retry_after, self.ctx.rng.random(), delays=self.delays)
         if delay is None:
             return self.dead(
                 tries,
@@ -321,7 +341,7 @@ class _Step:
             if breaker.state != "closed"
             else f"{admission.in_flight} attempts in flight, the endpoint's cap"
         )
-        reason = f"held past the retry schedule ({retry_span_s(self.ctx.settings):g} s): {waited}"
+        reason = f"held past the retry schedule ({retry_span_s(self.ctx.settings, self.delays):g} s): {waited}"
         record: dict[str, object] = {
             "at": iso_timestamp(self.ctx.clock(), milliseconds=True),
             "ok": False,
@@ -373,7 +393,7 @@ def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) 
         now=now,
         # What is left of the step's hold on the event (its due time is the lease's end).
         lease_s=max(event.due - now, 0.0),
-        deadline=event.since + retry_span_s(settings),
+        deadline=event.since + retry_span_s(settings, step.delays),
         created_at=event.created_at,
         started={"holder": holder, "attempt": number, "at": iso_timestamp(now, milliseconds=True)},
         now_iso=iso_timestamp(now, milliseconds=True),

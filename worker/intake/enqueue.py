@@ -12,28 +12,41 @@ from typing import Any
 from check365_client import Check365Client
 from worker.settings import Settings, load_settings
 
-_clients: dict[Settings, Check365Client] = {}
+_clients: dict[tuple[Settings, str | None], Check365Client] = {}
 _apps: dict[str, Any] = {}
 
 
-def client_for(settings: Settings) -> Check365Client:
-    """The producers' client, configured as this deployment's workers are."""
-    client = _clients.get(settings)
+def client_for(settings: Settings, endpoints_file: str | None = None) -> Check365Client:
+    """The producers' client, configured as this deployment's workers are.
+
+    ``endpoints_file`` (default: ``WEBHOOK_ENDPOINTS_FILE``) refuses callback URLs of no
+    endpoint, as the workers do with ``WEBHOOK_ENDPOINTS_ONLY``; given explicitly, always.
+    """
+    client = _clients.get((settings, endpoints_file))
     if client is None:
-        client = _clients[settings] = Check365Client(
+        path = endpoints_file or settings.webhook_endpoints_file or None
+        client = _clients[(settings, endpoints_file)] = Check365Client(
             settings.redis_url,
             queue=settings.queue,
             allow_http=settings.webhook_allow_http,
             allow_private_networks=settings.webhook_allow_private_networks,
+            endpoints_file=path,
+            endpoints_only=bool(endpoints_file) or settings.webhook_endpoints_only,
         )
     return client
 
 
 def enqueue_watch(
-    job_id: str, callback_url: str, metadata: dict[str, Any] | None = None, *, settings: Settings | None = None
+    job_id: str,
+    callback_url: str,
+    metadata: dict[str, Any] | None = None,
+    *,
+    settings: Settings | None = None,
+    endpoints_file: str | None = None,
 ) -> str:
     """``check365_client.enqueue_watch`` with this deployment's settings; returns the message's id."""
-    return client_for(settings or load_settings(process="cli")).enqueue_watch(job_id, callback_url, metadata)
+    client = client_for(settings or load_settings(process="cli"), endpoints_file)
+    return client.enqueue_watch(job_id, callback_url, metadata)
 
 
 def client_app(settings: Settings) -> Any:

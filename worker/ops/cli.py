@@ -21,7 +21,7 @@ from typing import Any
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
-from check365_client import BrokerUnavailable
+from check365_client import BrokerUnavailable, EndpointsFileError
 from worker import __version__
 from worker.delivery.events import iso_timestamp
 from worker.errors import Check365WorkerError, InvalidSignature, InvalidWatchRequest, SettingsError
@@ -76,7 +76,9 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             metadata = json.loads(args.metadata)
         except json.JSONDecodeError as exc:
             raise InvalidWatchRequest("metadata", f"is not valid JSON ({exc.msg})") from None
-    task_id = enqueue_watch(args.job_id, args.callback_url, metadata, settings=_settings())
+    task_id = enqueue_watch(
+        args.job_id, args.callback_url, metadata, settings=_settings(), endpoints_file=args.endpoints_file
+    )
     if args.json:
         _print_json({"task_id": task_id, "job_id": args.job_id})
     else:
@@ -592,6 +594,20 @@ def _add_health_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_healthcheck)
 
 
+def _add_enqueue(sub: Any) -> None:
+    p = sub.add_parser("enqueue", help="validate and enqueue a watch")
+    p.add_argument("job_id")
+    p.add_argument("callback_url")
+    p.add_argument("--metadata", help="a JSON object echoed in every event (at most 4 KiB)")
+    p.add_argument(
+        "--endpoints-file",
+        help="refuse a callback URL that matches none of this file's endpoints (default: WEBHOOK_ENDPOINTS_FILE,"
+        " refusing only with WEBHOOK_ENDPOINTS_ONLY=true)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_enqueue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="check365-worker",
@@ -600,12 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"check365-worker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("enqueue", help="validate and enqueue a watch")
-    p.add_argument("job_id")
-    p.add_argument("callback_url")
-    p.add_argument("--metadata", help="a JSON object echoed in every event (at most 4 KiB)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_enqueue)
+    _add_enqueue(sub)
 
     p = sub.add_parser("status", help="a job's watches: polls, progress, next poll, outcome, deliveries")
     p.add_argument("job_id")
@@ -715,6 +726,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, 2, "configuration", f"configuration error: {exc}", variable=exc.variable)
     except InvalidWatchRequest as exc:
         return _fail(args, 2, "invalid_request", f"invalid request: {exc}", field=exc.field)
+    except EndpointsFileError as exc:
+        return _fail(args, 2, "configuration", f"endpoints file: {exc}")
     except Check365WorkerError as exc:
         return _fail(args, 1, "error", str(exc))
     except BrokerUnavailable as exc:

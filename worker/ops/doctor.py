@@ -57,6 +57,9 @@ def _settings_checks() -> tuple[list[Check], Settings | None]:
     except SettingsError as exc:
         return [Check("settings", "fail", str(exc))], None
     checks = [Check("settings", "ok", f"queue {settings.queue}, {len(settings.webhook_secrets)} webhook secret(s)")]
+    endpoints = _endpoints_check(settings)
+    if endpoints is not None:
+        checks.append(endpoints)
     if settings.webhook_allow_http:
         checks.append(
             Check(
@@ -79,6 +82,18 @@ def _settings_checks() -> tuple[list[Check], Settings | None]:
             Check("check365_allow_http", "warn", "CHECK365_ALLOW_HTTP=true: the API key may travel in clear text")
         )
     return checks, settings
+
+
+def _endpoints_check(settings: Settings) -> Check | None:
+    """The endpoints file as loaded (a bad one already failed the settings check, naming endpoint and key)."""
+    if not settings.webhook_endpoints_file:
+        return None
+    endpoints = settings.endpoints
+    names = ", ".join(f"{e.name} ({len(endpoints.secrets_of(e.name))} secret(s))" for e in endpoints)
+    if not names:
+        return Check("endpoints", "warn", "the endpoints file registers no endpoint")
+    only = "only these are allowed" if settings.webhook_endpoints_only else "other URLs use WEBHOOK_SECRET"
+    return Check("endpoints", "ok", f"{names}; {only}")
 
 
 def _redis_checks(client: redis.Redis) -> list[Check]:

@@ -17,6 +17,7 @@ from check365_client import tracing
 from check365_client.names import watch_id_for
 from check365_client.rules import WatchRequest
 from worker.delivery.events import Event, EventHead, failed_event, iter_completed_events, timed_out_event
+from worker.delivery.policy import policy_for
 from worker.delivery.urls import validate_callback_url
 from worker.errors import (
     Check365Misconfigured,
@@ -204,11 +205,8 @@ def expire_stranded(ctx: Context, watch_id: str, token: str) -> StepResult:
 def callback_refusal(ctx: Context, callback_url: str) -> str | None:
     """Why the settings in force refuse ``callback_url`` (the rules a start message meets), or None."""
     try:
-        validate_callback_url(
-            callback_url,
-            allow_http=ctx.settings.webhook_allow_http,
-            allow_private=ctx.settings.webhook_allow_private_networks,
-        )
+        policy = policy_for(ctx.settings, callback_url)
+        validate_callback_url(callback_url, allow_http=policy.allow_http, allow_private=policy.allow_private)
     except UnsafeCallbackURL as exc:
         return str(exc)
     return None

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from check365_client.names import WATCH_TASK
+from worker.delivery.policy import longest_timeout_s
 from worker.settings import Settings
 
 __all__ = ["DELIVER_TASK", "SWEEP_TASK", "WATCH_TASK", "celery_config", "deliver_kwargs"]
@@ -81,7 +82,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "task_create_missing_queues": True,
         # Hung connections must not pin a slot forever; the HTTP timeouts are far shorter.
-        "task_time_limit": max(settings.check365_timeout_s, settings.webhook_timeout_s) * 4 + 60,
+        "task_time_limit": max(settings.check365_timeout_s, longest_timeout_s(settings)) * 4 + 60,
         # A message Celery cannot take apart is rejected and logged instead of stopping the
         # worker (and, put back on the queue, every worker after it): see worker/runtime/tasks.py.
         "worker_consumer": "worker.intake.boundary:CheckedConsumer",

@@ -19,6 +19,7 @@ import httpx
 import redis
 
 from worker.delivery.limits import EndpointLimitsFor, default_limits
+from worker.delivery.policy import CallbackPolicy
 from worker.delivery.urls import Resolver, system_resolver
 from worker.polling.check365 import make_client
 from worker.polling.ratelimit import RateLimiter
@@ -55,12 +56,19 @@ class Context:
         self.redis.close()
 
 
+def webhook_timeout(policy: CallbackPolicy) -> httpx.Timeout:
+    """The timeouts of one attempt, from its endpoint's ``timeout_s`` or ``WEBHOOK_TIMEOUT_S``."""
+    t = policy.timeout_s
+    return httpx.Timeout(t, connect=min(10.0, t))
+
+
 def make_webhook_client(
     settings: Settings, transport: httpx.BaseTransport | None = None, *, max_connections: int = WORKER_THREADS
 ) -> httpx.Client:
     t = settings.webhook_timeout_s
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
     return httpx.Client(
+        # Each request passes its endpoint's own (webhook_timeout): this is the default.
         timeout=httpx.Timeout(t, connect=min(10.0, t)),
         limits=limits,
         # A redirect is a failed attempt: following it would send signed results to

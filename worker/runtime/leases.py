@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 
+from worker.delivery.policy import CallbackPolicy, longest_timeout_s
 from worker.errors import OutOfTime
 from worker.settings import Settings
 
@@ -28,9 +29,15 @@ def status_budget_s(settings: Settings) -> float:
     return 2 * settings.check365_timeout_s
 
 
+def attempt_budget_s(policy: CallbackPolicy) -> float:
+    """One webhook attempt in whole: connecting, sending the body, and the receiver's answer."""
+    return 2 * policy.timeout_s
+
+
 def webhook_budget_s(settings: Settings) -> float:
-    """The whole webhook attempt: connecting, sending the body, and the receiver's answer."""
-    return 2 * settings.webhook_timeout_s
+    """The longest webhook attempt: an endpoint's ``timeout_s`` may exceed ``WEBHOOK_TIMEOUT_S``,
+    and the limits built from this must hold any endpoint's attempt."""
+    return 2 * longest_timeout_s(settings)
 
 
 def watch_time_limit_s(settings: Settings) -> float:

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from check365_client.errors import UnregisteredEndpoint
 from check365_client.rules import validate_watch_request
 from check365_client.tracing import TRACEPARENT, valid_traceparent
 from worker.app import app, settings
@@ -100,7 +101,13 @@ def _watch(self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
                 allow_http=settings.webhook_allow_http,
                 allow_private=settings.webhook_allow_private_networks,
                 allow_internal=True,
+                endpoints=settings.endpoints.file,
+                endpoints_only=settings.webhook_endpoints_only,
             )
+        except UnregisteredEndpoint:
+            # Before any request to Check365 or to the URL; the URL is not logged (it may carry a token).
+            reject("watch_rejected", UnregisteredEndpoint.reason)
+            return "rejected"
         except InvalidWatchRequest as exc:
             reject("watch_rejected", str(exc))
             return "rejected"
