@@ -70,7 +70,7 @@ class Declaration(Generic[T]):
     def shown_default(self) -> str:
         if self.required_by:
             return f"(required by the {', '.join(p for p in PROCESSES if p in self.required_by)})"
-        return format_value(self.default)
+        return format_value(self.default) or "(none)"
 
 
 def setting(
@@ -634,7 +634,8 @@ TABLE_END = "<!-- end of settings table -->"
 def markdown_table() -> str:
     rows = ["| variable | default | used by | meaning |", "| --- | --- | --- | --- |"]
     for _, d in declarations():
-        default = d.shown_default if d.required_by else f"`{d.shown_default}`"
+        plain = d.required_by or not format_value(d.default)  # "(required by ...)", "(none)"
+        default = d.shown_default if plain else f"`{d.shown_default}`"
         used_by = ", ".join(p for p in PROCESSES if p in d.used_by)
         rows.append(f"| `{d.variable}` | {default} | {used_by} | {d.meaning} |")
     return "\n".join(rows)

@@ -19,6 +19,7 @@
 
 "use strict";
 
+const crypto = require("node:crypto");
 const http = require("node:http");
 const { Webhook, WebhookVerificationError } = require("standardwebhooks");
 
@@ -33,7 +34,7 @@ function loadSecret() {
   const secret = (process.env.WEBHOOK_SECRET ?? "").trim();
   let problem = null;
   if (!secret) {
-    problem = "is not set: use the worker's secret (whsec_...)";
+    problem = "is not set: use your endpoint's secret (whsec_...)";
   } else if (!/^whsec_[A-Za-z0-9+/]+={0,2}$/.test(secret) || (secret.length - 6) % 4 !== 0) {
     problem = "must be one secret of the form whsec_<base64 key>, as the worker has it";
   }
@@ -43,7 +44,14 @@ function loadSecret() {
   }
   return secret;
 }
-const webhook = new Webhook(loadSecret());
+const SECRET = loadSecret();
+const webhook = new Webhook(SECRET);
+
+// What `check365-worker endpoints` shows for this secret: compare the two, never the secret itself.
+function fingerprint(secret) {
+  const key = Buffer.from(secret.slice("whsec_".length), "base64");
+  return `sha256:${crypto.createHash("sha256").update(key).digest("hex").slice(0, 16)}`;
+}
 
 // The reference library's reasons, as the answer's error (anything else is a bad signature).
 const REFUSALS = {
@@ -161,7 +169,7 @@ const port = Number.parseInt(process.env.PORT ?? "8000", 10);
 // Loopback by default; set HOST=0.0.0.0 in a container.
 const host = process.env.HOST ?? "127.0.0.1";
 server.listen(port, host, () => {
-  console.error(JSON.stringify({ listening: `http://${host}:${port}${PATH}` }));
+  console.error(JSON.stringify({ listening: `http://${host}:${port}${PATH}`, secret: fingerprint(SECRET) }));
 });
 
 // Stop cleanly on Ctrl-C and on `docker stop`.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 import sys
@@ -42,7 +43,7 @@ def load_secret() -> str:
     secret = os.environ.get("WEBHOOK_SECRET", "").strip()
     problem = None
     if not secret:
-        problem = "is not set: use the worker's secret (whsec_...)"
+        problem = "is not set: use your endpoint's secret (whsec_...)"
     elif not secret.startswith("whsec_") or " " in secret:
         problem = "must be one secret of the form whsec_<base64 key>, as the worker has it"
     else:
@@ -58,9 +59,15 @@ def load_secret() -> str:
     return secret
 
 
+def fingerprint(secret: str) -> str:
+    """What `check365-worker endpoints` shows for this secret: compare the two, never the secret itself."""
+    return "sha256:" + hashlib.sha256(base64.b64decode(secret.removeprefix("whsec_"))).hexdigest()[:16]
+
+
+SECRET = load_secret()
 app = Flask(__name__)
 app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-webhook = Webhook(load_secret())
+webhook = Webhook(SECRET)
 
 # The reference library's reasons, as the answer's error (anything else is a bad signature).
 REFUSALS = {
@@ -145,7 +152,8 @@ if __name__ == "__main__":
     # Loopback by default; set HOST=0.0.0.0 in a container. For production, serve
     # `app` with a WSGI server such as gunicorn (one process, or a shared database).
     host = os.environ.get("HOST", "127.0.0.1")
-    print(json.dumps({"listening": f"http://{host}:{port}{PATH}"}), file=sys.stderr, flush=True)
+    listening = {"listening": f"http://{host}:{port}{PATH}", "secret": fingerprint(SECRET)}
+    print(json.dumps(listening), file=sys.stderr, flush=True)
     # Werkzeug's server directly rather than app.run(), whose banner would go to
     # stdout: stdout carries only the JSON lines of accepted events.
     run_simple(host, port, app, threaded=True)

@@ -1,6 +1,7 @@
 """Endpoints (contract section 5) with real parts: two receivers each verifying with its own
 secret through ``standardwebhooks``, a rotation done by restarting the worker, the allow-list,
-and private receivers let in per endpoint while the pool's flags stay off.
+and private receivers let in per endpoint while the pool's flags stay off; then the receivers'
+tools: ``endpoints`` (fingerprints, never secrets), ``send-test`` and ``endpoints recover``.
 
 Both receivers listen on 127.0.0.1 over plain http: only their endpoints' ``allow_http`` and
 ``allow_private_networks`` let them in, since these workers run with WEBHOOK_ALLOW_HTTP and
@@ -9,6 +10,7 @@ WEBHOOK_ALLOW_PRIVATE_NETWORKS false and WEBHOOK_ENDPOINTS_ONLY true.
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,8 @@ from standardwebhooks import Webhook
 
 from check365_client import UnregisteredEndpoint
 from tests.support.cluster import Cluster, new_secret, quiet_period, wait_until
+from tests.support.schemas import assert_events_valid
+from worker.delivery.signing import fingerprint
 from worker.intake.enqueue import enqueue_watch
 from worker.local.receiver import Received, Receiver
 
@@ -70,6 +74,8 @@ allow_private_networks = true
             "WEBHOOK_ENDPOINTS_ONLY": "true",
             "IT_BILLING_SECRET": billing_secret,
             "CHECK365_QUEUE": QUEUE,
+            # billing's 3 s retry waits as a countdown message (no beat runs here): this bounds those.
+            "POLL_MAX_DELAY_S": "10",
             **overrides,
         }
 
@@ -146,10 +152,8 @@ def test_a_rotation_by_restarting_the_worker_signs_the_pending_retry_with_the_ne
     rotated = new_secret()
     path = "/hooks/E-rotation"
     endpoints.billing.script(path, [500])
-    # The retry waits as a countdown message (no beat runs here): POLL_MAX_DELAY_S bounds those.
-    countdown = {"POLL_MAX_DELAY_S": "10"}
     before = cluster.start_worker(
-        "it-rotation-before", concurrency=1, env_overrides=endpoints.env(**countdown), queue=ROTATION_QUEUE
+        "it-rotation-before", concurrency=1, env_overrides=endpoints.env(), queue=ROTATION_QUEUE
     )
     endpoints.enqueue("E-rotation", endpoints.billing.url + path, queue=ROTATION_QUEUE)
     endpoints.billing.wait_for(lambda rx: any(r.path == path for r in rx), TIMEOUT)
@@ -163,7 +167,7 @@ def test_a_rotation_by_restarting_the_worker_signs_the_pending_retry_with_the_ne
     # The first attempt failed; its retry waits 3 s. The operator rotates: new secret, restart.
     assert before.stop(signal.SIGTERM) == 0
     after = cluster.start_worker(
-        "it-rotation-after", concurrency=1, env_overrides=endpoints.env(rotated, **countdown), queue=ROTATION_QUEUE
+        "it-rotation-after", concurrency=1, env_overrides=endpoints.env(rotated), queue=ROTATION_QUEUE
     )
     endpoints.billing.wait_for(lambda rx: sum(r.path == path for r in rx) >= 2, TIMEOUT)
     first, retry = endpoints.billing.received(path)
@@ -177,3 +181,96 @@ def test_a_rotation_by_restarting_the_worker_signs_the_pending_retry_with_the_ne
         "the retried event is recorded as delivered",
     )
     after.stop()
+
+
+def test_endpoints_lists_each_endpoint_with_its_secrets_fingerprints_never_the_secrets(endpoints: Endpoints) -> None:
+    cluster = endpoints.cluster
+    listed = cluster.cli("endpoints", "--json", env_overrides=endpoints.env())
+    assert listed.returncode == 0, listed.stderr
+    # Each named endpoint under its scheme, host and port, beside that key's isolation state.
+    keys = {row["endpoint"]: row for row in json.loads(listed.stdout)}
+    billing_key, crm_key = endpoints.billing.url, endpoints.crm.url  # http://127.0.0.1:PORT
+    [billing] = keys[billing_key]["named"]
+    [crm] = keys[crm_key]["named"]
+    assert keys[crm_key]["breaker"] == "closed" and keys[crm_key]["max_in_flight"] >= 1
+    assert (billing["name"], billing["secret_fingerprints"]) == ("billing", [fingerprint(BILLING_SECRET)])
+    assert billing["secret_source"] == "env IT_BILLING_SECRET" and billing["retry_delays_s"] == [3.0]
+    assert (crm["name"], crm["secret_fingerprints"]) == ("crm", [fingerprint(CRM_SECRET)])
+    assert crm["allow_private_networks"] is True
+    text = cluster.cli("endpoints", env_overrides=endpoints.env())
+    assert text.returncode == 0 and fingerprint(CRM_SECRET) in text.stdout, text.stderr
+    assert "other URLs: refused (WEBHOOK_ENDPOINTS_ONLY)" in text.stdout
+    for output in (listed.stdout, text.stdout):
+        for secret in (BILLING_SECRET, CRM_SECRET, cluster.secret):
+            assert secret.removeprefix("whsec_") not in output
+
+
+@pytest.mark.parametrize("kind", ["completed", "failed", "timed_out"])
+def test_send_test_sends_a_signed_sample_event_marked_as_a_test_without_a_job(endpoints: Endpoints, kind: str) -> None:
+    cluster = endpoints.cluster
+    before = len(endpoints.crm.received("/check365"))
+    sent = cluster.cli("send-test", "--endpoint", "crm", "--type", kind, "--json", env_overrides=endpoints.env())
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    result = json.loads(sent.stdout)
+    assert result["ok"] and result["endpoint"] == "crm" and result["signed_with"] == [fingerprint(CRM_SECRET)]
+    received = endpoints.crm.received("/check365")
+    assert len(received) == before + 1
+    test_event = received[-1]
+    assert test_event.verified and test_event.headers["webhook-id"] == result["webhook_id"]
+    assert not verifies(cluster.secret, test_event)
+    body = test_event.json()
+    assert body["type"] == f"bulk_validation.{kind}" and body["data"]["test"] is True
+    assert_events_valid([test_event])
+    # No job: nothing was watched, nothing is stored.
+    assert not cluster.watch_state(body["data"]["jobId"])
+    assert cluster.outbox().get(result["webhook_id"]) is None
+
+
+def test_send_test_to_a_url_of_no_endpoint_is_refused_by_the_allow_list(endpoints: Endpoints) -> None:
+    cluster = endpoints.cluster
+    refused = cluster.cli(
+        "send-test", "--url", cluster.callback_url("/hooks/E-send-test"), env_overrides=endpoints.env()
+    )
+    assert refused.returncode == 2 and "matches no endpoint" in refused.stderr, refused.stderr
+    unknown = cluster.cli("send-test", "--endpoint", "nope", env_overrides=endpoints.env())
+    assert unknown.returncode == 2 and "billing, crm" in unknown.stderr, unknown.stderr
+    assert not cluster.receiver.received("/hooks/E-send-test")
+
+
+def test_recover_replays_one_endpoints_dead_letters_since_a_time_with_their_webhook_ids(
+    endpoints: Endpoints,
+) -> None:
+    cluster = endpoints.cluster
+    # billing retries once after 3 s: both jobs' events are dead after two refused attempts.
+    endpoints.billing.default("/hooks/E-recover", 500)
+    endpoints.crm.default("/check365/E-recover-crm", 500)
+    endpoints.enqueue("E-recover", endpoints.billing.url + "/hooks/E-recover")
+    endpoints.enqueue("E-recover-crm", endpoints.crm.url + "/check365/E-recover-crm")
+    outbox = cluster.outbox()
+
+    def dead(job: str) -> str | None:
+        watches = cluster.watch_state(job)
+        events = [outbox.get(i) for w in watches for i in w.events]
+        return events[0].webhook_id if events and events[0] is not None and events[0].state == "dead" else None
+
+    billing_id = wait_until(lambda: dead("E-recover"), TIMEOUT * 2, "billing's event is dead-lettered")
+    crm_id = wait_until(lambda: dead("E-recover-crm"), TIMEOUT * 2, "crm's event is dead-lettered")
+
+    later = cluster.cli(
+        "endpoints", "recover", "billing", "--since", "2099-01-01T00:00:00Z", "--json", env_overrides=endpoints.env()
+    )
+    assert later.returncode == 0 and json.loads(later.stdout)["replayed"] == [], later.stdout + later.stderr
+
+    endpoints.billing.default("/hooks/E-recover", 200)
+    recovered = cluster.cli(
+        "endpoints", "recover", "billing", "--since", "10m", "--json", env_overrides=endpoints.env()
+    )
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert json.loads(recovered.stdout)["replayed"] == [billing_id]
+    endpoints.billing.wait_for(
+        lambda rx: any(r.path == "/hooks/E-recover" and r.status_sent == 200 for r in rx), TIMEOUT
+    )
+    delivered = [r for r in endpoints.billing.received("/hooks/E-recover") if r.status_sent == 200]
+    assert [r.headers["webhook-id"] for r in delivered] == [billing_id] and delivered[0].verified
+    # crm's dead letter stays where it was.
+    assert (event := outbox.get(crm_id)) is not None and event.state == "dead"

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, new_secret
 from tests.support.schemas import assert_events_valid
 from worker.intake.enqueue import enqueue_watch
 from worker.local.redisserver import free_port
@@ -282,3 +282,30 @@ def test_kit_says_which_check_refused_a_webhook(cluster: Cluster, kit: Kit) -> N
     for error, response in cases.items():
         assert (response.status_code, response.json()) == (400, {"error": error})
     assert kit.accepted() == [], "nothing refused was handled"
+
+
+def test_kit_takes_its_endpoints_secret_shows_its_fingerprint_and_accepts_a_send_test(
+    cluster: Cluster, kit: Kit, tmp_path: Path
+) -> None:
+    # The kit's URL is an endpoint whose secret is the kit's; the pool's WEBHOOK_SECRET is another,
+    # and the pool's flags are off: only the endpoint's secret and flags can get the event there.
+    endpoints = tmp_path / "endpoints.toml"
+    endpoints.write_text(
+        f'[endpoints.kit]\nurl = "{kit.url}{HOOK_PATH}"\nsecret = "{cluster.secret}"\n'
+        "allow_http = true\nallow_private_networks = true\n",
+        encoding="utf-8",
+    )
+    env = {
+        "WEBHOOK_ENDPOINTS_FILE": str(endpoints),
+        "WEBHOOK_SECRET": new_secret(),
+        "WEBHOOK_ALLOW_HTTP": "false",
+        "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "false",
+    }
+    listed = json.loads(cluster.cli("endpoints", "--json", env_overrides=env).stdout)
+    [kit_endpoint] = [named for row in listed for named in row["named"]]
+    (shown,) = kit_endpoint["secret_fingerprints"]
+    assert f'"secret": "{shown}"' in kit.output().replace('"secret":"', '"secret": "')
+    sent = cluster.cli("send-test", "--endpoint", "kit", "--type", "failed", "--json", env_overrides=env)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    webhook_id = json.loads(sent.stdout)["webhook_id"]
+    assert [a["webhookId"] for a in kit.state()["accepted"]][-1:] == [webhook_id]

@@ -368,6 +368,9 @@ def test_no_dead_letter_record_or_cli_output_contains_a_secret(
 ) -> None:
     cluster, _, _, secrets = secret_flow
     commands = [["dead-letters", "list"], ["dead-letters", "list", "--json"]]
+    # The endpoints' tools name secrets by fingerprint only, and an error names no value.
+    commands += [["endpoints"], ["endpoints", "--json"], ["endpoints", "recover", "from-env", "--since", "1h"]]
+    commands += [["send-test", "--endpoint", "inline", "--json"], ["send-test", "--endpoint", "from-env"]]
     for webhook_id in cluster.outbox().dead_letters():
         commands += [["dead-letters", "show", webhook_id], ["dead-letters", "show", webhook_id, "--json"]]
     for job in (*DELIVERED_JOBS, *DEAD_JOBS):

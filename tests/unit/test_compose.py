@@ -638,3 +638,20 @@ def test_grafana_gets_the_datasource_and_the_dashboard(monitoring_config: Config
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert _mounted(grafana, home).is_file()
     assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+
+def test_the_endpoints_file_is_mounted_into_the_workers_as_a_secret(compose: Compose, tmp_path: Path) -> None:
+    endpoints = ROOT / "config" / "endpoints.example.toml"
+    env = {**REQUIRED_SECRETS, "ENDPOINTS_FILE": str(endpoints)}
+    result = compose.run("-f", str(ROOT / "compose.endpoints.yml"), "config", "--format", "json", env=env)
+    assert result.returncode == 0, result.stderr
+    config: Config = json.loads(result.stdout)
+    assert config["secrets"]["webhook_endpoints"]["file"] == str(endpoints)
+    worker, beat = _services(config)["worker"], _services(config)["beat"]
+    (mounted,) = worker["secrets"]
+    assert mounted["source"] == "webhook_endpoints"
+    # Compose mounts a secret at /run/secrets/<name>: the path the worker is told.
+    assert worker["environment"]["WEBHOOK_ENDPOINTS_FILE"] == "/run/secrets/webhook_endpoints"
+    assert "secrets" not in beat and beat["environment"]["WEBHOOK_ENDPOINTS_FILE"] == ""
+    # The main file tells operators where the endpoints file comes from.
+    assert "compose.endpoints.yml" in COMPOSE_FILE.read_text(encoding="utf-8")

@@ -5,6 +5,7 @@ keep an endpoint's longer timeout inside every lease."""
 from __future__ import annotations
 
 import base64
+import json
 import time
 from pathlib import Path
 
@@ -14,11 +15,16 @@ from standardwebhooks import Webhook
 
 from check365_client import Check365Client, UnregisteredEndpoint, UnsafeCallbackURL
 from check365_client.endpoints import load_endpoints
+from tests.support.schemas import assert_events_valid
 from tests.support.settings import TEST_SECRET, make_settings
+from worker.delivery.events import sample_event
+from worker.delivery.limits import default_limits, retry_span_s
 from worker.delivery.policy import longest_timeout_s, policy_for
 from worker.delivery.signing import fingerprint
 from worker.delivery.step import retry_delay, send_attempt
+from worker.delivery.urls import endpoint_key
 from worker.errors import SettingsError, UnregisteredCallback
+from worker.ops.receivers import EVENT_TYPES, parse_since
 from worker.runtime.context import WebhookClients
 from worker.runtime.leases import attempt_budget_s, delivery_lease_s, delivery_time_limit_s, watch_time_limit_s
 from worker.settings import Settings
@@ -232,3 +238,61 @@ def test_the_producer_client_given_the_file_refuses_an_unregistered_url_before_s
     with pytest.raises(UnsafeCallbackURL):  # the endpoint's flags are its own, not the pool's
         client.enqueue_watch("J-1", "http://hooks.example.com/check365")
     assert load_endpoints(path).match("http://crm.internal:8080/check365/a") is not None
+
+
+@pytest.mark.parametrize("kind", ["completed", "failed", "timed_out"])
+def test_a_sample_event_is_valid_against_its_schema_marked_as_a_test_and_unique(kind: str) -> None:
+    event_type = EVENT_TYPES[kind]
+    first = sample_event(event_type, now=time.time(), nonce="a1")
+    second = sample_event(event_type, now=time.time(), nonce="b2")
+    assert_events_valid([first.body, second.body])
+    body = json.loads(first.body)
+    assert body["type"] == event_type and body["data"]["test"] is True
+    assert first.webhook_id != second.webhook_id
+    with pytest.raises(ValueError, match="no event type"):
+        sample_event("bulk_validation.unknown", now=0.0, nonce="x")
+
+
+def test_since_takes_an_iso_time_unix_seconds_or_a_duration_ago() -> None:
+    now = 1_800_000_000.0
+    assert parse_since("6h", now) == now - 6 * 3600
+    assert parse_since("2d", now) == now - 2 * 86400
+    assert parse_since("1700000000", now) == 1_700_000_000.0
+    assert parse_since("2026-12-04T10:00:00Z", now) == 1_796_378_400.0
+    for bad in ("yesterday", "2026-12-04T10:00:00", "nan", "inf", ""):
+        with pytest.raises(ValueError, match="--since"):
+            parse_since(bad, now)
+
+
+def test_the_example_endpoints_file_is_valid(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "config" / "endpoints.example.toml"
+    settings = make_settings(WEBHOOK_ENDPOINTS_FILE=str(example), WEBHOOK_ENDPOINTS_ONLY="true")
+    assert [e.name for e in settings.endpoints] == ["billing", "crm"]
+    assert len(settings.endpoints.secrets_of("billing")) == 2
+    assert policy_for(settings, "http://crm.internal:8080/check365/x").allow_private
+
+
+def test_an_endpoints_cap_and_breaker_threshold_apply_to_its_scheme_host_and_port(tmp_path: Path) -> None:
+    text = FILE.replace("timeout_s = 120\n", "timeout_s = 120\nmax_in_flight = 3\nbreaker_threshold = 2\n")
+    text += (
+        f'\n[endpoints.billing-admin]\nurl = "https://billing.example.com/admin"\nsecret = "{CRM}"\nmax_in_flight = 5\n'
+    )
+    settings = settings_with(tmp_path, text)
+    limits_for = default_limits(settings)
+    billing = limits_for(endpoint_key("https://billing.example.com/hooks/check365"))
+    # Two named endpoints share the key: the strictest value of each holds.
+    assert (billing.max_in_flight, billing.breaker_threshold) == (3, 2)
+    crm = limits_for(endpoint_key("http://crm.internal:8080/check365"))
+    other = limits_for(endpoint_key("https://hooks.example.com/x"))
+    assert crm == other
+    assert (other.max_in_flight, other.breaker_threshold) == (
+        settings.webhook_endpoint_max_in_flight,
+        settings.webhook_breaker_threshold,
+    )
+
+
+def test_an_endpoints_retry_schedule_is_its_span_for_waiting_in_line(tmp_path: Path) -> None:
+    settings = settings_with(tmp_path)
+    billing = policy_for(settings, "https://billing.example.com/hooks/check365").retry_delays_s
+    assert retry_span_s(settings, billing) == 3.0
+    assert retry_span_s(settings) == sum(settings.webhook_retry_delays_s)

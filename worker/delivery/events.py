@@ -155,3 +155,39 @@ def timed_out_event(
         "metadata": metadata,
     }
     return Event(webhook_id=new_webhook_id(watch_id, TIMED_OUT), type=TIMED_OUT, body=_body(TIMED_OUT, now, data))
+
+
+# The contract's example result: what a sample event carries.
+SAMPLE_RESULT = {
+    "email": "name@company.com",
+    "emailProvider": "unknown",
+    "emailType": "unknown",
+    "status": "unvalidated",
+    "safeToSend": False,
+    "risk": "high",
+    "isRole": False,
+    "statusReason": "invalid_domain",
+}
+SAMPLE_MESSAGE = "a test event from check365-worker send-test: no job was watched"
+
+
+def sample_event(event_type: str, *, now: float, nonce: str) -> Event:
+    """An event of ``event_type`` for no job, marked ``"test": true`` in its data, valid against its schema.
+
+    ``nonce`` makes its job id and webhook-id unique: a receiver must not drop it as a duplicate.
+    """
+    watch_id, job_id = f"test_{nonce}", f"test-{nonce}"
+    if event_type == COMPLETED:
+        data = {"jobId": job_id, "status": "completed", "creditsUsed": 1, "progress": 100, "total": 1}
+        event = next(
+            iter_completed_events(watch_id, job_id, {**data, "results": [SAMPLE_RESULT]}, None, per_part=1, now=now)
+        )
+    elif event_type == FAILED:
+        event = failed_event(watch_id, job_id, "job_failed", SAMPLE_MESSAGE, None, now=now)
+    elif event_type == TIMED_OUT:
+        event = timed_out_event(watch_id, job_id, "processing", 42.0, None, now=now)
+    else:
+        raise ValueError(f"no event type {event_type!r}")
+    body = orjson.loads(event.body)
+    body["data"]["test"] = True
+    return Event(event.webhook_id, event.type, orjson.dumps(body), event.part_index, event.part_count)

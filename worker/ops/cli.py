@@ -207,14 +207,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_endpoints(args: argparse.Namespace) -> int:
     from worker.delivery.limits import default_limits
+    from worker.ops.receivers import named_line, other_urls_line
     from worker.runtime.context import redis_client
     from worker.state.endpoints import EndpointState
 
     settings = _settings()
+    if args.action == "recover":
+        return _recover(args, settings)
     limits_for = default_limits(settings)
     state = EndpointState(redis_client(settings), due_key="", rearm_grace_s=settings.rearm_grace_s)
     now = time.time()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for view in state.views(now, limit=args.limit):
         limits = limits_for(view.endpoint)
         rows.append(
@@ -234,6 +237,7 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
                 "last_active_at": _when(view.last_active_at),
             }
         )
+    _add_named(settings, rows, limits_for)
     if args.json:
         _print_json(rows)
         return 0
@@ -250,6 +254,62 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
                 f"    open since {_shown(r['opened_at'])}  next probe {_shown(r['next_probe'])}"
                 f"  last error {_shown(r['last_error'])}"
             )
+        for named in r["named"]:
+            print(named_line(named, _shown))
+    if settings.webhook_endpoints_file:
+        print(other_urls_line(settings))
+    return 0
+
+
+def _add_named(settings: Settings, rows: list[dict[str, Any]], limits_for: Any) -> None:
+    """Each row with the named endpoints under its scheme, host and port (``named``); a row for
+    each such key that has no state yet."""
+    from worker.delivery.urls import endpoint_key
+    from worker.ops.receivers import endpoint_rows
+
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for named in endpoint_rows(settings):
+        by_key.setdefault(endpoint_key(named["url"]), []).append(named)
+    for row in rows:
+        row["named"] = by_key.pop(row["endpoint"], [])
+    for key, named_rows in by_key.items():
+        limits = limits_for(key)
+        rows.append(
+            {
+                "endpoint": key,
+                "breaker": "closed",
+                "consecutive_failures": 0,
+                "breaker_threshold": limits.breaker_threshold,
+                "in_flight": 0,
+                "max_in_flight": limits.max_in_flight,
+                "waiting": 0,
+                "backlog": 0,
+                "oldest_pending_age_s": None,
+                "opened_at": None,
+                "next_probe": None,
+                "last_error": None,
+                "last_active_at": None,
+                "named": named_rows,
+            }
+        )
+
+
+def _recover(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops.receivers import parse_since, recover
+
+    _, outbox = _stores(settings)
+    try:
+        result = recover(settings, outbox, args.name, parse_since(args.since, time.time()), _replay)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        _print_json({**result, "since": _when(result["since"])})
+    else:
+        print(f"replayed {len(result['replayed'])} dead letter(s) of endpoint {args.name}")
+        for webhook_id in result["replayed"]:
+            print(f"  {webhook_id}")
+        for skipped in result["not_replayed"]:
+            print(f"  {skipped['webhook_id']} not replayed: {skipped['reason']}")
     return 0
 
 
@@ -515,6 +575,37 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(as_json=args.json)
 
 
+# -- receivers' tools: send-test, endpoints ------------------------------------------------------
+
+
+def cmd_send_test(args: argparse.Namespace) -> int:
+    from worker.ops.receivers import send_test
+
+    try:
+        result = send_test(_settings(), endpoint=args.endpoint, url=args.url, kind=args.type)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        _print_json(result)
+    else:
+        where = f"endpoint {result['endpoint']}" if result["endpoint"] else "no endpoint: WEBHOOK_SECRET"
+        answer = f"HTTP {result['status_code']}" if result["status_code"] else _shown(result["error"])
+        print(f"{'delivered' if result['ok'] else 'FAILED'}: {result['type']} test event {result['webhook_id']}")
+        print(f"  to {_shown(result['url'])} ({where}), signed with {' '.join(result['signed_with'])}")
+        print(f"  answer: {answer} in {result['duration_ms']} ms")
+    return 0 if result["ok"] else 1
+
+
+def _add_receiver_commands(sub: Any) -> None:
+    p = sub.add_parser("send-test", help="send a signed sample event (marked as a test, no job) to a receiver")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--endpoint", metavar="NAME", help="an endpoint of WEBHOOK_ENDPOINTS_FILE")
+    target.add_argument("--url", help="any callback URL (signed with its endpoint's secrets, else WEBHOOK_SECRET)")
+    p.add_argument("--type", choices=["completed", "failed", "timed_out"], default="completed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_send_test)
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -570,7 +661,14 @@ def _fault_kinds(raw: str) -> tuple[str, ...]:
 
 def _add_health_commands(sub: Any) -> None:
     """The commands that show how the pool and its receivers are doing."""
-    p = sub.add_parser("endpoints", help="each endpoint's breaker, attempts in flight and backlog")
+    p = sub.add_parser(
+        "endpoints",
+        help="each endpoint's breaker, in flight and backlog, its named endpoints and their secrets' fingerprints;"
+        " 'recover NAME --since TIME' replays a named endpoint's dead letters",
+    )
+    p.add_argument("action", nargs="?", choices=["list", "recover"], default="list")
+    p.add_argument("name", nargs="?", metavar="NAME", help="with recover: an endpoint of WEBHOOK_ENDPOINTS_FILE")
+    p.add_argument("--since", metavar="TIME", help="with recover: ISO 8601 time, unix seconds, or ago (6h, 2d)")
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_endpoints)
@@ -650,6 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     _add_health_commands(sub)
+    _add_receiver_commands(sub)
 
     p = sub.add_parser("simulate", help="serve a local Check365 simulator")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -698,6 +797,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse, as usage errors, the combinations argparse cannot express."""
+    if args.command == "endpoints":
+        if args.action == "recover" and not (args.name and args.since):
+            parser.error("endpoints recover needs NAME and --since TIME")
+        if args.action == "list" and (args.name or args.since):
+            parser.error("NAME and --since go with endpoints recover")
     if args.command == "dead-letters":
         if args.action == "replay" and args.all and args.webhook_id:
             parser.error("dead-letters replay takes a WEBHOOK_ID or --all, not both")

@@ -243,6 +243,10 @@ class Outbox:
     def dead_letters(self, limit: int = 1000) -> list[str]:
         return members(self.redis.zrange(DEAD_KEY, 0, limit - 1))
 
+    def dead_letters_since(self, since: float) -> list[str]:
+        """Every dead letter dead-lettered at or after ``since`` (unix seconds), oldest first."""
+        return members(self.redis.zrangebyscore(DEAD_KEY, since, "+inf"))
+
     def replay(self, webhook_id: str, now: float) -> str | None:
         """Move a dead letter back to delivery; return the token its message must carry."""
         # A replay starts a new round: its retries, and the span it may wait for its endpoint.
