@@ -274,3 +274,17 @@ def test_recover_replays_one_endpoints_dead_letters_since_a_time_with_their_webh
     assert [r.headers["webhook-id"] for r in delivered] == [billing_id] and delivered[0].verified
     # crm's dead letter stays where it was.
     assert (event := outbox.get(crm_id)) is not None and event.state == "dead"
+
+
+def test_doctor_names_a_bad_endpoints_files_endpoint_and_key_and_lists_a_good_one(endpoints: Endpoints) -> None:
+    cluster = endpoints.cluster
+    good = cluster.cli("doctor", "--json", env_overrides=endpoints.env())
+    checks = {c["name"]: c for c in json.loads(good.stdout)["checks"]}
+    assert checks["endpoints"]["status"] == "ok", checks
+    assert "billing (1 secret(s)), crm (1 secret(s))" in checks["endpoints"]["detail"]
+    bad = cluster.cli("doctor", "--json", env_overrides=endpoints.env(IT_BILLING_SECRET="whsec_notbase64!"))
+    assert bad.returncode == 1
+    [settings] = [c for c in json.loads(bad.stdout)["checks"] if c["name"] == "settings"]
+    assert settings["status"] == "fail"
+    assert "WEBHOOK_ENDPOINTS_FILE endpoint 'billing', key 'secret_env'" in settings["detail"]
+    assert "notbase64" not in bad.stdout

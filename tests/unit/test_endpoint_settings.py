@@ -13,7 +13,7 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from check365_client import Check365Client, UnregisteredEndpoint, UnsafeCallbackURL
+from check365_client import Check365Client, EndpointsFileError, UnregisteredEndpoint, UnsafeCallbackURL, enqueue_watch
 from check365_client.endpoints import load_endpoints
 from tests.support.schemas import assert_events_valid
 from tests.support.settings import TEST_SECRET, make_settings
@@ -296,3 +296,14 @@ def test_an_endpoints_retry_schedule_is_its_span_for_waiting_in_line(tmp_path: P
     billing = policy_for(settings, "https://billing.example.com/hooks/check365").retry_delays_s
     assert retry_span_s(settings, billing) == 3.0
     assert retry_span_s(settings) == sum(settings.webhook_retry_delays_s)
+
+
+def test_enqueue_watch_given_the_file_refuses_an_unregistered_url_before_sending(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    with pytest.raises(UnregisteredEndpoint):
+        enqueue_watch(
+            "J-1", "https://hooks.example.com/check365", broker_url="redis://127.0.0.1:9/0", endpoints_file=path
+        )
+    with pytest.raises(EndpointsFileError) as caught:
+        enqueue_watch("J-1", "https://hooks.example.com/x", broker_url="redis://127.0.0.1:9/0", endpoints_file=tmp_path)
+    assert "cannot be read" in str(caught.value)
