@@ -20,8 +20,6 @@ Adding a setting is one field::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import ipaddress
 import math
@@ -37,6 +35,7 @@ from urllib.parse import quote, quote_plus, urlsplit
 
 from check365_client.endpoints import Endpoint, Endpoints, load_endpoints
 from check365_client.errors import EndpointsFileError
+from worker.delivery.signing import decode_secret
 from worker.errors import SettingsError
 from worker.polling.schedule import DEFAULT_PATIENCE, PATIENCE_MAX, PATIENCE_MIN
 
@@ -206,12 +205,10 @@ def secrets_problem(raw: str) -> str | None:
     if not secrets:
         return "must hold at least one whsec_<base64 key>"
     for secret in secrets:
-        if not secret.startswith("whsec_"):
-            return "each secret must look like whsec_<base64 key>"
         try:
-            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-        except (binascii.Error, ValueError):
-            return "the part after whsec_ must be valid base64"
+            key = decode_secret(secret)
+        except ValueError as exc:
+            return str(exc)  # never quotes the secret either
         if len(key) < 16:
             return "each key must decode to at least 16 bytes"
     return None
