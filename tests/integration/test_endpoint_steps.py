@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from tests.integration.test_steps import CALLBACK, World, end_lease_on_redis, redis_server, status
 from worker.delivery.limits import retry_span_s
-from worker.delivery.step import DeadLettered, Delivered, Held, RetryLater, Skipped, deliver_claimed, deliver_once
+from worker.delivery.step import DeadLettered, Delivered, Held, RetryLater, deliver_claimed, deliver_once
 from worker.delivery.urls import endpoint_key
 from worker.local.redisserver import LocalRedis
 from worker.polling.step import Finished, poll_once
@@ -23,7 +23,7 @@ from worker.runtime.context import WebhookClients
 from worker.runtime.leases import watch_lease_s
 from worker.runtime.sweep import sweep
 from worker.state.outbox import StoredEvent
-from worker.state.store import Lease
+from worker.state.store import Dropped, Lease
 
 pytestmark = pytest.mark.integration
 
@@ -257,7 +257,7 @@ def test_an_attempt_that_never_returned_counts_as_a_timeout_for_backoff_breaker_
 def test_a_step_that_lost_its_hold_before_the_gate_makes_no_attempt(world: World) -> None:
     event, body, holder = finished(world, "J-lost")
     world.ctx.redis.hset(f"check365:event:{event.webhook_id}", "token", "re-armed")
-    assert deliver_claimed(world.ctx, event, body, holder) == Skipped(event.webhook_id, "lost_claim")
+    assert deliver_claimed(world.ctx, event, body, holder) == Dropped("lost_claim", event.webhook_id)
     assert world.receiver_requests == []
 
 

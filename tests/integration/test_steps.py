@@ -18,18 +18,18 @@ from standardwebhooks.webhooks import Webhook
 from check365_client.rules import WatchRequest
 from tests.support.settings import make_settings as settings_for
 from worker.delivery.events import completed_events
-from worker.delivery.step import DeadLettered, Delivered, RetryLater, Skipped, deliver_claimed, deliver_once
+from worker.delivery.step import DeadLettered, Delivered, RetryLater, deliver_claimed, deliver_once
 from worker.local.redisserver import LocalRedis
 from worker.local.simulator import generate_results
 from worker.polling.ratelimit import BLOCKED_KEY
 from worker.polling.schedule import SHORT_RESULTS_WAIT_S
-from worker.polling.step import Dropped, Finished, Reschedule, poll_once, start_watch
+from worker.polling.step import Finished, Reschedule, poll_once, start_watch
 from worker.runtime.context import Context, WebhookClients, build_context
 from worker.runtime.leases import watch_lease_s
 from worker.runtime.sweep import sweep
 from worker.settings import Settings
 from worker.state.outbox import STAGED_BODY_TTL_S
-from worker.state.store import Lease
+from worker.state.store import Dropped, Lease
 from worker.state.watches import INLINE_BODIES_BYTES
 
 pytestmark = pytest.mark.integration
@@ -151,7 +151,7 @@ def test_duplicate_start_converges_on_one_watch(world: World) -> None:
     second = start_watch(world.ctx, WatchRequest("J-1", CALLBACK, None))
     assert isinstance(second, Dropped)
     assert second.reason == "duplicate"
-    assert second.watch_id == first.watch_id
+    assert second.item_id == first.watch_id
     # Another callback for the same job is another watch.
     other = start_watch(world.ctx, WatchRequest("J-1", CALLBACK + "/b", None))
     assert isinstance(other, Reschedule)
@@ -349,7 +349,7 @@ def test_long_delays_wait_for_the_sweep_not_in_the_broker(world: World) -> None:
     _, events = sweep(world.ctx)
     assert [e.webhook_id for e in events] == [webhook_id]
     # The sweep's fresh token replaces the one the retry was scheduled with.
-    assert isinstance(deliver_once(world.ctx, webhook_id, second.token), Skipped)
+    assert isinstance(deliver_once(world.ctx, webhook_id, second.token), Dropped)
     assert isinstance(deliver_once(world.ctx, webhook_id, events[0].token), Delivered)
 
 
@@ -452,7 +452,7 @@ def test_a_finishing_step_that_dies_before_delivering_is_recovered_after_its_lea
     # The dead step's hold is gone: were it still running, the endpoint's gate would not let
     # it make an attempt; the sweep's message delivers the event.
     event, body, _ = result.leased
-    assert deliver_claimed(world.ctx, event, body, holder) == Skipped(webhook_id, "lost_claim")
+    assert deliver_claimed(world.ctx, event, body, holder) == Dropped("lost_claim", webhook_id)
     assert world.ctx.outbox.get(webhook_id).state == "active"  # type: ignore[union-attr]
     assert isinstance(deliver_once(world.ctx, webhook_id, events[0].token), Delivered)
     stored_event = world.ctx.outbox.get(webhook_id)
@@ -531,7 +531,7 @@ def test_an_attempt_is_recorded_even_when_its_step_lost_the_event(world: World) 
         return httpx.Response(503)
 
     world.ctx.webhooks = WebhookClients(world.settings, transport=httpx.MockTransport(taken_over_meanwhile))
-    assert deliver_claimed(world.ctx, event, body, holder) == Skipped(webhook_id, "lost_claim")
+    assert deliver_claimed(world.ctx, event, body, holder) == Dropped("lost_claim", webhook_id)
     stored_event = world.ctx.outbox.get(webhook_id)
     assert stored_event is not None
     assert (stored_event.state, stored_event.tries) == ("active", 0)

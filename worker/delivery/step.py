@@ -32,7 +32,7 @@ from worker.runtime.leases import attempt_budget_s, delivery_lease_s, head, with
 from worker.settings import Settings
 from worker.state.endpoints import Admission, Released, Settlement
 from worker.state.outbox import StoredEvent
-from worker.state.store import Lease
+from worker.state.store import Dropped, Lease
 
 log = structlog.get_logger("check365.delivery")
 
@@ -85,13 +85,6 @@ class DeadLettered:
 
 
 @dataclass(frozen=True)
-class Skipped:
-    webhook_id: str
-    reason: str
-    wake: tuple[Released, ...] = ()
-
-
-@dataclass(frozen=True)
 class Held:
     """Not attempted: the endpoint's breaker is open or its cap is reached; the event waits in line."""
 
@@ -100,7 +93,7 @@ class Held:
     wake: tuple[Released, ...] = ()
 
 
-DeliveryResult = Delivered | RetryLater | DeadLettered | Skipped | Held
+DeliveryResult = Delivered | RetryLater | DeadLettered | Dropped | Held
 
 # What a step that never came back from its attempt is recorded as, by the step after it.
 UNFINISHED = "timeout (the attempt never returned)"
@@ -207,7 +200,7 @@ def deliver_once(ctx: Context, webhook_id: str, token: str) -> DeliveryResult:
     """Make the attempt the message carrying ``token`` asks for, if that message still holds the event."""
     claimed = ctx.outbox.claim(webhook_id, token, Lease.starting(ctx.clock(), delivery_lease_s(ctx.settings)))
     if claimed is None:
-        return Skipped(webhook_id, "stale_token")
+        return Dropped("stale_token", webhook_id)
     event, body, holder = claimed
     return deliver_claimed(ctx, event, body, holder)
 
@@ -302,7 +295,7 @@ class _Step:
         )
         wake = self.settle_endpoint(outcome="fail", closed=False, slot=slot, error=error)
         if not scheduled:
-            return Skipped(webhook_id, "lost_claim", wake)
+            return Dropped("lost_claim", webhook_id, wake)
         metrics.delivery("failed")
         self.log.warning(
             "webhook_failed", error=error, attempt=tries, retry_in_s=round(delay, 3), retry_after_s=retry_after
@@ -400,7 +393,7 @@ def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) 
         attempts_key=ctx.outbox.attempts_key(webhook_id),
     )
     if admission.verdict == "lost":
-        return Skipped(webhook_id, "lost_claim")
+        return Dropped("lost_claim", webhook_id)
     if not admission.admitted:
         return step.held(admission)
 

@@ -40,7 +40,7 @@ from worker.polling.schedule import (
 from worker.runtime.context import Context
 from worker.runtime.leases import watch_lease_s
 from worker.state.outbox import ClaimedEvent
-from worker.state.store import Lease
+from worker.state.store import Dropped, Lease
 from worker.state.watches import Seen, Watch
 
 log = structlog.get_logger("check365.polling")
@@ -69,14 +69,6 @@ class Finished:
     outcome: str
     deliveries: list[tuple[str, str]]
     leased: ClaimedEvent | None = None
-
-
-@dataclass(frozen=True)
-class Dropped:
-    """Nothing to do: a duplicate enqueue, or a message that lost its claim."""
-
-    reason: str
-    watch_id: str | None = None
 
 
 StepResult = Reschedule | Finished | Dropped

@@ -31,12 +31,13 @@ from worker.delivery.step import (
 )
 from worker.errors import InvalidWatchRequest
 from worker.intake.boundary import CheckedTask, reject
-from worker.polling.step import Dropped, Finished, Reschedule, StepResult, poll_once, start_watch
+from worker.polling.step import Finished, Reschedule, StepResult, poll_once, start_watch
 from worker.runtime.celeryconfig import DELIVER_TASK, SWEEP_TASK, WATCH_TASK, deliver_kwargs, delivery_queue
 from worker.runtime.context import Context, process_context
 from worker.runtime.deadlines import step_deadline
 from worker.runtime.leases import delivery_time_limit_s, watch_time_limit_s
 from worker.runtime.sweep import sweep
+from worker.state.store import Dropped
 
 log = structlog.get_logger("check365.tasks")
 
@@ -138,7 +139,7 @@ def _watch(self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     assert isinstance(result, Dropped)  # noqa: S101 - exhaustive over StepResult
     if result.reason != "duplicate":  # a duplicate enqueue has its own watch_duplicate line
         # A redelivered or superseded message: rare, and the only trace its run leaves.
-        log.info("watch_message_dropped", reason=result.reason, watch_id=result.watch_id)
+        log.info("watch_message_dropped", reason=result.reason, watch_id=result.item_id)
     return result.reason
 
 
@@ -184,7 +185,7 @@ def _settle(result: DeliveryResult, queue: str) -> str:
         return "delivered"
     if isinstance(result, DeadLettered):
         return "dead"
-    log.info("delivery_message_dropped", reason=result.reason, webhook_id=result.webhook_id)
+    log.info("delivery_message_dropped", reason=result.reason, webhook_id=result.item_id)
     return result.reason
 
 

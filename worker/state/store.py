@@ -30,14 +30,31 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 
 from check365_client.names import PREFIX
 from worker.state import scripts
 
+if TYPE_CHECKING:
+    from worker.state.endpoints import Released
+
 ACTIVE = "active"
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A step's message with nothing left to do: a duplicate enqueue, a stale token, a lost claim.
+
+    ``item_id`` is the watch's or the event's id. ``wake`` holds the events a delivery step
+    let out of their endpoint's waiting line before it lost its claim: the task still sends them.
+    """
+
+    reason: str
+    item_id: str | None = None
+    wake: tuple[Released, ...] = ()
+
 
 Clock = Callable[[], float]
 
