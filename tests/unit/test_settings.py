@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from worker.delivery.signing import decode_secret
 from worker.errors import SettingsError
 from worker.polling.schedule import DEFAULT_PATIENCE
 from worker.settings import (
@@ -163,6 +164,16 @@ def test_malformed_secret_is_never_echoed() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings({**BASE, "WEBHOOK_SECRET": "whsec_supersecret!!"})
     assert "supersecret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("secret", ["not-a-secret", "whsec_!!!", "whsec_"])
+def test_settings_refuse_a_secret_with_signings_own_reason(secret: str) -> None:
+    # One parser of whsec_ secrets: the settings say what signing says, never the value.
+    with pytest.raises(ValueError, match="secret") as signing:
+        decode_secret(secret)
+    with pytest.raises(SettingsError) as settings:
+        load_settings({**BASE, "WEBHOOK_SECRET": secret})
+    assert str(settings.value) == f"WEBHOOK_SECRET {signing.value}"
 
 
 @pytest.mark.parametrize("process", ["beat", "cli"])
