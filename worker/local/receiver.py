@@ -21,6 +21,8 @@ import functools
 import importlib
 import logging
 import random
+import select
+import socket
 import threading
 import time
 from collections import deque
@@ -304,7 +306,25 @@ class _ReceiverHandler(QuietHandler):
                 self.wfile.flush()
             except OSError:
                 return  # the client gave up (or was killed): nobody is reading any more
-            time.sleep(answer.trickle_s)
+            if self._client_gone(answer.trickle_s):
+                return
+
+    def _client_gone(self, wait_s: float) -> bool:
+        """Wait ``wait_s``; True as soon as the client closes its end of the connection.
+
+        A write to a closed connection fails only a write or two later: until then the
+        request would still count as in flight here while the client has moved on.
+        """
+        deadline = time.monotonic() + wait_s
+        readable, _, _ = select.select([self.connection], [], [], wait_s)
+        if readable:
+            try:
+                if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                    return True
+            except OSError:
+                return True
+            time.sleep(max(0.0, deadline - time.monotonic()))  # bytes from the client, not its end
+        return False
 
     def _control(self, path: str, body: bytes) -> None:
         if path != CONTROL_PREFIX + "script":
