@@ -133,6 +133,18 @@ class CheckedRequest(Request):  # type: ignore[misc] # Celery is untyped
         if problem is not None:
             raise InvalidTaskError(problem)
 
+    def acknowledge(self) -> None:
+        # A step the threads pool could not cancel (or one still queued in it) may finish
+        # after the broker connection was lost and replaced: its ack then goes to a channel
+        # kombu has torn down, which raises AttributeError inside the consumer, and Celery
+        # stops the worker as "Unrecoverable". Unacked, the message comes back after the
+        # visibility timeout, where the step's token makes it a no-op.
+        try:
+            super().acknowledge()
+        except AttributeError:
+            self.acknowledged = True
+            log.warning("ack_dropped_after_connection_loss", task_id=self.id)
+
 
 class CheckedTask(Task):  # type: ignore[misc] # Celery is untyped
     """The tasks' base: their messages are taken apart by ``CheckedRequest``."""
