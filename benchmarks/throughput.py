@@ -39,6 +39,7 @@ import os
 import random
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -94,7 +95,7 @@ def _make_noop_app() -> Any:
     app, settings = baseline_app("bench-noop", NOOP_QUEUE)
     # Connections are made per pool process, after the fork, as our worker does.
     counters: dict[int, redis.Redis] = {}
-    http_clients: dict[int, httpx.Client] = {}
+    http_clients = threading.local()
 
     def count(total: int) -> None:
         client = per_process(counters, lambda: redis.Redis.from_url(settings.redis_url))
@@ -108,10 +109,11 @@ def _make_noop_app() -> Any:
     @app.task(name=FLOOR_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def floor(job_id: str, callback_url: str, total: int) -> None:
         # What every job costs whatever does it: its status request and one signed POST
-        # of the data, with the same HTTP library, and nothing else.
-        # A connection for each of the pool's threads, as ours has.
-        limits = httpx.Limits(max_connections=WORKER_THREADS, max_keepalive_connections=WORKER_THREADS)
-        http = per_process(http_clients, lambda: httpx.Client(timeout=10, trust_env=False, limits=limits))
+        # of the data, with the same HTTP library, and nothing else. One client per
+        # thread, each with its own connections: no pool shared between threads to wait on.
+        http = getattr(http_clients, "client", None)
+        if http is None:
+            http = http_clients.client = httpx.Client(timeout=10, trust_env=False)
         answer = http.get(settings.status_url, params={"api_key": settings.api_key, "job_id": job_id})
         answer.raise_for_status()
         body = orjson.dumps({"type": "bulk_validation.completed", "data": answer.json()["data"]})
@@ -252,6 +254,10 @@ def run(
         "POLL_MAX_DELAY_S": "5",
         "WATCH_TIMEOUT_S": "600",
         "CHECK365_MAX_RPS": UNLIMITED_RPS,
+        # Nor on the receiver's cap on attempts in flight (every job calls one receiver,
+        # which would hold 16 attempts at once by default): at the pool's size, every
+        # thread may be delivering. The cap is still consulted on every attempt.
+        "WEBHOOK_ENDPOINT_MAX_IN_FLIGHT": str(WORKER_THREADS),
         # The production defaults for logs: one JSON line per step at INFO.
         "LOG_LEVEL": "info",
         "LOG_FORMAT": "json",
@@ -396,7 +402,7 @@ def rows(figures: dict[str, Any]) -> list[Row]:
 def _burst_cpu_share(figures: dict[str, Any]) -> float:
     """The worker's CPU over its rounds, in % of one core: every job of a round is enqueued at once."""
     runs = figures["ours"]["runs"]
-    return statistics.median(100 * r["cpu_ms_per_item_worker"] * r["jobs"] / 1000 / r["seconds"] for r in runs)
+    return float(statistics.median(100 * r["cpu_ms_per_item_worker"] * r["jobs"] / 1000 / r["seconds"] for r in runs))
 
 
 def rows_one(figures: dict[str, Any]) -> list[Row]:

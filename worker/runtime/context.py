@@ -1,8 +1,9 @@
 """The collaborators a step needs, built once per worker process.
 
-The worker's steps run in threads of one process (config/celery.py) and share these:
-httpx clients and redis-py's connection pool are thread-safe, and their pools are sized
-for every thread at once. ``process_context`` builds them lazily in the process that
+The worker's steps run in threads of one process (worker/runtime/celeryconfig.py) and
+share these: httpx clients and redis-py's connection pool are thread-safe, and their
+pools are sized for every thread at once (the clients' pools sharded by thread, see
+worker/runtime/transport.py). ``process_context`` builds them lazily in the process that
 uses them, and again after a fork (a prefork pool, if one is chosen on the command line).
 """
 
@@ -24,7 +25,7 @@ from worker.delivery.urls import Resolver, system_resolver
 from worker.polling.check365 import make_client
 from worker.polling.ratelimit import RateLimiter
 from worker.runtime.celeryconfig import WORKER_THREADS
-from worker.runtime.deadlines import bounded_transport
+from worker.runtime.transport import pooled_transport
 from worker.settings import Settings
 from worker.state.connect import connect
 from worker.state.endpoints import EndpointState
@@ -66,7 +67,9 @@ def make_webhook_client(
     settings: Settings, transport: httpx.BaseTransport | None = None, *, max_connections: int = WORKER_THREADS
 ) -> httpx.Client:
     t = settings.webhook_timeout_s
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
+    # Idle connections are kept (httpx closes them after 5 s unused): closing one per
+    # delivery would cost a TCP and TLS handshake on the next.
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     return httpx.Client(
         # Each request passes its endpoint's own (webhook_timeout): this is the default.
         timeout=httpx.Timeout(t, connect=min(10.0, t)),
@@ -77,7 +80,7 @@ def make_webhook_client(
         # A proxy from the environment would resolve the host itself and undo the
         # address pinning that defeats DNS rebinding.
         trust_env=False,
-        transport=transport or bounded_transport(limits),
+        transport=transport or pooled_transport(limits),
     )
 
 
