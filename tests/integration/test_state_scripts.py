@@ -20,12 +20,12 @@ pytestmark = pytest.mark.integration
 
 WORKER = Path(__file__).resolve().parents[2] / "worker"
 LUA = {p.stem: p.read_text() for p in Path(str(files("worker.state").joinpath("lua"))).glob("*.lua")}
-# The fields of the durable-item protocol, and the scripts of worker/state/store.py that write them.
-PROTOCOL_FIELDS = ("state", "token", "due", "armed")
-STORE_SCRIPTS = {"claim", "schedule", "close", "rearm", "reopen", "stop"}
-# The one exception store.py's docstring names: an endpoint's gate parks a held event and
-# releases it from the line in the script that decides it (and its breaker's hash has a state).
-GATE_SCRIPTS = {"endpoint_admit", "endpoint_settle"}
+LIBRARIES = {p.stem: p.read_text() for p in Path(str(files("worker.state").joinpath("lua", "lib"))).glob("*.lua")}
+# The fields of the durable-item protocol: written by name in lua/lib/protocol.lua alone.
+PROTOCOL_FIELDS = ("state", "token", "due", "armed", "lease_until")
+# Fields that scripts of other modules set: by name only in their owner's Lua half (a
+# library those scripts include) and, in Python, built only by the owner.
+OWNED = {"lib/protocol": ("state/store.py", PROTOCOL_FIELDS), "lib/outbox": ("state/outbox.py", ("started",))}
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +52,40 @@ def test_every_script_is_a_lua_file_that_compiles_and_is_loaded_by_name(client: 
         client.script_load(scripts.source(name))  # compiles, or raises
 
 
+def _code(text: str) -> str:
+    return "\n".join(line.split("--")[0] for line in text.splitlines())
+
+
 def test_protocol_fields_are_written_by_the_store_alone() -> None:
-    """state, token, due and armed: only store.py's scripts write them by name, and only
-    store.py builds the maps other scripts write (``opening``, ``closing``)."""
-    for name, text in LUA.items():
-        code = "\n".join(line.split("--")[0] for line in text.splitlines())
-        for call in re.findall(r"redis\.call\('HSET',[^)]*\)", code):
-            named = set(re.findall(r"'(\w+)'", call)) & set(PROTOCOL_FIELDS)
-            assert not named or name in STORE_SCRIPTS | GATE_SCRIPTS, f"{name}.lua writes {named}"
+    """state, token, due, armed and lease_until: only the store's Lua half (lib/protocol.lua,
+    which every script that moves an item includes) writes them by name, and only store.py
+    builds the maps other scripts write (``opening``, ``closing``). Likewise an event's
+    ``started``, which the endpoint's gate sets through the outbox's (lib/outbox.lua)."""
+    sources = {**LUA, **{f"lib/{name}": text for name, text in LIBRARIES.items()}}
+    for name, text in sources.items():
+        for key, rest in re.findall(r"redis\.call\('HSET',\s*([^,]+),([^)]*)\)", _code(text)):
+            if key.strip() == "ep":
+                continue  # an endpoint's hash: its 'state' is its breaker's
+            named = set(re.findall(r"'(\w+)'", rest))
+            for owner, (_, fields) in OWNED.items():
+                assert name == owner or not named & set(fields), f"{name}.lua writes {named & set(fields)}"
+        for library in LIBRARIES:
+            if name in LUA and f"{library}." in _code(text):
+                assert f"--@include {library}" in text, f"{name}.lua calls {library} without including it"
     for module, text in _python_sources().items():
         if not module.startswith("state/"):
             assert not re.search(r"\.hset\(|\.hincrby\(", text), f"{module} writes a hash outside worker/state"
-        elif module != "state/store.py":
-            for field in PROTOCOL_FIELDS:
-                assert not re.search(rf'"{field}":\s', text), f"{module} builds the protocol field {field!r}"
+        else:
+            for owner_module, fields in OWNED.values():
+                if module != owner_module:
+                    for field in fields:
+                        assert not re.search(rf'"{field}":\s', text), f"{module} builds the field {field!r}"
+
+
+def test_an_included_library_is_pasted_whole(client: redis.Redis) -> None:
+    claim = scripts.source("claim")
+    assert "--@include" not in claim and LIBRARIES["protocol"] in claim
+    assert "--@include" not in "".join(scripts.source(name) for name in LUA)
 
 
 def test_structured_arguments_keep_every_byte_of_the_values(client: redis.Redis) -> None:

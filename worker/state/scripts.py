@@ -3,11 +3,16 @@
 Each file's header names its KEYS and ARGV. A script that takes more than a few
 arguments takes them as one JSON object (``ARGV[1]``, decoded with ``cjson``),
 built here by ``spec``: named fields instead of positions to count.
+
+Code that several scripts share lives in ``lua/lib/NAME.lua`` and is pasted where a
+script says ``--@include NAME`` (Redis runs each script as one chunk: it has no modules).
+``lib/protocol.lua`` holds every write of the durable-item protocol's fields.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -15,11 +20,23 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
+_INCLUDE = re.compile(r"^--@include (\w+)$", re.MULTILINE)
+
+
+def _read(*path: str) -> str:
+    return files(__package__ or "worker.state").joinpath("lua", *path).read_text(encoding="utf-8")
+
+
+@cache
+def library(name: str) -> str:
+    """The text of ``lua/lib/{name}.lua``."""
+    return _read("lib", f"{name}.lua")
+
 
 @cache
 def source(name: str) -> str:
-    """The text of ``lua/{name}.lua``."""
-    return files(__package__ or "worker.state").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """The text of ``lua/{name}.lua``, with the libraries it includes pasted in."""
+    return _INCLUDE.sub(lambda m: library(m[1]), _read(f"{name}.lua"))
 
 
 def load(client: redis.Redis, name: str) -> Script:

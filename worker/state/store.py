@@ -15,14 +15,14 @@ runs (see docs/design.md, "Durable state and tokens"):
   before assuming it was lost; ``armed=0`` means no message exists (delays too
   long for a countdown) and the sweep dispatches it when due.
 
-The protocol's fields (``state``, ``token``, ``due``, ``armed``) are written by this
-module alone: by its scripts, or as the maps ``opening`` and ``closing`` build for
-the scripts that create or end items together with others (``WatchStore.create``
-and ``WatchStore.finish``). One exception: an event's endpoint gate
-(``worker.state.endpoints``) parks a held event (``due`` at its deadline, unarmed) and
-releases it from its endpoint's line (a fresh token, due now, armed) in the same script
-that decides it, as ``schedule`` and ``rearm`` would. The other fields of a hash belong
-to the module of its kind of item (``worker.state.watches``, ``worker.state.outbox``).
+The protocol's fields (``state``, ``token``, ``due``, ``armed``, ``lease_until``) are
+written by this module alone: in Lua by ``lua/lib/protocol.lua``, this module's Lua half,
+whose functions every script that moves an item calls (its own scripts, and the endpoint
+gate's, which park a held event and release it from its endpoint's line in the script
+that decides it); in Python as the maps ``opening`` and ``closing`` build for the scripts
+that create or end items together with others (``WatchStore.create`` and
+``WatchStore.finish``). The other fields of a hash belong to the module of its kind of
+item (``worker.state.watches``, ``worker.state.outbox``, ``worker.state.endpoints``).
 """
 
 from __future__ import annotations

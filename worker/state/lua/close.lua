@@ -5,13 +5,12 @@
 -- ARGV[1]: JSON {holder, member, state, ttl (seconds, '0' = keep), score ('' = no target),
 --          log ('' = none), fields {k: v}}
 -- Returns 1 when closed, 0 when the claim was lost.
+--@include protocol
 local a = cjson.decode(ARGV[1])
 if a.log ~= '' then redis.call('RPUSH', KEYS[4], a.log) end
-if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
-if redis.call('HGET', KEYS[1], 'token') ~= a.holder then return 0 end
-redis.call('HSET', KEYS[1], 'state', a.state, 'token', '')
+if not protocol.held(KEYS[1], a.holder) then return 0 end
+protocol.close(KEYS[1], KEYS[2], a.member, a.state)
 for k, v in pairs(a.fields) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('ZREM', KEYS[2], a.member)
 if a.score ~= '' then redis.call('ZADD', KEYS[3], a.score, a.member) end
 local ttl = tonumber(a.ttl)
 if ttl > 0 then

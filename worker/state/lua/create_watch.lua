@@ -7,6 +7,7 @@
 --          watch hash keys), fields {k: v} (the whole new hash), lease_s (seconds the
 --          caller holds it, '' = none)}
 -- Returns '' when created, else the id of the watch that exists (this one or the active one).
+--@include protocol
 local a = cjson.decode(ARGV[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then return a.watch_id end
 local existing = redis.call('GET', KEYS[1])
@@ -17,9 +18,7 @@ redis.call('SET', KEYS[1], a.watch_id)
 for k, v in pairs(a.fields) do redis.call('HSET', KEYS[2], k, v) end
 if a.lease_s ~= '' then
   -- Created claimed by the caller: its lease on Redis's clock (see claim.lua).
-  local t = redis.call('TIME')
-  local lease_until = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(a.lease_s)
-  redis.call('HSET', KEYS[2], 'lease_until', string.format('%.3f', lease_until))
+  protocol.hold(KEYS[2], a.lease_s)
 end
 redis.call('ZADD', KEYS[3], a.due, a.watch_id)
 redis.call('SADD', KEYS[4], a.watch_id)

@@ -11,17 +11,17 @@
 --          JSON text), now_iso, created_at}
 -- Returns {verdict, state, failures, opened_at, probe_at, last_error, in flight}; the
 -- verdict is go, probe, held_open, held_cap, expired (held past its deadline) or lost.
+--@include protocol
+--@include outbox
 local ev, due, ep, inflight, waiting = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local a = cjson.decode(ARGV[1])
 local holder, now, id, endpoint = a.holder, tonumber(a.now), a.id, a.endpoint
-if redis.call('HGET', ev, 'state') ~= 'active' then return {'lost'} end
-if redis.call('HGET', ev, 'token') ~= holder then return {'lost'} end
+if not protocol.held(ev, holder) then return {'lost'} end
 redis.call('ZADD', KEYS[6], 'NX', a.created_at, id)
 redis.call('ZADD', KEYS[7], now, endpoint)
 -- Slots are held until the step's lease ends on Redis's clock, as claims are (a host whose
 -- clock runs ahead must not free a running step's slot); those of killed steps free themselves.
-local t = redis.call('TIME')
-local clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local clock = protocol.clock()
 redis.call('ZREMRANGEBYSCORE', inflight, '-inf', '(' .. string.format('%.3f', clock))
 -- A slot reserved for this event when it was released from the line is now its own.
 redis.call('ZREM', inflight, 'r:' .. id)
@@ -48,15 +48,13 @@ local function answer(v)
 end
 if verdict == 'go' or verdict == 'probe' then
   redis.call('ZADD', inflight, string.format('%.3f', clock + tonumber(a.lease_s)), holder)
-  redis.call('HSET', ev, 'started', a.started)
+  outbox.begin_attempt(ev, a.started)
   redis.call('HDEL', ev, 'waiting_place')
   return answer(verdict)
 end
 if now >= tonumber(a.deadline) then return answer('expired') end
-redis.call('HSET', ev, 'due', a.deadline, 'armed', '0')
--- No longer held by this step: the sweep may wake it at its deadline.
-redis.call('HDEL', ev, 'lease_until')
-redis.call('ZADD', due, a.deadline, id)
+-- No longer held by this step, and no message: the sweep wakes it at its deadline.
+protocol.schedule(ev, due, id, a.deadline, '0')
 -- First come, first served: places are numbered. An event keeps its place if it had one
 -- (it was released from the line and lost the race for the slot).
 local place = redis.call('HGET', ev, 'waiting_place')

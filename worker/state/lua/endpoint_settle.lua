@@ -13,6 +13,7 @@
 --          endpoint, error}
 -- Returns {transition ('', opened, reopened, closed), state, failures, cool-down,
 --          opened_at, released: {id, token, queue, ...}}
+--@include protocol
 local ep, inflight, waiting = KEYS[1], KEYS[2], KEYS[3]
 local a = cjson.decode(ARGV[1])
 local holder, now, outcome, id = a.holder, tonumber(a.now), a.outcome, a.id
@@ -22,8 +23,7 @@ if id ~= '' and a.closed == '1' then
   redis.call('ZREM', waiting, id)
 end
 -- Slots and reservations end on Redis's clock (see endpoint_admit.lua).
-local t = redis.call('TIME')
-local clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local clock = protocol.clock()
 redis.call('ZREMRANGEBYSCORE', inflight, '-inf', '(' .. string.format('%.3f', clock))
 local b = redis.call('HMGET', ep, 'state', 'failures', 'probe', 'opens', 'opened_at', 'probe_at', 'cooldown',
                      'probe_reserved_until')
@@ -80,9 +80,7 @@ while n > 0 do
   if redis.call('HGET', key, 'state') == 'active' then
     i = i + 1
     local token = a.token_prefix .. i
-    redis.call('HSET', key, 'token', token, 'due', a.now, 'armed', '1')
-    redis.call('HDEL', key, 'lease_until')
-    redis.call('ZADD', KEYS[6], a.now, wid)
+    protocol.arm(key, KEYS[6], wid, token, a.now)
     if state == 'closed' then
       redis.call('ZADD', inflight, string.format('%.3f', clock + tonumber(a.reserve_s)), 'r:' .. wid)
     else

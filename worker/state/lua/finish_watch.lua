@@ -14,9 +14,9 @@
 -- ARGV[1 + i]: the i-th event's body, '' when the step staged it
 -- Returns 2 when finished with every event leased to the caller, 1 when finished,
 -- 0 when the claim was lost, -1 when a staged body is missing.
+--@include protocol
 local a = cjson.decode(ARGV[1])
-if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
-if redis.call('HGET', KEYS[1], 'token') ~= a.holder then return 0 end
+if not protocol.held(KEYS[1], a.holder) then return 0 end
 for i, e in ipairs(a.events) do
   if ARGV[i + 1] == '' and redis.call('EXISTS', a.event_prefix .. e.id) == 0
      and redis.call('EXISTS', a.staged_prefix .. e.id) == 0 then
@@ -24,19 +24,14 @@ for i, e in ipairs(a.events) do
   end
 end
 local result = 1
-local lease_until = nil
-if a.leased then
-  result = 2
-  local t = redis.call('TIME')
-  lease_until = string.format('%.3f', tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(a.lease_s))
-end
+if a.leased then result = 2 end
 for i, e in ipairs(a.events) do
   local ekey = a.event_prefix .. e.id
   local staged = a.staged_prefix .. e.id
   local inline = ARGV[i + 1]
   if redis.call('EXISTS', ekey) == 0 then
     for k, v in pairs(e.fields) do redis.call('HSET', ekey, k, v) end
-    if lease_until then redis.call('HSET', ekey, 'lease_until', lease_until) end
+    if a.leased then protocol.hold(ekey, a.lease_s) end
     local body = a.body_prefix .. e.id
     if inline == '' then
       redis.call('RENAME', staged, body)

@@ -3,19 +3,15 @@
 -- KEYS: item hash, due zset
 -- ARGV: now, grace seconds, new token, member
 -- Returns 1 when re-armed, 0 when not due (or no longer active: then it leaves the due zset).
+--@include protocol
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'active' then redis.call('ZREM', KEYS[2], ARGV[4]); return 0 end
 -- A step holds it until its lease ends on Redis's clock, whatever the caller's clock says.
 local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '')
-if lease_until ~= nil then
-  local t = redis.call('TIME')
-  if lease_until > tonumber(t[1]) + tonumber(t[2]) / 1000000 then return 0 end
-end
+if lease_until ~= nil and lease_until > protocol.clock() then return 0 end
 local due = tonumber(redis.call('HGET', KEYS[1], 'due'))
 local wait = 0
 if redis.call('HGET', KEYS[1], 'armed') == '1' then wait = tonumber(ARGV[2]) end
 if due ~= nil and due + wait > tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'token', ARGV[3], 'due', ARGV[1], 'armed', '1')
-redis.call('HDEL', KEYS[1], 'lease_until')
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
+protocol.arm(KEYS[1], KEYS[2], ARGV[4], ARGV[3], ARGV[1])
 return 1

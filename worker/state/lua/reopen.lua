@@ -4,13 +4,12 @@
 -- ARGV[1]: JSON {was (the state it must be in), member, token, due, count (a field
 --          counting reopenings), fields {k: v}}
 -- Returns 1 when reopened, 0 when the item was not in that state.
+--@include protocol
 local a = cjson.decode(ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') ~= a.was then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'active', 'token', a.token, 'due', a.due, 'armed', '1')
-redis.call('HDEL', KEYS[1], 'lease_until')
+protocol.reopen(KEYS[1], KEYS[2], a.member, a.token, a.due)
 for k, v in pairs(a.fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('HINCRBY', KEYS[1], a.count, 1)
 redis.call('PERSIST', KEYS[1])
 redis.call('ZREM', KEYS[3], a.member)
-redis.call('ZADD', KEYS[2], a.due, a.member)
 return 1
