@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from worker.delivery.limits import EndpointLimits
 from worker.local.redisserver import LocalRedis
 from worker.state import scripts
+from worker.state.endpoints import EndpointState
 from worker.state.outbox import Outbox
 from worker.state.store import PREFIX, DurableSet, Lease, LogEntry
 from worker.state.watches import WatchStore, active_key
@@ -93,12 +95,12 @@ def test_structured_arguments_keep_every_byte_of_the_values(client: redis.Redis)
     client.hset(items.key("e1"), mapping={"state": "active", "token": "t", "due": "0", "armed": "0"})
     odd = 'quote " backslash \\ newline \n é 漢 \U0001f600 {"json": [1]}'
     log = LogEntry(f"{PREFIX}log:e1", '{"error":"' + odd.replace("\\", "\\\\").replace('"', '\\"') + '"}')
-    assert items.schedule("e1", "t", 12.5, armed=False, fields={"last_error": odd, "tries": "2"}, log=log)
+    assert items.run(items.schedule("e1", "t", 12.5, armed=False, fields={"last_error": odd, "tries": "2"}, log=log))
     assert client.hget(items.key("e1"), "last_error") == odd.encode()
     assert client.lrange(log.key, 0, -1) == [log.entry.encode()]
     assert client.hget(items.key("e1"), "armed") == b"0"
     assert client.zscore(items.due_key, "e1") == 12.5
-    assert not items.schedule("e1", "other-holder", 99, armed=True)
+    assert not items.run(items.schedule("e1", "other-holder", 99, armed=True))
 
 
 def test_cancel_is_one_script_that_frees_the_pair_and_outdates_the_pending_message(client: redis.Redis) -> None:
@@ -130,3 +132,45 @@ def test_replay_reopens_only_a_dead_letter(client: redis.Redis) -> None:
     assert client.zscore(f"{PREFIX}dead", "e_dead") is None
     assert client.zscore(outbox.items.due_key, "e_dead") == 500.0
     assert outbox.replay("e_dead", 600.0) is None
+
+
+def _evalsha_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_an_attempt_is_booked_and_its_endpoint_settled_in_one_call(client: redis.Redis) -> None:
+    outbox = Outbox(client, state_ttl_s=60)
+    endpoints = EndpointState(client, due_key=outbox.items.due_key, rearm_grace_s=30)
+    limits = EndpointLimits(max_in_flight=2, breaker_threshold=1, cooldown_s=30)
+    endpoint = "https://book.example"
+    inflight = f"{PREFIX}endpoint_inflight:{endpoint}"
+    for webhook_id in ("e_book", "e_lost"):
+        client.hset(
+            outbox.items.key(webhook_id),
+            mapping={"webhook_id": webhook_id, "state": "active", "token": "h-" + webhook_id, "due": "0",
+                     "armed": "0", "started": '{"holder":"h-' + webhook_id + '"}'},
+        )  # fmt: skip
+        client.zadd(inflight, {"h-" + webhook_id: 1e12})
+    endpoints.settle(endpoint, holder="", outcome="none", limits=limits, now=1.0)  # scripts loaded
+
+    before = _evalsha_calls(client)
+    booking = outbox.mark_delivered("e_book", "h-e_book", 100.0, 1, {"ok": True})
+    settled = endpoints.settle(
+        endpoint, holder="h-e_book", outcome="ok", limits=limits, now=100.0, webhook_id="e_book", closed=True,
+        booking=booking,
+    )  # fmt: skip
+    assert _evalsha_calls(client) == before + 1
+    assert settled.booked and settled.state == "closed"
+    event = outbox.get("e_book")
+    assert event is not None and event.state == "delivered" and event.started == "" and event.tries == 1
+    assert [a["ok"] for a in event.attempts] == [True]
+    assert client.zscore(inflight, "h-e_book") is None
+
+    # A step that lost its claim still frees its slot and feeds the breaker; its booking does nothing.
+    lost = outbox.retry_later("e_lost", "someone-else", 200.0, armed=True, tries=1, last_error="HTTP 500", attempt={})
+    settled = endpoints.settle(
+        endpoint, holder="h-e_lost", outcome="fail", limits=limits, now=100.0, webhook_id="e_lost", booking=lost
+    )
+    assert not settled.booked and settled.transition == "opened"
+    assert client.hget(outbox.items.key("e_lost"), "tries") is None
+    assert client.zscore(inflight, "h-e_lost") is None

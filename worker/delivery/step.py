@@ -32,7 +32,7 @@ from worker.runtime.leases import attempt_budget_s, delivery_lease_s, head, with
 from worker.settings import Settings
 from worker.state.endpoints import Admission, Released, Settlement
 from worker.state.outbox import StoredEvent
-from worker.state.store import Dropped, Lease
+from worker.state.store import Booking, Dropped, Lease
 
 log = structlog.get_logger("check365.delivery")
 
@@ -235,10 +235,11 @@ class _Step:
     limits: EndpointLimits
     log: structlog.typing.FilteringBoundLogger
 
-    def settle_endpoint(
-        self, *, outcome: str, closed: bool, slot: str | None = None, error: str = ""
-    ) -> tuple[Released, ...]:
-        """Free the attempt's slot (``slot``: its holder, when not this step), feed the breaker, wake waiters."""
+    def settle(
+        self, booking: Booking, *, outcome: str, closed: bool, slot: str | None = None, error: str = ""
+    ) -> Settlement:
+        """Book the attempt on the event (``booking``) and, in the same call, free its slot
+        (``slot``: its holder, when not this step), feed the breaker and wake waiters."""
         now = self.ctx.clock()
         settlement = self.ctx.endpoints.settle(
             self.endpoint,
@@ -249,9 +250,10 @@ class _Step:
             webhook_id=self.event.webhook_id,
             closed=closed,
             error=error,
+            booking=booking,
         )
         _log_breaker(self.endpoint, settlement, now)
-        return settlement.released
+        return settlement
 
     @property
     def delays(self) -> tuple[float, ...]:
@@ -260,8 +262,10 @@ class _Step:
 
     def dead(self, tries: int, reason: str, record: dict[str, object], *, metric: str, **settle: Any) -> DeadLettered:
         webhook_id = self.event.webhook_id
-        self.ctx.outbox.dead_letter(webhook_id, self.holder, self.ctx.clock(), tries, reason=reason, attempt=record)
-        wake = self.settle_endpoint(closed=True, **settle)
+        booking = self.ctx.outbox.dead_letter(
+            webhook_id, self.holder, self.ctx.clock(), tries, reason=reason, attempt=record
+        )
+        wake = self.settle(booking, closed=True, **settle).released
         metrics.dead_lettered(metric)
         self.log.warning("webhook_dead_lettered", reason=reason, attempt=tries)
         return DeadLettered(webhook_id, reason, wake)
@@ -284,7 +288,7 @@ class _Step:
                 error=error,
             )
         countdown = delay <= countdown_limit(settings)
-        scheduled = self.ctx.outbox.retry_later(
+        booking = self.ctx.outbox.retry_later(
             webhook_id,
             self.holder,
             self.ctx.clock() + delay,
@@ -293,8 +297,9 @@ class _Step:
             last_error=error,
             attempt=record,
         )
-        wake = self.settle_endpoint(outcome="fail", closed=False, slot=slot, error=error)
-        if not scheduled:
+        settlement = self.settle(booking, outcome="fail", closed=False, slot=slot, error=error)
+        wake = settlement.released
+        if not settlement.booked:
             return Dropped("lost_claim", webhook_id, wake)
         metrics.delivery("failed")
         self.log.warning(
@@ -430,8 +435,8 @@ def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) 
     if admission.verdict == "probe":
         record["probe"] = True
     if attempt.ok:
-        ctx.outbox.mark_delivered(webhook_id, holder, ctx.clock(), tries, record)
-        wake = step.settle_endpoint(outcome="ok", closed=True)
+        booking = ctx.outbox.mark_delivered(webhook_id, holder, ctx.clock(), tries, record)
+        wake = step.settle(booking, outcome="ok", closed=True).released
         metrics.delivery("delivered")
         step.log.info(
             "webhook_delivered",

@@ -17,7 +17,8 @@ and ``endpoints`` (sorted set of keys by last activity) and ``endpoints_waiting`
 with a waiting line, which the sweep visits).
 
 The gate (``admit``) and the settlement (``settle``) are one script each; see
-``worker/state/lua/endpoint_*.lua``.
+``worker/state/lua/endpoint_*.lua`` and ``lua/lib/endpoint.lua``. After an attempt, the
+settlement runs in the same script as the attempt's booking on its event.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import redis
 from check365_client.names import PREFIX
 from worker.delivery.limits import EndpointLimits
 from worker.state import scripts
-from worker.state.store import fmt, members, new_token, text
+from worker.state.store import Booking, fmt, members, new_token, text
 
 INDEX_KEY = f"{PREFIX}endpoints"
 WAITING_KEY = f"{PREFIX}endpoints_waiting"
@@ -90,6 +91,9 @@ class Settlement:
     cooldown_s: float
     opened_at: float | None
     released: tuple[Released, ...]
+    # The attempt's booking run in the same call (see ``settle``): False when the step had
+    # lost its claim; True when there was none.
+    booked: bool = True
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,7 @@ class EndpointState:
         self.grace_s = rearm_grace_s
         self._admit = scripts.load(client, "endpoint_admit")
         self._settle = scripts.load(client, "endpoint_settle")
+        self._book = scripts.load(client, "endpoint_book")
 
     def admit(
         self,
@@ -201,30 +206,38 @@ class EndpointState:
         webhook_id: str = "",
         closed: bool = False,
         error: str = "",
+        booking: Booking | None = None,
     ) -> Settlement:
-        """Free ``holder``'s slot, feed the breaker (``ok``, ``fail`` or ``none``), release waiting events."""
+        """Free ``holder``'s slot, feed the breaker (``ok``, ``fail`` or ``none``), release waiting events.
+
+        ``booking``, the attempt's settling call on its event (``Outbox.retry_later``,
+        ``mark_delivered``, ``dead_letter``), runs first in the same script: one round trip.
+        """
         ep, inflight, waiting, backlog = _keys(endpoint)
-        raw = self._settle(
-            keys=[ep, inflight, waiting, backlog, WAITING_KEY, self.due_key],
-            args=[
-                scripts.spec(
-                    holder=holder,
-                    now=fmt(now),
-                    outcome=outcome,
-                    threshold=str(limits.breaker_threshold),
-                    cooldown=fmt(limits.cooldown_s),
-                    cooldown_max=fmt(limits.cooldown_max_s),
-                    cap=str(limits.max_in_flight),
-                    id=webhook_id,
-                    closed="1" if closed else "0",
-                    event_prefix=EVENT_PREFIX,
-                    reserve_s=fmt(self.grace_s),
-                    token_prefix=new_token() + "r",
-                    endpoint=endpoint,
-                    error=error[:200],
-                )
-            ],
-        )
+        keys = [ep, inflight, waiting, backlog, WAITING_KEY, self.due_key]
+        args = {
+            "holder": holder,
+            "now": fmt(now),
+            "outcome": outcome,
+            "threshold": str(limits.breaker_threshold),
+            "cooldown": fmt(limits.cooldown_s),
+            "cooldown_max": fmt(limits.cooldown_max_s),
+            "cap": str(limits.max_in_flight),
+            "id": webhook_id,
+            "closed": "1" if closed else "0",
+            "event_prefix": EVENT_PREFIX,
+            "reserve_s": fmt(self.grace_s),
+            "token_prefix": new_token() + "r",
+            "endpoint": endpoint,
+            "error": error[:200],
+        }
+        booked = True
+        if booking is None:
+            raw = self._settle(keys=keys, args=[scripts.spec(**args)])
+        else:
+            spec = scripts.spec(op=booking.op, item_keys=str(len(booking.keys)), item=booking.args, settle=args)
+            ok, raw = self._book(keys=[*booking.keys, *keys], args=[spec])
+            booked = bool(ok)
         flat = [str(text(v)) for v in raw[5]]
         released = tuple(Released(*flat[i : i + 3]) for i in range(0, len(flat), 3))
         return Settlement(
@@ -234,6 +247,7 @@ class EndpointState:
             cooldown_s=float(text(raw[3]) or 0),
             opened_at=_float(raw[4]),
             released=released,
+            booked=booked,
         )
 
     def waiting_endpoints(self, limit: int = SWEEP_BATCH) -> list[str]:

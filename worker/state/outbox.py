@@ -22,7 +22,7 @@ import redis
 
 from check365_client.names import PREFIX
 from worker.delivery.events import EventHead
-from worker.state.store import DurableSet, Lease, LogEntry, fmt, members
+from worker.state.store import Booking, DurableSet, Lease, LogEntry, fmt, members
 
 KIND = "event"
 DEAD_KEY = f"{PREFIX}dead"
@@ -204,8 +204,8 @@ class Outbox:
         tries: int,
         last_error: str,
         attempt: dict[str, Any],
-    ) -> bool:
-        """Schedule the next attempt, recording this one."""
+    ) -> Booking:
+        """Schedule the next attempt, recording this one (run with the endpoint's settlement)."""
         return self.items.schedule(
             webhook_id,
             holder,
@@ -215,8 +215,9 @@ class Outbox:
             log=self._log(webhook_id, attempt),
         )
 
-    def mark_delivered(self, webhook_id: str, holder: str, now: float, tries: int, attempt: dict[str, Any]) -> bool:
-        """Close the event as delivered, recording the attempt; its keys then expire together."""
+    def mark_delivered(self, webhook_id: str, holder: str, now: float, tries: int, attempt: dict[str, Any]) -> Booking:
+        """Close the event as delivered, recording the attempt; its keys then expire together
+        (run with the endpoint's settlement)."""
         return self.items.close(
             webhook_id,
             holder,
@@ -229,8 +230,9 @@ class Outbox:
 
     def dead_letter(
         self, webhook_id: str, holder: str, now: float, tries: int, *, reason: str, attempt: dict[str, Any]
-    ) -> bool:
-        """Move the event to the dead letters (kept until replayed), recording the attempt."""
+    ) -> Booking:
+        """Move the event to the dead letters (kept until replayed), recording the attempt
+        (run with the endpoint's settlement)."""
         return self.items.close(
             webhook_id,
             holder,

@@ -128,6 +128,17 @@ class LogEntry:
     entry: str
 
 
+@dataclass(frozen=True)
+class Booking:
+    """A step's settling call (``schedule`` or ``close``), built but not yet run: run it with
+    ``DurableSet.run``, or inside another module's script that includes lib/protocol.lua
+    (an attempt's booking with its endpoint's settlement: ``EndpointState.settle``)."""
+
+    op: str  # schedule, close
+    keys: list[str]
+    args: dict[str, Any]
+
+
 class DurableSet:
     """The claim/schedule/close/rearm protocol over one kind of item."""
 
@@ -179,22 +190,21 @@ class DurableSet:
         armed: bool,
         fields: Mapping[str, str] | None = None,
         log: LogEntry | None = None,
-    ) -> bool:
+    ) -> Booking:
+        """Record when the item's next step is due (``armed``: its message is on its way)."""
         key = self.key(item_id)
-        ok = self._schedule(
-            keys=[key, self.due_key, log.key if log else key],
-            args=[
-                scripts.spec(
-                    holder=holder,
-                    member=item_id,
-                    due=fmt(due),
-                    armed="1" if armed else "0",
-                    log=log.entry if log else "",
-                    fields=dict(fields or {}),
-                )
-            ],
+        return Booking(
+            "schedule",
+            [key, self.due_key, log.key if log else key],
+            {
+                "holder": holder,
+                "member": item_id,
+                "due": fmt(due),
+                "armed": "1" if armed else "0",
+                "log": log.entry if log else "",
+                "fields": dict(fields or {}),
+            },
         )
-        return bool(ok)
 
     def close(
         self,
@@ -207,7 +217,7 @@ class DurableSet:
         fields: Mapping[str, str] | None = None,
         log: LogEntry | None = None,
         expire_also: Sequence[str] = (),
-    ) -> bool:
+    ) -> Booking:
         """End the item's life as ``state``.
 
         With ``ttl_s`` the hash, the log list and ``expire_also`` expire together;
@@ -215,21 +225,24 @@ class DurableSet:
         """
         key = self.key(item_id)
         target_key, score = into if into else (self.due_key, None)
-        ok = self._close(
-            keys=[key, self.due_key, target_key, log.key if log else key, *expire_also],
-            args=[
-                scripts.spec(
-                    holder=holder,
-                    member=item_id,
-                    state=state,
-                    ttl=fmt(ttl_s),
-                    score="" if score is None else fmt(score),
-                    log=log.entry if log else "",
-                    fields=dict(fields or {}),
-                )
-            ],
+        return Booking(
+            "close",
+            [key, self.due_key, target_key, log.key if log else key, *expire_also],
+            {
+                "holder": holder,
+                "member": item_id,
+                "state": state,
+                "ttl": fmt(ttl_s),
+                "score": "" if score is None else fmt(score),
+                "log": log.entry if log else "",
+                "fields": dict(fields or {}),
+            },
         )
-        return bool(ok)
+
+    def run(self, booking: Booking) -> bool:
+        """Run a settling call on its own: False when the caller no longer held the item."""
+        script = self._schedule if booking.op == "schedule" else self._close
+        return bool(script(keys=booking.keys, args=[scripts.spec(**booking.args)]))
 
     def overdue(self, now: float, limit: int) -> list[str]:
         """Members due by now (the rearm script applies the grace of armed ones)."""

@@ -213,7 +213,7 @@ class WatchStore:
                 "last_poll_at": fmt(seen.at),
                 "short_since": "" if seen.short_since is None else fmt(seen.short_since),
             }
-        return self.items.schedule(watch_id, holder, due, armed=True, fields=fields)
+        return self.items.run(self.items.schedule(watch_id, holder, due, armed=True, fields=fields))
 
     def finish(
         self,

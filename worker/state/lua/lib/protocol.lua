@@ -53,3 +53,36 @@ function protocol.close(key, due_key, member, state)
   redis.call('HSET', key, 'state', state, 'token', '')
   redis.call('ZREM', due_key, member)
 end
+
+-- The whole of schedule.lua: record when the item's next step is due, if the caller still
+-- holds it. k: item hash, due zset, log list (the hash itself when there is no log);
+-- a: {holder, member, due, armed ('1'/'0'), log ('' = none), fields {k: v}}. 1, or 0 when
+-- the claim was lost. The log entry is appended whether or not the claim still holds: it
+-- records something that already happened (an attempt was sent), whoever holds the item now.
+function protocol.schedule_item(k, a)
+  if a.log ~= '' then redis.call('RPUSH', k[3], a.log) end
+  if not protocol.held(k[1], a.holder) then return 0 end
+  protocol.schedule(k[1], k[2], a.member, a.due, a.armed)
+  for f, v in pairs(a.fields) do redis.call('HSET', k[1], f, v) end
+  return 1
+end
+
+-- The whole of close.lua: end the item's life as a final state, if the caller still holds
+-- it. k: item hash, due zset, target zset (the due zset when there is none), log list (the
+-- hash itself when there is no log), then keys that share the item's ttl; a: {holder,
+-- member, state, ttl (seconds, '0' = keep), score ('' = no target), log ('' = none),
+-- fields {k: v}}. 1, or 0 when the claim was lost; the log entry as in schedule_item.
+function protocol.close_item(k, a)
+  if a.log ~= '' then redis.call('RPUSH', k[4], a.log) end
+  if not protocol.held(k[1], a.holder) then return 0 end
+  protocol.close(k[1], k[2], a.member, a.state)
+  for f, v in pairs(a.fields) do redis.call('HSET', k[1], f, v) end
+  if a.score ~= '' then redis.call('ZADD', k[3], a.score, a.member) end
+  local ttl = tonumber(a.ttl)
+  if ttl > 0 then
+    for i = 1, #k do
+      if i == 1 or i >= 4 then redis.call('EXPIRE', k[i], math.ceil(ttl)) end
+    end
+  end
+  return 1
+end
