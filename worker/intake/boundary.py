@@ -24,7 +24,12 @@ from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
 from check365_client.rules import nested_deeper_than
-from worker.intake.celery_internals import after_failed_connection_cleanup, forget_uncancelled_acks, payload
+from worker.intake.celery_internals import (
+    after_failed_connection_cleanup,
+    forget_uncancelled_acks,
+    payload,
+    tolerate_torn_down_channel,
+)
 from worker.runtime.celeryconfig import DELIVER_TASK, MAX_ETA_KEY
 
 log = structlog.get_logger("check365.boundary")
@@ -132,18 +137,9 @@ class CheckedRequest(Request):  # type: ignore[misc] # Celery is untyped
         problem = _body_problem(self)
         if problem is not None:
             raise InvalidTaskError(problem)
-
-    def acknowledge(self) -> None:
         # A step the threads pool could not cancel (or one still queued in it) may finish
-        # after the broker connection was lost and replaced: its ack then goes to a channel
-        # kombu has torn down, which raises AttributeError inside the consumer, and Celery
-        # stops the worker as "Unrecoverable". Unacked, the message comes back after the
-        # visibility timeout, where the step's token makes it a no-op.
-        try:
-            super().acknowledge()
-        except AttributeError:
-            self.acknowledged = True
-            log.warning("ack_dropped_after_connection_loss", task_id=self.id)
+        # after the broker connection was lost and replaced; its ack must not stop the worker.
+        tolerate_torn_down_channel(self)
 
 
 class CheckedTask(Task):  # type: ignore[misc] # Celery is untyped

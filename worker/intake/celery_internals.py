@@ -46,6 +46,14 @@ OVERRIDDEN: dict[str, tuple[str, str]] = {
         "60dad9ce9c39f54ca7c456f700fe5cb037172f4eaad92e5f77232479868c5d2e",
         "forget_uncancelled_acks sets ``acknowledged`` so that it sends no ack",
     ),
+    "kombu.message:Message.ack_log_error": (
+        "92c852ddae294815cdb48629be6cd23da4f1cdcc05b0e46a7e8705f52a326b54",
+        "tolerate_torn_down_channel relies on it logging, not raising, the errors it is given",
+    ),
+    "celery.worker.consumer.consumer:Consumer.call_soon_ack": (
+        "39f8579d076243fcb4180e7e3e90285fddc12b71695fa1d00e48ecd3b3c0e8e0",
+        "with a hub it runs the ack later, on the consumer's loop: why tolerate_torn_down_channel exists",
+    ),
     "kombu.message:Message.reject_log_error": (
         "894bb41e9964619b8446dc8ba321d373b15b669a463695eacc69f780b83cb9fb",
         "how CheckedConsumer drops a message it refuses",
@@ -60,6 +68,21 @@ def payload(request: Any) -> tuple[Any, Any, Any]:
     """
     args, kwargs, embed = request._payload
     return args, kwargs, embed
+
+
+def tolerate_torn_down_channel(request: Any) -> None:
+    """Let the request's ack (or reject) meet a torn-down channel without stopping the worker.
+
+    A step's thread does not send its ack: ``Request.acknowledge`` hands ``Message.ack_log_error``
+    to ``Consumer.call_soon_ack``, which runs it later on the consumer's loop, with the
+    request's ``_connection_errors`` as the errors to log rather than raise. An ack queued just
+    before the broker connection was lost runs after kombu tore the channel down: AttributeError
+    ('NoneType' object has no attribute 'hostname') in the consumer's loop, and Celery stops the
+    worker as "Unrecoverable" (seen in test_redis_restart). Counted among those errors, it is
+    logged ("Couldn't ack") and the message, never acked, comes back after the visibility
+    timeout, where the step's token makes it a no-op.
+    """
+    request._connection_errors = (*request._connection_errors, AttributeError)
 
 
 def after_failed_connection_cleanup(consumer: Any) -> None:
