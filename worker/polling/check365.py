@@ -64,7 +64,7 @@ from worker.retry_after import parse_retry_after
 from worker.runtime.deadlines import exchange_deadline
 from worker.runtime.leases import head, status_budget_s, within
 from worker.runtime.logs import Redactor
-from worker.runtime.transport import pooled_transport
+from worker.runtime.transport import ThreadShardedTransport
 from worker.settings import Settings
 
 __all__ = [
@@ -202,7 +202,7 @@ def make_client(
         # trust its TLS) elsewhere: the API is reached directly, as configured here.
         trust_env=False,
         headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
-        transport=transport or pooled_transport(limits),
+        transport=transport or ThreadShardedTransport(limits),
     )
 
 

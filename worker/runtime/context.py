@@ -25,7 +25,7 @@ from worker.delivery.urls import Resolver, system_resolver
 from worker.polling.check365 import make_client
 from worker.polling.ratelimit import RateLimiter
 from worker.runtime.celeryconfig import WORKER_THREADS
-from worker.runtime.transport import pooled_transport
+from worker.runtime.transport import ThreadShardedTransport
 from worker.settings import Settings
 from worker.state.connect import connect
 from worker.state.endpoints import EndpointState
@@ -80,7 +80,7 @@ def make_webhook_client(
         # A proxy from the environment would resolve the host itself and undo the
         # address pinning that defeats DNS rebinding.
         trust_env=False,
-        transport=transport or pooled_transport(limits),
+        transport=transport or ThreadShardedTransport(limits),
     )
 
 

@@ -59,8 +59,3 @@ class ThreadShardedTransport(httpx.BaseTransport):
     def close(self) -> None:
         for shard in self.shards:
             shard.close()
-
-
-def pooled_transport(limits: httpx.Limits) -> httpx.BaseTransport:
-    """The transport of a worker's client: ``limits`` in all, sharded by thread, every socket bounded."""
-    return ThreadShardedTransport(limits)
