@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
+import os
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import celery
@@ -270,3 +274,36 @@ def test_beats_line_per_sent_task_is_at_debug_like_the_workers() -> None:
     [line] = lines(stream)
     assert line["level"] == "debug"
     assert str(line["event"]).startswith("Scheduler: Sending due task check365-sweep")
+
+
+def test_lines_written_at_once_from_many_threads_stay_whole(tmp_path: Path) -> None:
+    # A stream with a file descriptor (a worker's stderr) is written with one os.write per line.
+    with (tmp_path / "worker.err").open("w") as out:
+        settings = make_settings(CHECK365_API_KEY=API_KEY, WEBHOOK_SECRET=SECRET, LOG_FORMAT="json", LOG_LEVEL="info")
+        configure_logging(settings, stream=out)
+        filler = "x" * 3000  # lines of a few kilobytes, like a quoted Check365 message
+
+        def log_lines(n: int) -> None:
+            for i in range(50):
+                structlog.get_logger("check365.test").info("poll_done", thread=n, line=i, filler=filler)
+                logging.getLogger("celery.worker").warning("stdlib %d/%d", n, i)
+
+        threads = [threading.Thread(target=log_lines, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    records = [json.loads(line) for line in (tmp_path / "worker.err").read_text().splitlines()]
+    assert len(records) == 16 * 50 * 2
+    assert sum(r["event"] == "poll_done" and r["filler"] == filler for r in records) == 16 * 50
+    assert sum(str(r["event"]).startswith("stdlib ") for r in records) == 16 * 50
+
+
+def test_a_closed_log_stream_does_not_fail_the_caller(tmp_path: Path) -> None:
+    out = (tmp_path / "worker.err").open("w")
+    configure_logging(make_settings(LOG_FORMAT="json", LOG_LEVEL="info"), stream=out)
+    os.close(out.fileno())  # the reading end of a pipe gone, a full disk: the write fails
+    structlog.get_logger("check365.test").info("poll_done")
+    logging.getLogger("celery.worker").warning("still running")
+    with contextlib.suppress(OSError):
+        out.close()

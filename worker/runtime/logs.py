@@ -4,6 +4,12 @@ Every record, whether it comes from ``structlog.get_logger()`` or from a stdlib
 logger (Celery, kombu, httpx), goes through the same processors, so the secret
 redaction below applies to all of them: the Check365 API key travels in a query
 string and would otherwise show up in httpx's request lines.
+
+Our own lines do not pass through the stdlib ``logging`` module: a stdlib record
+(caller lookup, LogRecord, the handler's lock, the formatter's copies) cost about
+120 µs of CPU per line with 64 threads logging at once, the structlog-native path
+under 50 µs for the same line (3 lines a job). Both paths end in one ``LineWriter``,
+so lines from either never interleave.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
 
@@ -154,6 +162,82 @@ def _json_dumps(value: Any, **_: Any) -> str:
         return json.dumps(value, default=str)
 
 
+class LineWriter:
+    """Writes whole rendered lines to one stream, one line at a time.
+
+    A stream with a file descriptor gets each line in a single ``os.write``: no
+    buffer to flush and nothing held between lines but the lock around the call.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = None
+        if isinstance(fd, int) and fd >= 0:
+            stream.flush()  # what was written through the stream before comes first
+            self._fd = fd
+
+    def write(self, line: str | bytes) -> None:
+        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+        try:
+            with self._lock:
+                if self._fd is None:
+                    self._stream.write(text + "\n")
+                    return
+                data = (text + "\n").encode("utf-8", "backslashreplace")
+                while data:
+                    data = data[os.write(self._fd, data) :]
+        except (OSError, ValueError):
+            # Nowhere left to log to (a closed pipe): a step must not fail for that.
+            pass
+
+
+class _WriterLogger:
+    """The logger structlog's bound loggers hand rendered lines to: named, for add_logger_name."""
+
+    def __init__(self, writer: LineWriter, name: str) -> None:
+        self.name = name
+        self._writer = writer
+
+    def msg(self, line: str | bytes) -> None:
+        self._writer.write(line)
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+class _WriterLoggerFactory:
+    def __init__(self, writer: LineWriter) -> None:
+        self._writer = writer
+        self._loggers: dict[str, _WriterLogger] = {}
+
+    def __call__(self, *args: Any) -> _WriterLogger:
+        name = args[0] if args and isinstance(args[0], str) else ""
+        logger = self._loggers.get(name)
+        if logger is None:
+            logger = self._loggers[name] = _WriterLogger(self._writer, name)
+        return logger
+
+
+class _WriterHandler(logging.Handler):
+    """The stdlib records' handler: formatted by the same processors, written by the same writer."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # stdlib handlers report a record they cannot format, and go on
+            self.handleError(record)
+            return
+        self._writer.write(line)
+
+
 def uses_json(settings: Settings, stream: Any = None) -> bool:
     """Whether log lines on ``stream`` (stderr by default) are JSON."""
     stream = sys.stderr if stream is None else stream
@@ -178,23 +262,26 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         redactor,
     ]
     as_json = uses_json(settings, stream)
-    final: list[Any] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+    render: list[Any] = []
     if as_json:
-        final += [
+        render += [
             structlog.processors.format_exc_info,
             _ScrubRenderedExceptions(redactor),
             structlog.processors.JSONRenderer(serializer=_json_dumps),
         ]
     else:
-        final += [
+        render += [
             structlog.dev.ConsoleRenderer(
                 colors=hasattr(stream, "isatty") and stream.isatty(),
                 exception_formatter=_scrubbed_traceback(redactor),
             )
         ]
 
-    formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
-    handler = logging.StreamHandler(stream)
+    writer = LineWriter(stream)
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared, processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render]
+    )
+    handler = _WriterHandler(writer)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -220,9 +307,11 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         beat.addFilter(_RoutineAtDebug())
 
     structlog.configure(
+        # ExtraAdder reads stdlib records only; our lines have no such record.
+        processors=[p for p in shared if not isinstance(p, structlog.stdlib.ExtraAdder)] + render,
+        logger_factory=_WriterLoggerFactory(writer),
         # Lines below the level are dropped before any processor runs.
-        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        wrapper_class=structlog.make_filtering_bound_logger(root.level),
+        # Not cached: a module's logger made before this call must follow it.
         cache_logger_on_first_use=False,
     )
