@@ -25,6 +25,7 @@ prefix ends at a ``/`` boundary: ``/hooks/check365`` holds ``/hooks/check365`` a
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import os
@@ -111,7 +112,15 @@ def normalise_url(url: str) -> NormalisedURL:
 
     URLs with userinfo (``user:pass@``) are refused: they never match an endpoint.
     """
-    if not isinstance(url, str) or any(c.isspace() or not c.isprintable() for c in url):
+    if not isinstance(url, str):
+        raise ValueError("not a URL")
+    return _normalise_text(str(url))
+
+
+# Every job's URL is matched against the endpoints at its start, polls and deliveries.
+@functools.lru_cache(maxsize=1024)
+def _normalise_text(url: str) -> NormalisedURL:
+    if any(c.isspace() or not c.isprintable() for c in url):
         raise ValueError("not a URL")
     try:
         parts = urlsplit(url)

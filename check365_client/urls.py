@@ -7,6 +7,7 @@ answers change.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -203,9 +204,19 @@ def _check_name(host: str, *, allow_private: bool) -> ipaddress.IPv4Address | No
     return None
 
 
+# A pool's callback URLs are few, and each job's is parsed at its start, at each poll and
+# at each delivery: the answers for the most recent URLs are kept (refusals are not).
+PARSED_URLS_KEPT = 1024
+
+
 def parse_callback_url(url: object, *, allow_http: bool, allow_private: bool) -> ParsedURL:
     if not isinstance(url, str):
         raise _refuse("must be a string")
+    return _parse_text(str(url), allow_http, allow_private)
+
+
+@functools.lru_cache(maxsize=PARSED_URLS_KEPT)
+def _parse_text(url: str, allow_http: bool, allow_private: bool) -> ParsedURL:
     if len(url) > MAX_URL_LENGTH:
         raise _refuse(f"must be at most {MAX_URL_LENGTH} characters")
     if any(c.isspace() or not c.isprintable() for c in url):

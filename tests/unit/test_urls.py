@@ -648,3 +648,15 @@ def test_https_to_pinned_address_verifies_the_original_name(
     # the extension is what keeps verification on the original name.
     with httpx.Client(verify=trust, trust_env=False) as client, pytest.raises(httpx.ConnectError):
         client.post(target.url, content=b"{}", headers={"Host": target.host_header})
+
+
+def test_a_url_parsed_before_is_judged_again_by_the_flags_of_each_call() -> None:
+    # Parses are kept per URL: the flags are part of what is kept, and refusals are not kept.
+    for _ in range(2):
+        assert validate_callback_url("http://10.0.0.7/hook", allow_http=True, allow_private=True)
+        with pytest.raises(UnsafeCallbackURL, match="https"):
+            validate_callback_url("http://10.0.0.7/hook", allow_http=False, allow_private=True)
+        with pytest.raises(UnsafeCallbackURL, match="not a public address"):
+            validate_callback_url("http://10.0.0.7/hook", allow_http=True, allow_private=False)
+    with pytest.raises(UnsafeCallbackURL, match="must be a string"):
+        validate_callback_url(["http://10.0.0.7/hook"], allow_http=True, allow_private=True)
