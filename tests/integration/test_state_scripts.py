@@ -6,12 +6,14 @@ import re
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from worker.delivery.limits import EndpointLimits
 from worker.local.redisserver import LocalRedis
+from worker.polling.ratelimit import BLOCKED_KEY, RATE_KEY, TURNS_KEY, RateLimiter
 from worker.state import scripts
 from worker.state.endpoints import EndpointState
 from worker.state.outbox import Outbox
@@ -174,3 +176,63 @@ def test_an_attempt_is_booked_and_its_endpoint_settled_in_one_call(client: redis
     assert not settled.booked and settled.transition == "opened"
     assert client.hget(outbox.items.key("e_lost"), "tries") is None
     assert client.zscore(inflight, "h-e_lost") is None
+
+
+class _CountingConnection(redis.Connection):
+    """Counts what reaches the socket: one send per round trip (a pipeline sends all its commands at once)."""
+
+    sends = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sends += 1
+        super().send_packed_command(command, check_health)
+
+
+def test_a_watch_started_for_a_poll_now_takes_its_rate_limit_turn_in_the_same_round_trip(client: redis.Redis) -> None:
+    kwargs = client.connection_pool.connection_kwargs
+    counted = redis.Redis(
+        connection_pool=redis.ConnectionPool(
+            connection_class=_CountingConnection, host=kwargs["host"], port=kwargs["port"]
+        )
+    )
+    watches = WatchStore(counted, state_ttl_s=60)
+    limiter = RateLimiter(counted, max_rps=1)
+    client.delete(RATE_KEY, TURNS_KEY, BLOCKED_KEY)
+    client.script_flush()  # as after a restart of Redis: the calls load their scripts again
+
+    def start(job_id: str) -> Any:
+        _CountingConnection.sends = 0
+        created = watches.create(
+            watch_id=f"w_rt_{job_id}",
+            job_id=job_id,
+            callback_url="https://hooks.example.com/rt",
+            metadata=None,
+            now=1000.0,
+            first_poll_at=1000.0,
+            deadline=2000.0,
+            lease=Lease.starting(1000.0, 30),
+            also=[limiter.acquire_call()],
+        )
+        return created, _CountingConnection.sends
+
+    first, _ = start("J-rt-1")
+    assert first.token is not None and limiter.wait_of(first.also[0]) == 0.0
+    second, sends = start("J-rt-2")
+    assert second.token is not None and second.watch is not None
+    # One request a second: the second watch's first poll waits for its turn.
+    assert 0.0 < limiter.wait_of(second.also[0]) <= 1.0
+    assert sends == 1
+    # The same pair again: no new watch, and the call that rode along still ran.
+    again, sends = start("J-rt-2")
+    assert again.token is None and again.watch_id == "w_rt_J-rt-2" and len(again.also) == 1
+    assert sends == 1
+    counted.close()
+
+
+def test_calls_run_together_answer_in_order_and_raise_what_fails(client: redis.Redis) -> None:
+    echo = client.register_script("return ARGV[1]")
+    broken = client.register_script("return redis.error_reply('refused here')")
+    answers = scripts.run_together(client, [scripts.Call(echo, [], ["a"]), scripts.Call(echo, [], ["b"])])
+    assert answers == [b"a", b"b"]
+    with pytest.raises(redis.ResponseError, match="refused here"):
+        scripts.run_together(client, [scripts.Call(echo, [], ["a"]), scripts.Call(broken, [], [])])

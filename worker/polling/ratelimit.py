@@ -19,6 +19,8 @@ show up as slots nobody took, and the queue of turns is shortened by as many.
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 
 from check365_client.names import PREFIX
@@ -56,8 +58,15 @@ class RateLimiter:
 
     def acquire(self) -> float:
         """Take a request slot now (return 0.0) or say how many seconds to wait for a turn."""
-        wait = self._acquire(keys=[RATE_KEY, BLOCKED_KEY, TURNS_KEY], args=self._args)
-        return max(0.0, float(wait))
+        return self.wait_of(self.acquire_call().run())
+
+    def acquire_call(self) -> scripts.Call:
+        """``acquire`` as a call to run with others (``scripts.run_together``); ``wait_of`` reads its answer."""
+        return scripts.Call(self._acquire, [RATE_KEY, BLOCKED_KEY, TURNS_KEY], self._args)
+
+    @staticmethod
+    def wait_of(answer: Any) -> float:
+        return max(0.0, float(answer))
 
     def block(self, seconds: float) -> None:
         """Hold every worker's requests back for ``seconds`` (a Retry-After)."""

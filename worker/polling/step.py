@@ -113,6 +113,8 @@ def _start(ctx: Context, request: WatchRequest, queue: str, message_id: str | No
         queue=queue or ctx.settings.queue,
         lease=Lease.starting(now, watch_lease_s(ctx.settings)) if poll_now else None,
         trace=trace,
+        # Its first poll's turn under the rate limit, in the same round trip.
+        also=[ctx.limiter.acquire_call()] if poll_now else (),
     )
     if created.token is None or created.watch is None:
         log.info("watch_duplicate", watch_id=created.watch_id)
@@ -120,7 +122,7 @@ def _start(ctx: Context, request: WatchRequest, queue: str, message_id: str | No
     log.info("watch_enqueued", watch_id=created.watch_id, first_poll_in_s=round(delay, 3))
     metrics.watch_started()
     if poll_now:
-        return _poll_claimed(ctx, created.watch, created.token)
+        return _poll_claimed(ctx, created.watch, created.token, ctx.limiter.wait_of(created.also[0]))
     return Reschedule(created.watch_id, created.token, delay)
 
 
@@ -204,19 +206,20 @@ def callback_refusal(ctx: Context, callback_url: str) -> str | None:
     return None
 
 
-def _poll_claimed(ctx: Context, watch: Watch, holder: str) -> StepResult:
+def _poll_claimed(ctx: Context, watch: Watch, holder: str, wait: float | None = None) -> StepResult:
     attributes: dict[str, tracing.Attribute] = {
         "check365.job_id": watch.job_id,
         "check365.watch_id": watch.watch_id,
         "check365.poll": watch.polls + 1,
     }
     with tracing.span("check365.poll", parent=watch.trace, kind="client", attributes=attributes) as traced:
-        result = _poll(ctx, watch, holder)
+        result = _poll(ctx, watch, holder, wait)
         traced.set("check365.step", result.outcome if isinstance(result, Finished) else type(result).__name__.lower())
         return result
 
 
-def _poll(ctx: Context, watch: Watch, holder: str) -> StepResult:
+def _poll(ctx: Context, watch: Watch, holder: str, wait: float | None = None) -> StepResult:
+    """The poll of a watch this step holds; ``wait``: the rate limit's answer, when the step already asked."""
     settings = ctx.settings
     now = ctx.clock()
     watch_id = watch.watch_id
@@ -233,7 +236,8 @@ def _poll(ctx: Context, watch: Watch, holder: str) -> StepResult:
     # Past its deadline a watch still gets one poll: its turns may have been pushed there by
     # the rate limit, and a job that completed meanwhile is reported completed, not timed out.
     final = now >= watch.deadline
-    wait = ctx.limiter.acquire()
+    if wait is None:
+        wait = ctx.limiter.acquire()
     if wait > 0:
         # Before the deadline, back at the deadline at the latest (for its final poll); after
         # it, at the turn the limiter gives, which comes however many watches wait.

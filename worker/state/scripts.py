@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import orjson
 import redis
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 _INCLUDE = re.compile(r"^--@include (\w+)$", re.MULTILINE)
 
@@ -54,3 +57,35 @@ def spec(**values: Any) -> bytes | str:
     except orjson.JSONEncodeError:
         # A lone surrogate (from a hostile answer) is not UTF-8: json keeps it, as it did.
         return json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One script call, built but not yet run: alone (``run``) or with others (``run_together``)."""
+
+    script: Script
+    keys: Sequence[str]
+    args: Sequence[Any]
+
+    def run(self) -> Any:
+        return self.script(keys=self.keys, args=self.args)
+
+
+def run_together(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
+    """Run independent ``calls`` in one round trip, in order, and return their answers.
+
+    Each script is atomic, the whole is not: no call may depend on another's effect. A
+    call whose script Redis does not have (it restarted, or its scripts were flushed) is
+    run again alone, which loads it.
+    """
+    pipe = client.pipeline(transaction=False)
+    for call in calls:
+        # Not ``call.script(client=pipe)``: redis-py then asks SCRIPT EXISTS first, a round trip more.
+        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+    answers: list[Any] = pipe.execute(raise_on_error=False)
+    for i, call in enumerate(calls):
+        if isinstance(answers[i], NoScriptError):
+            answers[i] = call.run()
+        if isinstance(answers[i], Exception):
+            raise answers[i]
+    return answers

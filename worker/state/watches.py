@@ -105,6 +105,7 @@ class Created(NamedTuple):
     watch_id: str
     token: str | None  # None: a watch for the pair was already active (watch_id is that one)
     watch: Watch | None  # the new watch as written
+    also: tuple[Any, ...] = ()  # the answers of the calls run with it (``create(also=...)``)
 
 
 class Finishing(NamedTuple):
@@ -133,12 +134,14 @@ class WatchStore:
         queue: str = "",
         lease: Lease | None = None,
         trace: str = "",
+        also: Sequence[scripts.Call] = (),
     ) -> Created:
         """Create a watch unless one is active for the pair, or ``watch_id`` exists already.
 
         The new watch waits for its first poll's message, which must carry the
         returned token. With a ``lease`` it is created already claimed by the
-        caller, who polls it at once: the token is then the holder's.
+        caller, who polls it at once: the token is then the holder's. The calls
+        ``also`` run after it in the same round trip, whatever it found.
         """
         token = new_token()
         due = first_poll_at if lease is None else lease.until
@@ -156,14 +159,10 @@ class WatchStore:
             "queue": queue,
             "trace": trace,
         }
-        existing = self._create(
-            keys=[
-                active_key(job_id, callback_url),
-                self.items.key(watch_id),
-                self.items.due_key,
-                job_index_key(job_id),
-            ],
-            args=[
+        create = scripts.Call(
+            self._create,
+            [active_key(job_id, callback_url), self.items.key(watch_id), self.items.due_key, job_index_key(job_id)],
+            [
                 scripts.spec(
                     watch_id=watch_id,
                     due=fmt(due),
@@ -174,10 +173,11 @@ class WatchStore:
                 )
             ],
         )
+        existing, *answers = scripts.run_together(self.redis, [create, *also]) if also else [create.run()]
         existing_id = text(existing)
         if existing_id:
-            return Created(existing_id, None, None)
-        return Created(watch_id, token, Watch.from_hash(fields))
+            return Created(existing_id, None, None, tuple(answers))
+        return Created(watch_id, token, Watch.from_hash(fields), tuple(answers))
 
     def get(self, watch_id: str) -> Watch | None:
         h = self.items.load(watch_id)
