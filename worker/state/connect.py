@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from typing import Any
+
 import redis
+
+
+class ThreadAffinePool(redis.ConnectionPool):
+    """A connection pool in which each thread keeps the connection it first got.
+
+    redis-py's pool checks a connection out and back in around every command: its lock,
+    a poll of the socket for stray data, and its accounting and events, on each of a
+    step's three or four calls. A thread runs one command at a time, so the connection
+    it used last is always free when it asks again. A connection dropped after an error
+    reconnects on its next use; after a fork, the child's threads get new ones.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kept = threading.local()
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        kept = getattr(self._kept, "connection", None)
+        if kept is not None and kept[0] == os.getpid():
+            connection = kept[1]
+            connection.connect()  # at once when connected
+            return connection
+        connection = super().get_connection()
+        self._kept.connection = (os.getpid(), connection)
+        return connection
+
+    def release(self, connection: Any) -> None:
+        kept = getattr(self._kept, "connection", None)
+        if kept is not None and kept[1] is connection and kept[0] == os.getpid():
+            return
+        super().release(connection)
 
 
 def connect(
@@ -12,9 +47,10 @@ def connect(
     dead server, and which checks an idle connection before using it again.
 
     ``retry_on_timeout`` tries a timed-out call once more; a caller bound to answer in time
-    (a metrics scrape) turns it off. ``max_connections`` bounds the pool (None: redis-py's default).
+    (a metrics scrape) turns it off. ``max_connections`` bounds the pool (None: redis-py's
+    default); each thread that uses the client holds one of them.
     """
-    return redis.Redis.from_url(
+    pool = ThreadAffinePool.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=min(timeout_s, 5.0),
@@ -22,3 +58,4 @@ def connect(
         retry_on_timeout=retry_on_timeout,
         max_connections=max_connections,
     )
+    return redis.Redis(connection_pool=pool)

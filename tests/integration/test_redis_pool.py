@@ -1,0 +1,76 @@
+"""The state client's pool: each thread keeps its connection, and gets a working one back after a loss."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from worker.local.redisserver import LocalRedis
+from worker.state.connect import ThreadAffinePool, connect
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalRedis]:
+    with LocalRedis() as local:
+        yield local
+
+
+def test_each_thread_keeps_one_connection_across_commands_and_pipelines(server: LocalRedis) -> None:
+    client = connect(server.url)
+    assert isinstance(client.connection_pool, ThreadAffinePool)
+    used: dict[int, set[int]] = {}
+
+    def work(n: int) -> None:
+        for _ in range(20):
+            client.incr("pool:n")
+            pipe = client.pipeline(transaction=False)
+            pipe.incr("pool:n")
+            pipe.execute()
+            used.setdefault(n, set()).add(client.client_id())
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert int(client.get("pool:n") or 0) == 6 * 20 * 2
+    # One server-side client per thread for all of its commands, and six in all.
+    assert all(len(ids) == 1 for ids in used.values())
+    assert len(set().union(*used.values())) == 6
+    client.close()
+
+
+def test_a_connection_the_server_dropped_is_replaced_on_next_use(server: LocalRedis) -> None:
+    client = connect(server.url)
+    client.set("pool:k", "v")
+    first = client.client_id()
+    admin = redis.Redis.from_url(server.url)
+    admin.client_kill_filter(_id=first)
+    assert client.get("pool:k") == b"v"  # retried on a new connection
+    assert client.client_id() != first
+    admin.close()
+    client.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_share_its_parents_connection(server: LocalRedis) -> None:
+    client = connect(server.url)
+    parent = client.client_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its connection's id, then leave at once
+        try:
+            os.write(write, str(client.client_id()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = int(os.read(read, 64))
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert child != parent
+    assert client.client_id() == parent  # the parent's is untouched
+    client.close()
