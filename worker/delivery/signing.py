@@ -115,8 +115,10 @@ def new_webhook_id(*parts: str) -> str:
         encoded = part.encode("utf-8", "surrogatepass")
         hasher.update(f"{len(encoded)}:".encode())
         hasher.update(encoded)
-    token = base64.b32encode(hasher.digest()).decode("ascii").lower()
-    return "msg_" + token[:_WEBHOOK_ID_CHARS]
+    # Base32 turns each 5 bytes into 8 characters: the id's characters are those of the
+    # digest's first bytes alone, which spares encoding the rest (the same ids as before).
+    token = base64.b32encode(hasher.digest()[: _WEBHOOK_ID_CHARS * 5 // 8]).decode("ascii").lower()
+    return "msg_" + token
 
 
 def _decode_entry(entry: str) -> bytes | None:
