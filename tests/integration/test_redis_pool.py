@@ -74,3 +74,22 @@ def test_a_forked_child_does_not_share_its_parents_connection(server: LocalRedis
     assert child != parent
     assert client.client_id() == parent  # the parent's is untouched
     client.close()
+
+
+def test_the_connection_of_a_thread_that_ended_goes_back_to_the_pool(server: LocalRedis) -> None:
+    # A threaded HTTP server (the metrics endpoint) runs each request in a new thread.
+    client = connect(server.url, max_connections=4)
+
+    def once() -> None:
+        client.incr("pool:short")
+
+    for _ in range(20):  # more threads than the pool has connections, one after another
+        thread = threading.Thread(target=once)
+        thread.start()
+        thread.join()
+    assert int(client.get("pool:short") or 0) == 20
+    pool = client.connection_pool
+    # One connection served them all in turn; the main thread now holds it.
+    assert pool._created_connections == 1
+    assert len(pool._in_use_connections) == 1
+    client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any
 
 import redis
@@ -16,7 +17,8 @@ class ThreadAffinePool(redis.ConnectionPool):
     a poll of the socket for stray data, and its accounting and events, on each of a
     step's three or four calls. A thread runs one command at a time, so the connection
     it used last is always free when it asks again. A connection dropped after an error
-    reconnects on its next use; after a fork, the child's threads get new ones.
+    reconnects on its next use; after a fork, the child's threads get new ones. When a
+    thread ends (a metrics scrape's, say), its connection goes back to the pool.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -24,20 +26,34 @@ class ThreadAffinePool(redis.ConnectionPool):
         self._kept = threading.local()
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        kept = getattr(self._kept, "connection", None)
-        if kept is not None and kept[0] == os.getpid():
-            connection = kept[1]
-            connection.connect()  # at once when connected
-            return connection
+        kept = getattr(self._kept, "held", None)
+        if kept is not None and kept.pid == os.getpid():
+            kept.connection.connect()  # at once when connected
+            return kept.connection
         connection = super().get_connection()
-        self._kept.connection = (os.getpid(), connection)
+        held = _Held(os.getpid(), connection)
+        # A thread's locals go when it ends: its connection is then released.
+        weakref.finalize(held, self._thread_ended, connection, held.pid)
+        self._kept.held = held
         return connection
 
     def release(self, connection: Any) -> None:
-        kept = getattr(self._kept, "connection", None)
-        if kept is not None and kept[1] is connection and kept[0] == os.getpid():
+        kept = getattr(self._kept, "held", None)
+        if kept is not None and kept.connection is connection and kept.pid == os.getpid():
             return
         super().release(connection)
+
+    def _thread_ended(self, connection: Any, pid: int) -> None:
+        if pid == os.getpid():
+            super().release(connection)
+
+
+class _Held:
+    __slots__ = ("__weakref__", "connection", "pid")
+
+    def __init__(self, pid: int, connection: Any) -> None:
+        self.pid = pid
+        self.connection = connection
 
 
 def connect(
