@@ -13,10 +13,12 @@ Why the tolerance below is what it is:
   [t, t + 1) holds at most ceil(rps * 1) + 1 grants: 26 at 25 rps.
 - The simulator sees a request when it arrives, not when its slot was granted: between
   the grant and the HTTP request lie a few Python statements and a loopback round trip,
-  and a busy two-core machine can stall either for tens of milliseconds. A request
-  delayed by d seconds can share a window with the slots of the next second, so the
-  bound becomes ceil(rps * (1 + d)) + 1. We allow d = 0.1 s: 29 at 25 rps, 16 % over the
-  nominal rate. A pool whose workers each kept the limit on their own would show about
+  and a busy two-core machine can stall either (the simulator records a request when
+  its thread runs, in the test's own process). A request delayed by d seconds can share
+  a window with the slots of the next second, so the bound becomes
+  ceil(rps * (1 + d)) + 1. We allow d = 0.2 s: 31 at 25 rps, 24 % over the nominal rate
+  (alone, runs peak at 26; inside the whole suite one peaked at 30, past the 0.1 s once
+  allowed). A pool whose workers each kept the limit on their own would show about
   three times the rate.
 """
 
@@ -43,7 +45,7 @@ WORKERS = 3
 CONCURRENCY = 4
 MAX_RPS = 25
 # Grant-to-arrival delay tolerated in the window count (see the module docstring).
-JITTER_S = 0.1
+JITTER_S = 0.2
 ALLOWED_PER_SECOND = math.ceil(MAX_RPS * (1 + JITTER_S)) + 1
 # A throttled poll is re-scheduled for its turn rather than retried at once: on a quiet
 # machine about one throttled step per request is measured; a limiter that sends its
