@@ -181,14 +181,13 @@ class LineWriter:
             stream.flush()  # what was written through the stream before comes first
             self._fd = fd
 
-    def write(self, line: str | bytes) -> None:
-        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+    def write(self, line: str) -> None:
         try:
             with self._lock:
                 if self._fd is None:
-                    self._stream.write(text + "\n")
+                    self._stream.write(line + "\n")
                     return
-                data = (text + "\n").encode("utf-8", "backslashreplace")
+                data = (line + "\n").encode("utf-8", "backslashreplace")
                 while data:
                     data = data[os.write(self._fd, data) :]
         except (OSError, ValueError):
@@ -203,7 +202,7 @@ class _WriterLogger:
         self.name = name
         self._writer = writer
 
-    def msg(self, line: str | bytes) -> None:
+    def msg(self, line: str) -> None:  # both renderers return text
         self._writer.write(line)
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
