@@ -29,6 +29,7 @@ from worker.retry_after import capped, parse_retry_after
 from worker.runtime.context import Context, WebhookClients, webhook_timeout
 from worker.runtime.deadlines import exchange_deadline
 from worker.runtime.leases import attempt_budget_s, delivery_lease_s, head, within
+from worker.runtime.transport import open_response
 from worker.settings import Settings
 from worker.state.endpoints import Admission, Released, Settlement
 from worker.state.outbox import StoredEvent
@@ -130,11 +131,16 @@ def send_attempt(
     extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
     try:
         client = clients.for_server_name(target.sni_hostname)
-        request = client.build_request(
-            "POST", target.url, content=body, headers=headers, extensions=extensions, timeout=webhook_timeout(policy)
-        )
         with exchange_deadline(attempt_budget_s(policy) - (time.monotonic() - started)) as deadline:
-            response = client.send(request, stream=True)
+            response = open_response(
+                client,
+                "POST",
+                target.url,
+                content=body,
+                headers=headers,
+                extensions=extensions,
+                timeout=webhook_timeout(policy),
+            )
             try:
                 # The status and headers are the answer. A short body is read so that the
                 # connection can serve the next attempt; a long, slow or broken one is cut

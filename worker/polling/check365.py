@@ -46,6 +46,7 @@ import tempfile
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import IO, Any, Final, NoReturn, TypeGuard
 
@@ -64,7 +65,7 @@ from worker.retry_after import parse_retry_after
 from worker.runtime.deadlines import exchange_deadline
 from worker.runtime.leases import head, status_budget_s, within
 from worker.runtime.logs import Redactor
-from worker.runtime.transport import ThreadShardedTransport
+from worker.runtime.transport import ThreadShardedTransport, open_response
 from worker.settings import Settings
 
 __all__ = [
@@ -242,7 +243,7 @@ def _get(client: httpx.Client, settings: Settings, job_id: str, in_memory_max: i
     try:
         with (
             exchange_deadline(budget) as deadline,
-            client.stream("GET", settings.status_url, params=params) as response,
+            closing(open_response(client, "GET", settings.status_url, params=params)) as response,
         ):
             chunks = within(response.iter_bytes(_CHUNK_BYTES), deadline)
             if not 200 <= response.status_code < 300:

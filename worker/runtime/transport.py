@@ -8,6 +8,8 @@ client made about 120 requests a second where 128 clients made about 480 (docs/d
 "Execution model"). So each client's pool is cut into shards of a few connections, and a
 thread always uses the same shard: the bookkeeping stays small, and the total number of
 connections is what the limits say.
+
+``open_response`` sends a request through a client's transport, without ``Client.send``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+from collections.abc import Mapping
+from functools import lru_cache
 
 import httpx
 
@@ -59,3 +63,52 @@ class ThreadShardedTransport(httpx.BaseTransport):
     def close(self) -> None:
         for shard in self.shards:
             shard.close()
+
+
+@lru_cache(maxsize=1024)
+def _parsed(url: str) -> httpx.URL:
+    return httpx.URL(url)
+
+
+def open_response(
+    client: httpx.Client,
+    method: str,
+    url: str,
+    *,
+    params: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    content: bytes | None = None,
+    timeout: httpx.Timeout | None = None,
+    extensions: Mapping[str, object] | None = None,
+) -> httpx.Response:
+    """Send one request with ``client``'s headers, timeouts and transport; its body is not read.
+
+    The caller reads the answer and closes it. What ``Client.send`` adds around its transport
+    (authentication, redirects, cookies, event hooks, its timer) is what our clients never use:
+    they follow no redirect and keep no cookie. Skipping it, and parsing each URL once, took
+    0.34 ms off the worker's CPU per small job (two requests) in the throughput benchmark; a
+    unit test holds the request to the one ``Client.send`` makes. A closed client's request
+    fails as a connection error, as a request in flight on it would.
+    """
+    request = httpx.Request(
+        method,
+        _parsed(url),
+        params=params,
+        headers=_merged(client.headers, headers),
+        content=content,
+        extensions={"timeout": (timeout or client.timeout).as_dict(), **(extensions or {})},
+    )
+    if client.is_closed:
+        raise httpx.ConnectError("the client was closed", request=request)
+    # Client._transport is what Client.send hands the request to when, as in every client
+    # we make, no mount or proxy is configured.
+    response = client._transport.handle_request(request)
+    response.request = request
+    return response
+
+
+def _merged(defaults: httpx.Headers, headers: Mapping[str, str] | None) -> httpx.Headers:
+    merged = defaults.copy()
+    if headers:
+        merged.update(headers)
+    return merged
