@@ -8,6 +8,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ from standardwebhooks.webhooks import Webhook
 from check365_client.rules import WatchRequest
 from tests.support.settings import make_settings as settings_for
 from worker.delivery.events import completed_events
-from worker.delivery.step import DeadLettered, Delivered, RetryLater, deliver_claimed, deliver_once
+from worker.delivery.step import UNFINISHED, DeadLettered, Delivered, RetryLater, deliver_claimed, deliver_once
 from worker.local.redisserver import LocalRedis
 from worker.local.simulator import generate_results
 from worker.polling.ratelimit import BLOCKED_KEY
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.integration
 SECRET = "whsec_" + base64.b64encode(b"s" * 24).decode()
 API_KEY = "step-test-key"
 CALLBACK = "https://hooks.example.com/check365"
+ENDPOINT = "https://hooks.example.com"
 
 
 class Clock:
@@ -67,7 +69,9 @@ def make_settings(redis_url: str, **overrides: str) -> Settings:
         "WATCH_TIMEOUT_S": "3600",
         "WEBHOOK_RETRY_DELAYS_S": "5,300,1800",
         "WEBHOOK_MAX_RESULTS_PER_PART": "2",
-        "CHECK365_MAX_RPS": "1000",
+        # No step here waits on the pool-wide rate limit (its clock is Redis's, not this world's):
+        # at 1,000 requests a second, three polls within 2 ms were once told to wait.
+        "CHECK365_MAX_RPS": "100000",
         **overrides,
     }
     return settings_for(env)
@@ -460,6 +464,56 @@ def test_a_finishing_step_that_dies_before_delivering_is_recovered_after_its_lea
     assert stored_event.state == "delivered"
     assert len(world.receiver_requests) == 1
     assert [a["status_code"] for a in stored_event.attempts] == [200]
+
+
+def _script_calls(world: World) -> int:
+    """Scripts run by SHA, not counting those Redis did not have yet (the caller then loads and reruns them)."""
+    stats = world.ctx.redis.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)) - int(stats.get("failed_calls", 0))
+
+
+def test_where_the_step_delivers_at_once_its_first_attempt_passes_the_gate_in_the_finish(world: World) -> None:
+    # As the worker's tasks run it: the finish and the gate are one script call, and the
+    # attempt then costs its settlement alone.
+    world.ctx = replace(world.ctx, gate_on_finish=True)
+    step = world.start()
+    world.check365_answers.append(status("failed", 50))
+    result = poll_once(world.ctx, step.watch_id, step.token)
+    assert isinstance(result, Finished) and result.leased is not None and result.admission is not None
+    assert result.admission.verdict == "go"
+    event, body, holder = result.leased
+    # Passed: the attempt holds a slot and is recorded as started, before it is made.
+    inflight = world.ctx.redis.zrange(f"check365:endpoint_inflight:{ENDPOINT}", 0, -1)
+    assert inflight == [holder.encode()]
+    started = world.ctx.redis.hget(f"check365:event:{event.webhook_id}", "started")
+    assert json.loads(started or b"{}")["holder"] == holder
+    before = _script_calls(world)
+    assert isinstance(deliver_claimed(world.ctx, event, body, holder, result.admission), Delivered)
+    assert _script_calls(world) - before == 1  # the settlement alone
+    assert len(world.receiver_requests) == 1
+    assert world.ctx.redis.zcard(f"check365:endpoint_inflight:{ENDPOINT}") == 0
+    stored = world.ctx.outbox.get(event.webhook_id)
+    assert stored is not None and stored.state == "delivered" and [a["status_code"] for a in stored.attempts] == [200]
+
+
+def test_a_step_that_dies_after_a_finish_that_passed_the_gate_has_its_attempt_counted(world: World) -> None:
+    # Between the finish and the request there is no telling whether it was sent: counted
+    # as an attempt that never returned, as after any gate (see "Unfinished attempts").
+    world.ctx = replace(world.ctx, gate_on_finish=True)
+    result = finished_by_failure(world)
+    assert result.admission is not None and result.admission.admitted
+    ((webhook_id, _),) = result.deliveries
+    world.clock.advance(watch_lease_s(world.settings) + 1)
+    end_lease_on_redis(world, world.ctx.outbox.items.key(webhook_id))
+    _, events = sweep(world.ctx)
+    retry = deliver_once(world.ctx, webhook_id, events[0].token)
+    assert isinstance(retry, RetryLater)
+    assert world.receiver_requests == []
+    stored = world.ctx.outbox.get(webhook_id)
+    assert stored is not None
+    assert [a["error"] for a in stored.attempts] == [UNFINISHED]
+    world.clock.advance(retry.delay)
+    assert isinstance(deliver_once(world.ctx, webhook_id, retry.token), Delivered)
 
 
 def test_several_parts_are_left_to_their_messages(world: World) -> None:

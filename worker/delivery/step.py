@@ -31,7 +31,7 @@ from worker.runtime.deadlines import exchange_deadline
 from worker.runtime.leases import attempt_budget_s, delivery_lease_s, head, within
 from worker.runtime.transport import open_response
 from worker.settings import Settings
-from worker.state.endpoints import Admission, Released, Settlement
+from worker.state.endpoints import Admission, Gate, Released, Settlement
 from worker.state.outbox import StoredEvent
 from worker.state.store import Booking, Dropped, Lease
 
@@ -368,8 +368,34 @@ def _started(raw: str) -> dict[str, object] | None:
     return value if isinstance(value, dict) else None
 
 
-def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) -> DeliveryResult:
-    """One attempt at an event this step holds as ``holder``, if its endpoint lets it, and its bookkeeping."""
+def gate_for(ctx: Context, event: StoredEvent, holder: str, now: float) -> Gate:
+    """The endpoint's gate for the attempt ``holder`` is about to make at ``event``."""
+    endpoint = endpoint_key(event.callback_url)
+    at = iso_timestamp(now, milliseconds=True)
+    return ctx.endpoints.gate(
+        webhook_id=event.webhook_id,
+        endpoint=endpoint,
+        holder=holder,
+        limits=ctx.endpoint_limits(endpoint),
+        now=now,
+        # What is left of the step's hold on the event (its due time is the lease's end).
+        lease_s=max(event.due - now, 0.0),
+        deadline=event.since + retry_span_s(ctx.settings, _delays_of(ctx.settings, event)),
+        created_at=event.created_at,
+        started={"holder": holder, "attempt": _attempt_number(event), "at": at},
+        now_iso=at,
+        attempts_key=ctx.outbox.attempts_key(event.webhook_id),
+    )
+
+
+def deliver_claimed(
+    ctx: Context, event: StoredEvent, body: bytes, holder: str, admission: Admission | None = None
+) -> DeliveryResult:
+    """One attempt at an event this step holds as ``holder``, if its endpoint lets it, and its bookkeeping.
+
+    ``admission`` is the gate's answer when the step passed it already, in the finish that
+    created the event (which cannot have an unfinished attempt yet).
+    """
     settings = ctx.settings
     now = ctx.clock()
     webhook_id = event.webhook_id
@@ -385,24 +411,11 @@ def deliver_claimed(ctx: Context, event: StoredEvent, body: bytes, holder: str) 
         ctx.endpoint_limits(endpoint),
         log.bind(event_type=event.type, part=f"{event.part_index}/{event.part_count}"),
     )
-    settled = step.unfinished()
-    if settled is not None:
-        return settled
-
-    admission = ctx.endpoints.admit(
-        webhook_id=webhook_id,
-        endpoint=endpoint,
-        holder=holder,
-        limits=step.limits,
-        now=now,
-        # What is left of the step's hold on the event (its due time is the lease's end).
-        lease_s=max(event.due - now, 0.0),
-        deadline=event.since + retry_span_s(settings, step.delays),
-        created_at=event.created_at,
-        started={"holder": holder, "attempt": number, "at": iso_timestamp(now, milliseconds=True)},
-        now_iso=iso_timestamp(now, milliseconds=True),
-        attempts_key=ctx.outbox.attempts_key(webhook_id),
-    )
+    if admission is None:
+        settled = step.unfinished()
+        if settled is not None:
+            return settled
+        admission = ctx.endpoints.admit(gate_for(ctx, event, holder, now))
     if admission.verdict == "lost":
         return Dropped("lost_claim", webhook_id)
     if not admission.admitted:

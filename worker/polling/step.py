@@ -18,6 +18,7 @@ from check365_client.names import watch_id_for
 from check365_client.rules import WatchRequest
 from worker.delivery.events import Event, EventHead, failed_event, iter_completed_events, timed_out_event
 from worker.delivery.policy import policy_for
+from worker.delivery.step import gate_for
 from worker.delivery.urls import validate_callback_url
 from worker.errors import (
     Check365Misconfigured,
@@ -39,6 +40,7 @@ from worker.polling.schedule import (
 )
 from worker.runtime.context import Context
 from worker.runtime.leases import watch_lease_s
+from worker.state.endpoints import Admission
 from worker.state.outbox import ClaimedEvent
 from worker.state.store import Dropped, Lease
 from worker.state.watches import Seen, Watch
@@ -63,12 +65,14 @@ class Finished:
     """The watch has its outcome; deliver these (webhook_id, token) pairs.
 
     ``leased`` is a single event created claimed by this step, for it to deliver
-    itself (``deliveries`` then holds its id and the holder token).
+    itself (``deliveries`` then holds its id and the holder token); ``admission``, its
+    endpoint's gate for that attempt, passed in the same round trip as the finish.
     """
 
     outcome: str
     deliveries: list[tuple[str, str]]
     leased: ClaimedEvent | None = None
+    admission: Admission | None = None
 
 
 StepResult = Reschedule | Finished | Dropped
@@ -151,6 +155,7 @@ def _finish(
         now=now,
         # The rest of this task may still deliver it: hold it as long as the task may run.
         lease=Lease.starting(now, watch_lease_s(ctx.settings)) if single is not None else None,
+        gate=(lambda claimed: gate_for(ctx, claimed.event, claimed.holder, now)) if ctx.gate_on_finish else None,
     )
     if finishing is None:
         return Dropped("lost_claim", watch.watch_id)
@@ -165,7 +170,7 @@ def _finish(
         **logged,
     )
     if single is not None and finishing.leased is not None:
-        return Finished(outcome, finishing.tokens, finishing.leased)
+        return Finished(outcome, finishing.tokens, finishing.leased, finishing.admission)
     return Finished(outcome, finishing.tokens)
 
 

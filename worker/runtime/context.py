@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 import redis
@@ -50,6 +50,12 @@ class Context:
     # The limits of each endpoint (cap, breaker): one function, so that limits declared
     # per endpoint can stand in for the defaults.
     endpoint_limits: EndpointLimitsFor
+    # True where whoever runs a step delivers the single event its finish leases to it
+    # at once (the worker's tasks): that event's first attempt then passes its endpoint's
+    # gate in the finish's own round trip (WatchStore.finish). False, the step's caller
+    # may deliver it later or not at all (a test playing a step that dies), and the
+    # attempt passes the gate when it is made.
+    gate_on_finish: bool = False
 
     def close(self) -> None:
         self.check365.close()
@@ -164,6 +170,6 @@ def process_context(settings: Settings) -> Context:
     global _context, _context_pid  # noqa: PLW0603 - one context per process is the point
     with _context_lock:
         if _context is None or _context_pid != os.getpid():
-            _context = build_context(settings)
+            _context = replace(build_context(settings), gate_on_finish=True)
             _context_pid = os.getpid()
         return _context

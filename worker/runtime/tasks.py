@@ -131,7 +131,7 @@ def _watch(self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
             # Created claimed by this step: delivered here. The event is already durable,
             # so a crash now is recovered like any delivery step's, once its lease ends.
             event, body, holder = result.leased
-            _settle(deliver_claimed(ctx, event, body, holder), settings.queue)
+            _settle(deliver_claimed(ctx, event, body, holder, result.admission), settings.queue)
         else:
             for webhook_id, event_token in result.deliveries:
                 send_delivery(webhook_id, event_token, settings.queue)

@@ -17,8 +17,10 @@ and ``endpoints`` (sorted set of keys by last activity) and ``endpoints_waiting`
 with a waiting line, which the sweep visits).
 
 The gate (``admit``) and the settlement (``settle``) are one script each; see
-``worker/state/lua/endpoint_*.lua`` and ``lua/lib/endpoint.lua``. After an attempt, the
-settlement runs in the same script as the attempt's booking on its event.
+``worker/state/lua/endpoint_*.lua`` and ``lua/lib/endpoint.lua``. The gate of an event's
+first attempt by the step that creates it runs in the same script as the finish that
+creates it (``WatchStore.finish``); after an attempt, the settlement runs in the same
+script as the attempt's booking on its event.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -72,6 +74,13 @@ class Admission:
     @property
     def admitted(self) -> bool:
         return self.verdict in ("go", "probe")
+
+
+class Gate(NamedTuple):
+    """The gate's keys and argument for one attempt (see ``endpoint.admit`` in ``lua/lib/endpoint.lua``)."""
+
+    keys: list[str]
+    arg: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,21 @@ def _float(value: Any) -> float | None:
     return number or None
 
 
+def admission(raw: Any) -> Admission:
+    """The gate's answer, read."""
+    verdict = str(text(raw[0]))
+    if verdict == "lost":
+        return Admission("lost", Breaker("closed", 0, None, None, ""))
+    breaker = Breaker(
+        state=str(text(raw[1])),
+        failures=int(text(raw[2]) or 0),
+        opened_at=_float(raw[3]),
+        probe_at=_float(raw[4]),
+        last_error=str(text(raw[5]) or ""),
+    )
+    return Admission(verdict, breaker, int(raw[6]))
+
+
 def _keys(endpoint: str) -> tuple[str, str, str, str]:
     return (
         f"{PREFIX}endpoint:{endpoint}",
@@ -139,7 +163,7 @@ class EndpointState:
         self._settle = scripts.load(client, "endpoint_settle")
         self._book = scripts.load(client, "endpoint_book")
 
-    def admit(
+    def gate(
         self,
         *,
         webhook_id: str,
@@ -153,10 +177,10 @@ class EndpointState:
         started: dict[str, Any],
         now_iso: str,
         attempts_key: str,
-    ) -> Admission:
-        """Pass the gate (the attempt is recorded as ``started``), or park the event in line."""
+    ) -> Gate:
+        """The gate's call for one attempt: run alone by ``admit``, or by the finish that creates the event."""
         ep, inflight, waiting, backlog = _keys(endpoint)
-        raw = self._admit(
+        return Gate(
             keys=[
                 EVENT_PREFIX + webhook_id,
                 self.due_key,
@@ -168,32 +192,23 @@ class EndpointState:
                 WAITING_KEY,
                 attempts_key,
             ],
-            args=[
-                scripts.spec(
-                    holder=holder,
-                    now=fmt(now),
-                    lease_s=fmt(lease_s),
-                    cap=str(limits.max_in_flight),
-                    deadline=fmt(deadline),
-                    id=webhook_id,
-                    endpoint=endpoint,
-                    started=json.dumps(started, separators=(",", ":")),
-                    now_iso=now_iso,
-                    created_at=fmt(created_at),
-                )
-            ],
+            arg={
+                "holder": holder,
+                "now": fmt(now),
+                "lease_s": fmt(lease_s),
+                "cap": str(limits.max_in_flight),
+                "deadline": fmt(deadline),
+                "id": webhook_id,
+                "endpoint": endpoint,
+                "record": json.dumps(started, separators=(",", ":")),
+                "now_iso": now_iso,
+                "created_at": fmt(created_at),
+            },
         )
-        verdict = str(text(raw[0]))
-        if verdict == "lost":
-            return Admission("lost", Breaker("closed", 0, None, None, ""))
-        breaker = Breaker(
-            state=str(text(raw[1])),
-            failures=int(text(raw[2]) or 0),
-            opened_at=_float(raw[3]),
-            probe_at=_float(raw[4]),
-            last_error=str(text(raw[5]) or ""),
-        )
-        return Admission(verdict, breaker, int(raw[6]))
+
+    def admit(self, gate: Gate) -> Admission:
+        """Pass the gate (the attempt is recorded as ``started``), or park the event in line."""
+        return admission(self._admit(keys=gate.keys, args=[scripts.spec(**gate.arg)]))
 
     def settle(
         self,

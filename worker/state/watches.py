@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -19,6 +19,7 @@ from check365_client.names import active_key, job_index_key
 from worker.delivery.events import Event, EventHead
 from worker.polling.schedule import Observation, observations_from_json, observations_to_json
 from worker.state import scripts
+from worker.state.endpoints import Admission, Gate, admission
 from worker.state.outbox import ClaimedEvent, Outbox, StoredEvent
 from worker.state.store import ACTIVE, DurableSet, Lease, closing, fmt, members, new_token, opening, text
 
@@ -111,6 +112,7 @@ class Created(NamedTuple):
 class Finishing(NamedTuple):
     tokens: list[tuple[str, str]]  # (webhook_id, token) of every event, for its message
     leased: ClaimedEvent | None  # the single event created claimed by the caller, if asked
+    admission: Admission | None = None  # its gate's answer, when ``finish(gate=...)`` asked for it
 
 
 class WatchStore:
@@ -225,14 +227,17 @@ class WatchStore:
         outbox: Outbox,
         now: float,
         lease: Lease | None = None,
+        gate: Callable[[ClaimedEvent], Gate] | None = None,
     ) -> Finishing | None:
         """Record the outcome and create its events, returning what to dispatch.
 
         ``Event`` bodies go with the script when they are small in all, else they are
         staged here; an ``EventHead``'s body must have been staged by the caller with
         ``outbox.stage_bodies(holder, ...)``. With a ``lease`` the events are
-        created claimed by the caller, who delivers them. Returns None, and discards
-        the staged bodies, when the claim was lost or a staged body is gone.
+        created claimed by the caller, who delivers them; a single one's first attempt
+        then passes its endpoint's ``gate`` (the call for the event as created) in the
+        same script, when the caller gives one. Returns None, and discards the staged
+        bodies, when the claim was lost or a staged body is gone.
         """
         full = [e for e in events if isinstance(e, Event)]
         inline = sum(len(e.body) for e in full) <= INLINE_BODIES_BYTES
@@ -258,12 +263,18 @@ class WatchStore:
             heads.append({**fields, **opening(token, due, armed=lease is None)})
             bodies.append(event.body if inline and isinstance(event, Event) else b"")
         ids = [h["webhook_id"] for h in heads]
-        done = self._finish(
+        claimed = None
+        if lease is not None and len(events) == 1 and isinstance(events[0], Event):
+            # The event's holder token is its new token: the caller delivers it as that holder.
+            claimed = ClaimedEvent(StoredEvent.from_hash(heads[0], []), events[0].body, heads[0]["token"])
+        gated = None if gate is None or claimed is None else gate(claimed)
+        raw = self._finish(
             keys=[
                 self.items.key(watch.watch_id),
                 self.items.due_key,
                 active_key(watch.job_id, watch.callback_url),
                 outbox.items.due_key,
+                *(gated.keys if gated is not None else ()),
             ],
             args=[
                 scripts.spec(
@@ -288,19 +299,20 @@ class WatchStore:
                     leased=lease is not None,
                     lease_s="" if lease is None else fmt(lease.seconds),
                     events=[{"id": h["webhook_id"], "fields": h} for h in heads],
+                    # Absent rather than null: cjson's null is true in Lua.
+                    **({"gate": gated.arg} if gated is not None else {}),
                 ),
                 *bodies,
             ],
         )
+        done, gate_answer = (raw[0], raw[1] if len(raw) > 1 else None) if gated is not None else (raw, None)
         if done not in (1, 2):
             staged = [e.webhook_id for e in events if not (inline and isinstance(e, Event))]
             if staged:
                 outbox.discard_staged(holder, staged)
             return None
-        if done == 2 and lease is not None and len(events) == 1 and isinstance(events[0], Event):
-            # The event's holder token is its new token: the caller delivers it as that holder.
-            fields = heads[0]
-            return Finishing(tokens, ClaimedEvent(StoredEvent.from_hash(fields, []), events[0].body, fields["token"]))
+        if done == 2 and claimed is not None:
+            return Finishing(tokens, claimed, None if gate_answer is None else admission(gate_answer))
         return Finishing(tokens, None)
 
     def cancel(self, watch_id: str) -> bool:

@@ -8,6 +8,7 @@
 --          settle {the settlement's argument}}
 -- Returns {booked (1, or 0 when the claim was lost), the settlement's answer}.
 --@include protocol
+--@include outbox
 --@include endpoint
 local a = cjson.decode(ARGV[1])
 local n = tonumber(a.item_keys)

@@ -2,5 +2,6 @@
 -- and hand the free slots (or the probe's turn) to the events waiting in line.
 -- KEYS and ARGV[1] (JSON): see endpoint.settle in lib/endpoint.lua.
 --@include protocol
+--@include outbox
 --@include endpoint
 return endpoint.settle(KEYS, cjson.decode(ARGV[1]))
