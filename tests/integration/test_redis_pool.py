@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from worker.local.redisserver import LocalRedis
-from worker.state.connect import ThreadAffinePool, connect
+from worker.state.connect import KernelTimeoutConnection, ThreadAffinePool, connect
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +96,36 @@ def test_the_connection_of_a_thread_that_ended_goes_back_to_the_pool(server: Loc
     assert pool._created_connections == 1
     assert len(pool._in_use_connections) == 1
     client.close()
+
+
+def _kernel_timeout(sock: socket.socket, option: int) -> float:
+    seconds, micros = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("ll")))
+    return float(seconds + micros / 1_000_000)
+
+
+def test_a_command_is_one_send_and_one_receive_on_a_blocking_socket_the_kernel_times_out(server: LocalRedis) -> None:
+    # Python would poll before each send and receive of a socket with a timeout.
+    client = connect(server.url, timeout_s=2.5)
+    client.set("pool:kernel", "1")
+    client.eval("return 1", 0)
+    connection = client.connection_pool.get_connection()
+    assert isinstance(connection, KernelTimeoutConnection)
+    sock = connection._sock
+    assert sock is not None and sock.gettimeout() is None
+    assert _kernel_timeout(sock, socket.SO_RCVTIMEO) == _kernel_timeout(sock, socket.SO_SNDTIMEO) == 2.5
+    # TLS and Unix sockets keep redis-py's own connections.
+    assert connect("rediss://127.0.0.1:1").connection_pool.connection_class is redis.SSLConnection
+    assert connect("unix:///tmp/nowhere.sock").connection_pool.connection_class is redis.UnixDomainSocketConnection
+
+
+def test_a_server_that_never_answers_times_out_as_before() -> None:
+    # Accepts, reads nothing, answers nothing: the kernel's timeout ends the wait.
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    client = connect(f"redis://127.0.0.1:{silent.getsockname()[1]}", timeout_s=0.3, retry_on_timeout=False)
+    started = time.monotonic()
+    with pytest.raises(redis.TimeoutError):
+        client.ping()
+    assert time.monotonic() - started < 5
+    silent.close()
