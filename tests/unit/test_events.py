@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import pytest
 
-from worker.delivery.events import COMPLETED, Event, EventHead, JsonSlices, completed_events, iter_completed_events
+from worker.delivery.events import (
+    COMPLETED,
+    Event,
+    EventHead,
+    JsonSlices,
+    completed_events,
+    iso_timestamp,
+    iter_completed_events,
+)
 from worker.local.simulator import generate_results
 
 NOW = 1_795_000_000.0
@@ -154,3 +164,20 @@ def test_a_single_part_keeps_every_field() -> None:
     (event,) = completed_events("w_8", "J-1", data_with(list(RESULTS), note="n"), None, per_part=10, now=NOW)
     data = orjson.loads(event.body)["data"]
     assert (data["batch"], data["note"]) == ({"name": "march"}, "n")
+
+
+def test_timestamps_are_the_text_isoformat_writes() -> None:
+    def reference(now: float, milliseconds: bool) -> str:
+        stamp = datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds" if milliseconds else "seconds")
+        return stamp.replace("+00:00", "Z")
+
+    rng = random.Random(5)
+    # Fractions that round up to the next second, or just do not; exact milliseconds; the epoch.
+    edges = [0.0, 59.9999995, 59.9999994999, 1767225600.9995, 1767225599.9999996, 1e9 + 0.0005, -1.25]
+    for now in [
+        *edges,
+        *(rng.uniform(0, 4e9) for _ in range(20_000)),
+        *(round(rng.uniform(1.7e9, 1.8e9), 3) for _ in range(5_000)),
+    ]:
+        for milliseconds in (False, True):
+            assert iso_timestamp(now, milliseconds=milliseconds) == reference(now, milliseconds), now

@@ -8,8 +8,10 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,7 +63,13 @@ def test_structlog_lines_are_json_with_bound_context() -> None:
     assert line["event"] == "poll_done"
     assert (line["job_id"], line["task_id"], line["attempt"]) == ("J-1", "t-1", 2)
     assert line["level"] == "info"
-    assert "timestamp" in line
+    # UTC to the microsecond, as structlog's ISO TimeStamper writes it.
+    before = datetime.now(tz=UTC)
+    structlog.get_logger("check365.test").info("poll_done")
+    stamp = str(lines(stream)[-1]["timestamp"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+    at = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert before - timedelta(seconds=1) <= at <= datetime.now(tz=UTC)
 
 
 def test_stdlib_loggers_go_through_the_same_pipeline() -> None:
