@@ -371,12 +371,16 @@ def _started(raw: str) -> dict[str, object] | None:
 def gate_for(ctx: Context, event: StoredEvent, holder: str, now: float) -> Gate:
     """The endpoint's gate for the attempt ``holder`` is about to make at ``event``."""
     endpoint = endpoint_key(event.callback_url)
+    return _gate(ctx, event, holder, now, endpoint=endpoint, limits=ctx.endpoint_limits(endpoint))
+
+
+def _gate(ctx: Context, event: StoredEvent, holder: str, now: float, *, endpoint: str, limits: EndpointLimits) -> Gate:
     at = iso_timestamp(now, milliseconds=True)
     return ctx.endpoints.gate(
         webhook_id=event.webhook_id,
         endpoint=endpoint,
         holder=holder,
-        limits=ctx.endpoint_limits(endpoint),
+        limits=limits,
         now=now,
         # What is left of the step's hold on the event (its due time is the lease's end).
         lease_s=max(event.due - now, 0.0),
@@ -415,7 +419,7 @@ def deliver_claimed(
         settled = step.unfinished()
         if settled is not None:
             return settled
-        admission = ctx.endpoints.admit(gate_for(ctx, event, holder, now))
+        admission = ctx.endpoints.admit(_gate(ctx, event, holder, now, endpoint=endpoint, limits=step.limits))
     if admission.verdict == "lost":
         return Dropped("lost_claim", webhook_id)
     if not admission.admitted:

@@ -305,14 +305,15 @@ class WatchStore:
                 *bodies,
             ],
         )
-        done, gate_answer = (raw[0], raw[1] if len(raw) > 1 else None) if gated is not None else (raw, None)
+        # With a gate the script answers {done, the gate's answer (when it ran)}; without, done alone.
+        done, *gate_answer = raw if gated is not None else [raw]
         if done not in (1, 2):
             staged = [e.webhook_id for e in events if not (inline and isinstance(e, Event))]
             if staged:
                 outbox.discard_staged(holder, staged)
             return None
         if done == 2 and claimed is not None:
-            return Finishing(tokens, claimed, None if gate_answer is None else admission(gate_answer))
+            return Finishing(tokens, claimed, admission(gate_answer[0]) if gate_answer else None)
         return Finishing(tokens, None)
 
     def cancel(self, watch_id: str) -> bool:
