@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from worker.local.redisserver import LocalRedis
-from worker.state.connect import KernelTimeoutConnection, ThreadAffinePool, connect
+from worker.state.connect import KernelTimeoutConnection, ThreadAffinePool, _packed, connect, execute
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,38 @@ def test_a_server_that_never_answers_times_out_as_before() -> None:
         client.ping()
     assert time.monotonic() - started < 5
     silent.close()
+
+
+def test_commands_sent_together_answer_in_order_a_refusal_in_its_place(server: LocalRedis) -> None:
+    client = connect(server.url)
+    client.set("exec:text", "abc")
+    commands = [("SET", "exec:k", "v"), ("INCR", "exec:text"), ("GET", "exec:k"), ("INCRBY", "exec:n", 2)]
+    answers = execute(client, commands)
+    assert answers[0] is True or answers[0] == b"OK"
+    # Read whole, so the replies after it are the right ones.
+    assert isinstance(answers[1], redis.ResponseError)
+    assert answers[2:] == [b"v", 2]
+    (alone,) = execute(client, [("GET", "exec:k")])
+    assert alone == b"v"
+    client.close()
+
+
+def test_commands_are_packed_as_redis_py_packs_them(server: LocalRedis) -> None:
+    client = connect(server.url)
+    conn = client.connection_pool.get_connection()
+    commands = [("EVALSHA", "0" * 40, 2, "k:é", b"\xff\x00", "[1,2]", 17, 2.5), ("GET", "k")]
+    assert b"".join(_packed(conn, commands)) == b"".join(conn.pack_commands(commands))
+    client.connection_pool.release(conn)
+    client.close()
+
+
+def test_commands_sent_together_survive_a_dropped_connection(server: LocalRedis) -> None:
+    client = connect(server.url)
+    first = client.client_id()
+    admin = redis.Redis.from_url(server.url)
+    admin.client_kill_filter(_id=first)
+    # Retried on a new connection, as the client's own calls are.
+    assert execute(client, [("SET", "exec:after", "1"), ("GET", "exec:after")])[1] == b"1"
+    assert client.client_id() != first
+    admin.close()
+    client.close()

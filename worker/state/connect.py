@@ -8,8 +8,10 @@ import socket
 import struct
 import threading
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 import redis
 
 
@@ -105,6 +107,46 @@ class _Held:
     def __init__(self, pid: int, connection: Any) -> None:
         self.pid = pid
         self.connection = connection
+
+
+def execute(client: redis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Send ``commands`` in one round trip on the calling thread's connection; their replies, in order.
+
+    A command Redis refused has its ``redis.ResponseError`` as its reply (as a pipeline's
+    ``execute(raise_on_error=False)`` gives it); a lost connection or a timeout is retried
+    as the client's own calls are (its connection's ``Retry``, disconnecting first). What
+    ``Redis.execute_command`` and ``Pipeline`` add around this (response callbacks, which
+    scripts have none of, operation metrics, a pipeline's command stack and reset) cost
+    about 15 µs of CPU per call and 25 per pipeline: every step makes two or three.
+    """
+    pool = client.connection_pool
+    conn: Any = client.connection or pool.get_connection()
+
+    def attempt() -> list[Any]:
+        conn.send_packed_command(_packed(conn, commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as refused:  # read whole: the next reply is intact
+                replies.append(refused)
+        return replies
+
+    try:
+        return conn.retry.call_with_retry(attempt, lambda _error: conn.disconnect())  # type: ignore[no-any-return]
+    finally:
+        if client.connection is None:
+            pool.release(conn)
+
+
+def _packed(conn: Any, commands: Sequence[Sequence[Any]]) -> Any:
+    encoder = conn.encoder
+    if encoder.encoding == "utf-8" and encoder.encoding_errors == "strict":
+        # What redis-py's own packing ends in (hiredis is a dependency), without its
+        # encoding of each argument in Python first: the same bytes for the str, bytes,
+        # int and float arguments commands take.
+        return [b"".join([hiredis.pack_command(tuple(command)) for command in commands])]
+    return conn.pack_commands(commands)
 
 
 def connect(

@@ -25,7 +25,6 @@ script as the attempt's booking on its event.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -200,7 +199,7 @@ class EndpointState:
                 "deadline": fmt(deadline),
                 "id": webhook_id,
                 "endpoint": endpoint,
-                "record": json.dumps(started, separators=(",", ":")),
+                "record": scripts.compact(started),
                 "now_iso": now_iso,
                 "created_at": fmt(created_at),
             },

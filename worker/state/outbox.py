@@ -22,6 +22,7 @@ import redis
 
 from check365_client.names import PREFIX
 from worker.delivery.events import EventHead
+from worker.state import scripts
 from worker.state.store import Booking, DurableSet, Lease, LogEntry, fmt, members
 
 KIND = "event"
@@ -192,7 +193,7 @@ class Outbox:
         return ClaimedEvent(StoredEvent.from_hash(claim.fields, _attempts(claim.entries)), claim.blob, claim.holder)
 
     def _log(self, webhook_id: str, attempt: dict[str, Any]) -> LogEntry:
-        return LogEntry(self.attempts_key(webhook_id), json.dumps(attempt, separators=(",", ":")))
+        return LogEntry(self.attempts_key(webhook_id), scripts.compact(attempt))
 
     def retry_later(
         self,

@@ -24,6 +24,8 @@ import orjson
 import redis
 from redis.exceptions import NoScriptError
 
+from worker.state.connect import execute
+
 _INCLUDE = re.compile(r"^--@include (\w+)$", re.MULTILINE)
 
 
@@ -56,12 +58,14 @@ class Lua:
         self.sha = hashlib.sha1(text.encode("utf-8"), usedforsecurity=False).hexdigest()
 
     def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
-        try:
-            return self.client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
+        (answer,) = execute(self.client, [("EVALSHA", self.sha, len(keys), *keys, *args)])
+        if isinstance(answer, NoScriptError):
             # Redis restarted, or its scripts were flushed.
             self.client.script_load(self.text)
-            return self.client.evalsha(self.sha, len(keys), *keys, *args)
+            (answer,) = execute(self.client, [("EVALSHA", self.sha, len(keys), *keys, *args)])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
 
 def load(client: redis.Redis, name: str) -> Lua:
@@ -78,6 +82,14 @@ def spec(**values: Any) -> bytes | str:
     except orjson.JSONEncodeError:
         # A lone surrogate (from a hostile answer) is not UTF-8: json keeps it, as it did.
         return json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+
+
+def compact(value: Any) -> str:
+    """``value`` as compact JSON text, for a field stored as it is (orjson, as ``spec``)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -99,11 +111,7 @@ def run_together(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
     call whose script Redis does not have (it restarted, or its scripts were flushed) is
     run again alone, which loads it.
     """
-    pipe = client.pipeline(transaction=False)
-    for call in calls:
-        # By SHA alone: redis-py's pipelines ask SCRIPT EXISTS first for its own scripts, a round trip more.
-        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-    answers: list[Any] = pipe.execute(raise_on_error=False)
+    answers = execute(client, [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in calls])
     for i, call in enumerate(calls):
         if isinstance(answers[i], NoScriptError):
             answers[i] = call.run()

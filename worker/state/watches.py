@@ -211,7 +211,7 @@ class WatchStore:
             fields |= {
                 "last_status": seen.status,
                 "last_progress": "" if seen.progress is None else repr(float(seen.progress)),
-                "history": json.dumps(observations_to_json(seen.history), separators=(",", ":")),
+                "history": scripts.compact(observations_to_json(seen.history)),
                 "last_poll_at": fmt(seen.at),
                 "short_since": "" if seen.short_since is None else fmt(seen.short_since),
             }
@@ -285,7 +285,7 @@ class WatchStore:
                         **closing(FINISHED),
                         "outcome": outcome,
                         "finished_at": fmt(now),
-                        "events": json.dumps(ids, separators=(",", ":")),
+                        "events": scripts.compact(ids),
                         "polls": str(watch.polls),
                         # What the last poll saw, which `status` shows: the finishing poll's
                         # answer when it had one.
