@@ -24,7 +24,7 @@ from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 
 from tests.support.settings import make_settings
-from worker.runtime.logs import CELERY_PER_TASK_LOGGERS, Redactor, configure_logging
+from worker.runtime.logs import CELERY_PER_TASK_LOGGERS, Redactor, configure_logging, get_logger
 
 SECRET = "whsec_" + base64.b64encode(b"q" * 24).decode()
 API_KEY = "live-key-0123456789"
@@ -315,3 +315,28 @@ def test_a_closed_log_stream_does_not_fail_the_caller(tmp_path: Path) -> None:
     logging.getLogger("celery.worker").warning("still running")
     with contextlib.suppress(OSError):
         out.close()
+
+
+def test_a_modules_logger_binds_once_and_follows_a_new_configuration() -> None:
+    log = get_logger("check365.test")
+    first = configured()
+    log.info("poll_done", line=1)
+    bound = log._logger()
+    assert log._logger() is bound  # one bound logger for every line, not one per line
+    second = configured()
+    log.info("poll_done", line=2)
+    assert log._logger() is not bound
+    assert [r["line"] for r in lines(first)] == [1]
+    assert [r["line"] for r in lines(second)] == [2]
+    assert lines(second)[0]["logger"] == "check365.test"
+
+
+def test_a_secret_among_many_plain_values_is_still_scrubbed() -> None:
+    stream = configured()
+    get_logger("check365.test").info(
+        "poll_done", job_id="J-1", polls=3, done=True, progress=None, reason=f"refused {API_KEY} twice", ratio=0.5
+    )
+    [line] = lines(stream)
+    assert API_KEY not in json.dumps(line)
+    assert line["reason"] == "refused *** twice"
+    assert line["job_id"] == "J-1" and line["polls"] == 3 and line["done"] is True

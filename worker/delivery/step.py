@@ -26,6 +26,7 @@ from worker.errors import DeliveryFailed, OutOfTime, UnsafeCallbackURL
 from worker.ops import metrics
 from worker.polling.check365 import USER_AGENT
 from worker.retry_after import capped, parse_retry_after
+from worker.runtime import logs
 from worker.runtime.context import Context, WebhookClients, webhook_timeout
 from worker.runtime.deadlines import exchange_deadline
 from worker.runtime.leases import attempt_budget_s, delivery_lease_s, head, within
@@ -35,7 +36,7 @@ from worker.state.endpoints import Admission, Gate, Released, Settlement
 from worker.state.outbox import StoredEvent
 from worker.state.store import Booking, Dropped, Lease
 
-log = structlog.get_logger("check365.delivery")
+log = logs.get_logger("check365.delivery")
 
 # Positive jitter only: a retry never comes before the configured delay.
 JITTER = 0.1

@@ -17,7 +17,6 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
 from celery import Task, signals
 from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
@@ -30,9 +29,10 @@ from worker.intake.celery_internals import (
     payload,
     tolerate_torn_down_channel,
 )
+from worker.runtime import logs
 from worker.runtime.celeryconfig import DELIVER_TASK, MAX_ETA_KEY
 
-log = structlog.get_logger("check365.boundary")
+log = logs.get_logger("check365.boundary")
 
 
 def reject(event: str, reason: str, **fields: Any) -> None:

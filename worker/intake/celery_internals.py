@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import structlog
 from celery.worker.state import active_requests
 
-log = structlog.get_logger("check365.boundary")
+from worker.runtime import logs
+
+log = logs.get_logger("check365.boundary")
 
 CHECKED_WITH = {"celery": "5.7.0", "kombu": "5.7.0"}
 

@@ -46,10 +46,10 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import redis
-import structlog
 
 from worker.errors import Check365Misconfigured, Check365Throttled, PermanentError
 from worker.ops.pool import PAUSE_CAUSES, PoolReader, PoolState
+from worker.runtime import logs
 from worker.settings import Settings
 from worker.state.connect import connect
 from worker.state.endpoints import BREAKER_STATES, EndpointState
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.registry import Collector
 
-log = structlog.get_logger("check365.metrics")
+log = logs.get_logger("check365.metrics")
 
 P = ParamSpec("P")
 

@@ -38,6 +38,7 @@ from worker.polling.schedule import (
     remember,
     transient_delay,
 )
+from worker.runtime import logs
 from worker.runtime.context import Context
 from worker.runtime.leases import watch_lease_s
 from worker.state.endpoints import Admission
@@ -45,7 +46,7 @@ from worker.state.outbox import ClaimedEvent
 from worker.state.store import Dropped, Lease
 from worker.state.watches import Seen, Watch
 
-log = structlog.get_logger("check365.polling")
+log = logs.get_logger("check365.polling")
 
 # The outcome of a watch whose callback URL the settings in force no longer allow.
 CALLBACK_REFUSED = "callback_refused"

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import structlog
-
 from worker.polling.step import Finished, expire_stranded
+from worker.runtime import logs
 from worker.runtime.context import Context
 from worker.runtime.leases import watch_lease_s
 from worker.state.beats import record_sweep
 from worker.state.store import text
 from worker.state.watches import Watch
 
-log = structlog.get_logger("check365.sweep")
+log = logs.get_logger("check365.sweep")
 
 BATCH = 500
 

@@ -32,6 +32,7 @@ from worker.delivery.step import (
 from worker.errors import InvalidWatchRequest
 from worker.intake.boundary import CheckedTask, reject
 from worker.polling.step import Finished, Reschedule, StepResult, poll_once, start_watch
+from worker.runtime import logs
 from worker.runtime.celeryconfig import DELIVER_TASK, SWEEP_TASK, WATCH_TASK, deliver_kwargs, delivery_queue
 from worker.runtime.context import Context, process_context
 from worker.runtime.deadlines import step_deadline
@@ -39,7 +40,7 @@ from worker.runtime.leases import delivery_time_limit_s, watch_time_limit_s
 from worker.runtime.sweep import sweep
 from worker.state.store import Dropped
 
-log = structlog.get_logger("check365.tasks")
+log = logs.get_logger("check365.tasks")
 
 _ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 
