@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
 
+import httpcore
 import httpx
 import pytest
 
-from worker.runtime.deadlines import bounded_transport, current, exchange_deadline, step_deadline
+from tests.support.cluster import wait_until
+from worker.runtime.deadlines import bounded_transport, current, exchange_deadline, peer_closed, step_deadline
 
 TRICKLE_S = 0.05  # a byte every 50 ms: far inside any read timeout
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Padding: " + b"x" * 400 + b"\r\n\r\n{}"
@@ -78,3 +81,69 @@ def test_without_a_deadline_only_the_clients_timeouts_apply() -> None:
         # A lowered limit never widens an outer one.
         assert current() == outer
     assert current() is None
+
+
+def _pair() -> tuple[socket.socket, socket.socket, socket.socket]:
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    return server, client, accepted
+
+
+def test_an_idle_connection_the_server_closed_or_reset_is_seen_from_its_tcp_state() -> None:
+    server, client, accepted = _pair()
+    try:
+        assert peer_closed(client) is False
+        accepted.close()  # the server's FIN
+        wait_until(lambda: peer_closed(client) is True, 5.0, "the closed state")
+    finally:
+        client.close()
+        server.close()
+    server, client, accepted = _pair()
+    try:
+        accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        accepted.close()  # a reset
+        wait_until(lambda: peer_closed(client) is True, 5.0, "the closed state")
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_state_that_cannot_be_read_leaves_the_check_to_a_poll() -> None:
+    left, right = socket.socketpair()  # not TCP
+    try:
+        assert peer_closed(left) is None
+        assert peer_closed(None) is None
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_pooled_connection_the_server_closed_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server that closes each connection a moment after answering on it, keep-alive announced.
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[int] = []
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = server.accept()
+            accepted.append(1)
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    # The pool's check of its idle connections must not be httpcore's poll.
+    polled: list[object] = []
+    monkeypatch.setattr(httpcore._backends.sync, "is_socket_readable", lambda sock: polled.append(sock) or False)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/"
+    with _client() as client:
+        assert client.get(url).status_code == 200
+        time.sleep(0.6)  # the server has closed the idle connection by now
+        assert client.get(url).status_code == 200  # on a new connection
+    thread.join(5)
+    server.close()
+    assert len(accepted) == 2
+    assert polled == []

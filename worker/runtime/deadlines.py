@@ -12,6 +12,7 @@ httpx's own timeouts bound only each read.
 from __future__ import annotations
 
 import contextvars
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,10 @@ from typing import Any
 
 import httpcore
 import httpx
+
+# Linux's socket option and the first byte of its answer, the connection's state.
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+_TCP_ESTABLISHED = 1
 
 _step: contextvars.ContextVar[float | None] = contextvars.ContextVar("check365_step_deadline", default=None)
 _exchange: contextvars.ContextVar[float | None] = contextvars.ContextVar("check365_exchange_deadline", default=None)
@@ -89,7 +94,35 @@ class _DeadlineStream(httpcore.NetworkStream):
         return _DeadlineStream(inner)
 
     def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            # Asked of every idle connection of a pool each time a request starts or ends.
+            closed = peer_closed(self._stream.get_extra_info("socket"))
+            if closed is not None:
+                return closed
         return self._stream.get_extra_info(info)
+
+
+def peer_closed(sock: Any) -> bool | None:
+    """Whether the other end closed or reset an idle TCP connection, from its state in the kernel.
+
+    httpcore asks whether an idle connection's socket is readable, which a server's close
+    makes it, with a ``poll``: like every system call Python makes, that gives up the
+    interpreter lock, a hand-off to another of the worker's threads for each idle
+    connection checked. The socket's TCP state (``TCP_INFO``) is read without giving it up.
+    What it does not see, bytes a server sent on an idle connection unasked, makes the next
+    request on it fail as a protocol error (retried like any failed request), where the
+    poll would have dropped the connection first. None where the state cannot be read
+    (not Linux, not TCP): the caller polls as before.
+    """
+    if sock is None or _TCP_INFO is None:
+        return None
+    try:
+        state: bytes = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not state:
+        return None
+    return state[0] != _TCP_ESTABLISHED
 
 
 class DeadlineBackend(httpcore.NetworkBackend):
