@@ -11,9 +11,17 @@ from collections.abc import Iterator
 import httpcore
 import httpx
 import pytest
+from httpcore._backends.sync import SyncStream
 
 from tests.support.cluster import wait_until
-from worker.runtime.deadlines import bounded_transport, current, exchange_deadline, peer_closed, step_deadline
+from worker.runtime.deadlines import (
+    _DeadlineStream,
+    bounded_transport,
+    current,
+    exchange_deadline,
+    peer_closed,
+    step_deadline,
+)
 
 TRICKLE_S = 0.05  # a byte every 50 ms: far inside any read timeout
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Padding: " + b"x" * 400 + b"\r\n\r\n{}"
@@ -147,3 +155,30 @@ def test_a_pooled_connection_the_server_closed_is_not_reused(monkeypatch: pytest
     server.close()
     assert len(accepted) == 2
     assert polled == []
+
+
+class _CountingSocket(socket.socket):
+    settimeouts = 0
+
+    def settimeout(self, value: float | None) -> None:
+        type(self).settimeouts += 1
+        super().settimeout(value)
+
+
+def test_a_stream_sets_its_sockets_timeout_only_when_the_value_changes() -> None:
+    server, client, accepted = _pair()
+    counted = _CountingSocket(client.family, client.type, client.proto, fileno=client.detach())
+    stream = _DeadlineStream(SyncStream(counted))
+    try:
+        for _ in range(3):
+            stream.write(b"ping", timeout=5.0)
+        accepted.sendall(b"pong")
+        assert stream.read(64, timeout=5.0) == b"pong"
+        assert _CountingSocket.settimeouts == 1  # httpcore's stream: once per read and write
+        with step_deadline(0.2), pytest.raises(httpcore.ReadTimeout):
+            stream.read(64, timeout=5.0)  # nothing comes: the deadline's shorter timeout applies
+        assert _CountingSocket.settimeouts == 2
+    finally:
+        stream.close()
+        accepted.close()
+        server.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpcore
 import httpx
+from httpcore._backends.sync import SyncStream
 
 # Linux's socket option and the first byte of its answer, the connection's state.
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
@@ -77,12 +78,36 @@ def _clamp(timeout: float | None, error: type[Exception]) -> float | None:
 class _DeadlineStream(httpcore.NetworkStream):
     def __init__(self, stream: httpcore.NetworkStream) -> None:
         self._stream = stream
+        # httpcore's own socket stream (plain or TLS) is read and written here, directly.
+        self._sock: socket.socket | None = stream.get_extra_info("socket") if type(stream) is SyncStream else None
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._stream.read(max_bytes, _clamp(timeout, httpcore.ReadTimeout))
+        timeout = _clamp(timeout, httpcore.ReadTimeout)
+        sock = self._sock
+        if sock is None:
+            return self._stream.read(max_bytes, timeout)
+        try:
+            _set_timeout(sock, timeout)
+            return sock.recv(max_bytes)
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout(exc) from exc
+        except OSError as exc:
+            raise httpcore.ReadError(exc) from exc
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._stream.write(buffer, _clamp(timeout, httpcore.WriteTimeout))
+        timeout = _clamp(timeout, httpcore.WriteTimeout)
+        sock = self._sock
+        if sock is None:
+            self._stream.write(buffer, timeout)
+            return
+        try:
+            _set_timeout(sock, timeout)
+            while buffer:
+                buffer = buffer[sock.send(buffer) :]
+        except TimeoutError as exc:
+            raise httpcore.WriteTimeout(exc) from exc
+        except OSError as exc:
+            raise httpcore.WriteError(exc) from exc
 
     def close(self) -> None:
         self._stream.close()
@@ -100,6 +125,14 @@ class _DeadlineStream(httpcore.NetworkStream):
             if closed is not None:
                 return closed
         return self._stream.get_extra_info(info)
+
+
+def _set_timeout(sock: socket.socket, timeout: float | None) -> None:
+    # What httpcore's stream does before every read and write, but only when the value
+    # changes: ``settimeout`` sets the descriptor's blocking mode again each time, a system
+    # call that gives up the interpreter lock (a hand-off to another thread) for nothing.
+    if sock.gettimeout() != timeout:
+        sock.settimeout(timeout)
 
 
 def peer_closed(sock: Any) -> bool | None:
