@@ -9,6 +9,9 @@ import json
 import logging
 import os
 import re
+import select
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,6 +27,7 @@ from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 
 from tests.support.settings import make_settings
+from worker.runtime import logs
 from worker.runtime.logs import CELERY_PER_TASK_LOGGERS, Redactor, configure_logging, get_logger
 
 SECRET = "whsec_" + base64.b64encode(b"q" * 24).decode()
@@ -340,3 +344,84 @@ def test_a_secret_among_many_plain_values_is_still_scrubbed() -> None:
     assert API_KEY not in json.dumps(line)
     assert line["reason"] == "refused *** twice"
     assert line["job_id"] == "J-1" and line["polls"] == 3 and line["done"] is True
+
+
+def _configured_on(fd: int) -> None:
+    out = os.fdopen(fd, "w", closefd=False)
+    configure_logging(make_settings(LOG_FORMAT="json", LOG_LEVEL="info"), stream=out)
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_lines_to_a_pipe_are_written_together_and_a_warning_writes_them_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(logs, "FLUSH_INTERVAL_S", 3600.0)
+    read, write = os.pipe()
+    try:
+        _configured_on(write)
+        for i in range(10):
+            get_logger("check365.test").info("poll_done", line=i)
+        assert not _readable(read, 0.2)  # held: one write for many lines
+        logging.getLogger("celery.worker").warning("worth seeing now")
+        assert _readable(read, 5.0)
+        records = [json.loads(line) for line in os.read(read, 1 << 20).decode().splitlines()]
+        assert [r.get("line") for r in records[:10]] == list(range(10))
+        assert records[10]["event"] == "worth seeing now"
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def test_lines_to_a_pipe_are_written_within_the_interval_without_anything_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(logs, "FLUSH_INTERVAL_S", 0.01)
+    read, write = os.pipe()
+    try:
+        _configured_on(write)
+        get_logger("check365.test").info("poll_done")
+        assert _readable(read, 10.0)
+        assert json.loads(os.read(read, 1 << 20))["event"] == "poll_done"
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def test_a_terminal_gets_each_line_as_it_comes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "FLUSH_INTERVAL_S", 3600.0)
+    parent, child = os.openpty()
+    try:
+        _configured_on(child)
+        get_logger("check365.test").info("poll_done")
+        assert _readable(parent, 10.0)
+        assert b"poll_done" in os.read(parent, 1 << 20)
+    finally:
+        os.close(parent)
+        os.close(child)
+
+
+def test_lines_still_held_are_written_at_exit_and_a_forked_child_does_not_repeat_them() -> None:
+    script = """
+import os, sys
+from tests.support.settings import make_settings
+from worker.runtime import logs
+logs.FLUSH_INTERVAL_S = 3600.0
+logs.configure_logging(make_settings(LOG_FORMAT="json", LOG_LEVEL="info"), stream=sys.stdout)
+log = logs.get_logger("check365.test")
+log.info("before_fork")
+pid = os.fork()
+if pid == 0:
+    log.info("in_child")
+    logs._flush_all()  # as the child's exit would
+    os._exit(0)
+os.waitpid(pid, 0)
+log.info("after_fork")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True, cwd=Path.cwd()
+    )
+    events = [json.loads(line)["event"] for line in done.stdout.splitlines()]
+    assert events == ["before_fork", "in_child", "after_fork"]

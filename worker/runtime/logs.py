@@ -14,6 +14,7 @@ so lines from either never interleave.
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import logging
@@ -22,6 +23,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
 
@@ -191,17 +193,38 @@ def _json_dumps(value: Any, **_: Any) -> str:
         return json.dumps(value, default=str)
 
 
-class LineWriter:
-    """Writes whole rendered lines to one stream, one line at a time.
+# Lines to a pipe or a file wait at most this long to be written together (see LineWriter).
+FLUSH_INTERVAL_S = 0.05
+# A buffer this full is written at once, whatever the time.
+_BUFFER_MAX_BYTES = 256 * 1024
+_writers: weakref.WeakSet[LineWriter] = weakref.WeakSet()
+_current: LineWriter | None = None
 
-    A stream with a file descriptor gets each line in a single ``os.write``: no
-    buffer to flush and nothing held between lines but the lock around the call.
+
+class LineWriter:
+    """Writes whole rendered lines to one stream; lines from any thread never interleave.
+
+    A pipe or a file (production's JSON logs) gets its lines in batches: a line joins a
+    buffer, written with one ``os.write`` by a thread of the writer's own every
+    ``FLUSH_INTERVAL_S``, or at once when the buffer is full, when a warning or an error
+    joins it (``urgent``), before a fork and at exit. Each write is a system call, and in
+    a worker of many threads each one hands the interpreter lock to another thread: one
+    write per line cost 0.15 ms of the worker's CPU per small job (three lines), about a
+    twentieth of it, in the throughput benchmark (A/B, at 0 and at 250 ms). A worker
+    killed outright loses at most the last ``FLUSH_INTERVAL_S`` of its info lines. A terminal gets each line as it comes,
+    and so does a stream without a file descriptor (written through its own ``write``).
     """
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the buffer
+        self._write_lock = threading.Lock()  # the descriptor: batches go out in order
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._flusher: threading.Thread | None = None
+        self._closed = False
         self._fd: int | None = None
+        self._batched = False
         try:
             fd = stream.fileno()
         except (AttributeError, OSError, ValueError):
@@ -209,19 +232,70 @@ class LineWriter:
         if isinstance(fd, int) and fd >= 0:
             stream.flush()  # what was written through the stream before comes first
             self._fd = fd
+            self._batched = not os.isatty(fd)
+        _writers.add(self)
 
-    def write(self, line: str) -> None:
-        try:
-            with self._lock:
-                if self._fd is None:
+    def write(self, line: str, *, urgent: bool = False) -> None:
+        if self._fd is None:
+            try:
+                with self._lock:
                     self._stream.write(line + "\n")
-                    return
-                data = (line + "\n").encode("utf-8", "backslashreplace")
+            except (OSError, ValueError):
+                pass  # nowhere left to log to: a step must not fail for that
+            return
+        data = (line + "\n").encode("utf-8", "backslashreplace")
+        with self._lock:
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            now = urgent or not self._batched or self._closed or self._pending_bytes >= _BUFFER_MAX_BYTES
+            if not now and self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_every_interval, name="log-writer", daemon=True)
+                self._flusher.start()
+        if now:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what the buffer holds, now."""
+        with self._write_lock:
+            with self._lock:
+                batch, self._pending, self._pending_bytes = self._pending, [], 0
+            if not batch or self._fd is None:
+                return
+            data = b"".join(batch)
+            try:
                 while data:
                     data = data[os.write(self._fd, data) :]
-        except (OSError, ValueError):
-            # Nowhere left to log to (a closed pipe): a step must not fail for that.
-            pass
+            except (OSError, ValueError):
+                pass  # nowhere left to log to (a closed pipe): a step must not fail for that
+
+    def close(self) -> None:
+        """Write what is left; later lines are written as they come (this writer was replaced)."""
+        self._closed = True
+        self.flush()
+
+    def _flush_every_interval(self) -> None:
+        while not self._closed:
+            time.sleep(FLUSH_INTERVAL_S)
+            self.flush()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's threads are gone in the child, and a lock one of them held stays held.
+        self._lock, self._write_lock = threading.Lock(), threading.Lock()
+        self._pending, self._pending_bytes, self._flusher = [], 0, None
+
+
+def _flush_all() -> None:
+    for writer in list(_writers):
+        writer.flush()
+
+
+def _after_fork_in_child() -> None:
+    for writer in list(_writers):
+        writer._after_fork_in_child()
+
+
+atexit.register(_flush_all)
+os.register_at_fork(before=_flush_all, after_in_child=_after_fork_in_child)
 
 
 class Logger:
@@ -282,7 +356,11 @@ class _WriterLogger:
     def msg(self, line: str) -> None:  # both renderers return text
         self._writer.write(line)
 
-    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+    def urgent(self, line: str) -> None:
+        self._writer.write(line, urgent=True)
+
+    debug = info = log = msg
+    warning = warn = error = critical = exception = fatal = urgent
 
 
 class _WriterLoggerFactory:
@@ -311,7 +389,7 @@ class _WriterHandler(logging.Handler):
         except Exception:  # stdlib handlers report a record they cannot format, and go on
             self.handleError(record)
             return
-        self._writer.write(line)
+        self._writer.write(line, urgent=record.levelno >= logging.WARNING)
 
 
 def uses_json(settings: Settings, stream: Any = None) -> bool:
@@ -353,7 +431,10 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
             )
         ]
 
-    writer = LineWriter(stream)
+    global _current  # noqa: PLW0603 - the process's one writer, replaced when logging is configured again
+    if _current is not None:
+        _current.close()
+    writer = _current = LineWriter(stream)
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared, processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render]
     )
