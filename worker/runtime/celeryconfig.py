@@ -25,11 +25,11 @@ def deliver_kwargs(webhook_id: str, token: str) -> dict[str, str]:
 
 # The pool: threads, from this configuration, so that ``celery -A worker worker`` needs no
 # flag. A step spends nearly all its time waiting on Check365, a receiver or Redis, and a
-# waiting thread holds no CPU; 128 keep one core busy with Check365 and the receivers
+# waiting thread holds no CPU; 192 keep one core busy with Check365 and the receivers
 # answering in 250 ms (docs/design.md, "Execution model"). Steps bound themselves:
 # worker/runtime/deadlines.py.
 WORKER_POOL = "threads"
-WORKER_THREADS = 128
+WORKER_THREADS = 192
 # Where the boundary finds the longest delay this worker ever asks of the broker: a poll's
 # countdown (at most POLL_MAX_DELAY_S; longer webhook retries wait in Redis, not the broker),
 # plus the clock difference allowed between the host that sent a message and this one.
