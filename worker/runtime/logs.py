@@ -211,8 +211,9 @@ class LineWriter:
     a worker of many threads each one hands the interpreter lock to another thread: one
     write per line cost 0.15 ms of the worker's CPU per small job (three lines), about a
     twentieth of it, in the throughput benchmark (A/B, at 0 and at 250 ms). A worker
-    killed outright loses at most the last ``FLUSH_INTERVAL_S`` of its info lines. A terminal gets each line as it comes,
-    and so does a stream without a file descriptor (written through its own ``write``).
+    killed outright loses at most the last ``FLUSH_INTERVAL_S`` of its info lines. A
+    terminal gets each line as it comes, and so does a stream without a file descriptor
+    (written through its own ``write``).
     """
 
     def __init__(self, stream: Any) -> None:

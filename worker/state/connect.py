@@ -57,7 +57,7 @@ class KernelTimeoutConnection(redis.Connection):
     """A connection whose socket blocks, with its timeout kept by the kernel (``SO_RCVTIMEO``, ``SO_SNDTIMEO``).
 
     Python keeps a socket's timeout by polling before each send and receive: two system
-    calls where one does, and in a worker each is a hand-off of the GIL between its 128
+    calls where one does, and in a worker each is a hand-off of the GIL between its
     threads. With the kernel keeping the timeout, a command is one send and one receive;
     A/B in the throughput benchmark, 0.15 ms less worker CPU per small job (three round
     trips). A send or receive that times out raises ``redis.TimeoutError``, as before.
