@@ -355,39 +355,39 @@ def _readable(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
 
-def test_lines_to_a_pipe_are_written_together_and_a_warning_writes_them_at_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(logs, "FLUSH_INTERVAL_S", 3600.0)
+@pytest.fixture
+def log_pipe() -> Iterator[int]:
+    """The reading end of a pipe that logging writes to (configured with JSON lines at INFO)."""
     read, write = os.pipe()
     try:
         _configured_on(write)
-        for i in range(10):
-            get_logger("check365.test").info("poll_done", line=i)
-        assert not _readable(read, 0.2)  # held: one write for many lines
-        logging.getLogger("celery.worker").warning("worth seeing now")
-        assert _readable(read, 5.0)
-        records = [json.loads(line) for line in os.read(read, 1 << 20).decode().splitlines()]
-        assert [r.get("line") for r in records[:10]] == list(range(10))
-        assert records[10]["event"] == "worth seeing now"
+        yield read
     finally:
         os.close(read)
         os.close(write)
+
+
+def test_lines_to_a_pipe_are_written_together_and_a_warning_writes_them_at_once(
+    monkeypatch: pytest.MonkeyPatch, log_pipe: int
+) -> None:
+    monkeypatch.setattr(logs, "FLUSH_INTERVAL_S", 3600.0)
+    for i in range(10):
+        get_logger("check365.test").info("poll_done", line=i)
+    assert not _readable(log_pipe, 0.2)  # held: one write for many lines
+    logging.getLogger("celery.worker").warning("worth seeing now")
+    assert _readable(log_pipe, 5.0)
+    records = [json.loads(line) for line in os.read(log_pipe, 1 << 20).decode().splitlines()]
+    assert [r.get("line") for r in records[:10]] == list(range(10))
+    assert records[10]["event"] == "worth seeing now"
 
 
 def test_lines_to_a_pipe_are_written_within_the_interval_without_anything_else(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, log_pipe: int
 ) -> None:
     monkeypatch.setattr(logs, "FLUSH_INTERVAL_S", 0.01)
-    read, write = os.pipe()
-    try:
-        _configured_on(write)
-        get_logger("check365.test").info("poll_done")
-        assert _readable(read, 10.0)
-        assert json.loads(os.read(read, 1 << 20))["event"] == "poll_done"
-    finally:
-        os.close(read)
-        os.close(write)
+    get_logger("check365.test").info("poll_done")
+    assert _readable(log_pipe, 10.0)
+    assert json.loads(os.read(log_pipe, 1 << 20))["event"] == "poll_done"
 
 
 def test_a_terminal_gets_each_line_as_it_comes(monkeypatch: pytest.MonkeyPatch) -> None:
