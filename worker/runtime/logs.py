@@ -250,8 +250,7 @@ class LineWriter:
             self._pending_bytes += len(data)
             now = urgent or not self._batched or self._closed or self._pending_bytes >= _BUFFER_MAX_BYTES
             if not now and self._flusher is None:
-                self._flusher = threading.Thread(target=self._flush_every_interval, name="log-writer", daemon=True)
-                self._flusher.start()
+                now = not self._start_flusher()
         if now:
             self.flush()
 
@@ -273,6 +272,16 @@ class LineWriter:
         """Write what is left; later lines are written as they come (this writer was replaced)."""
         self._closed = True
         self.flush()
+
+    def _start_flusher(self) -> bool:
+        flusher = threading.Thread(target=self._flush_every_interval, name="log-writer", daemon=True)
+        try:
+            flusher.start()
+        except RuntimeError:  # no new thread (the interpreter is exiting): each line is written at once
+            self._batched = False
+            return False
+        self._flusher = flusher
+        return True
 
     def _flush_every_interval(self) -> None:
         while not self._closed:
