@@ -78,8 +78,9 @@ def _clamp(timeout: float | None, error: type[Exception]) -> float | None:
 class _DeadlineStream(httpcore.NetworkStream):
     def __init__(self, stream: httpcore.NetworkStream) -> None:
         self._stream = stream
+        self._socket = stream.get_extra_info("socket")
         # httpcore's own socket stream (plain or TLS) is read and written here, directly.
-        self._sock: socket.socket | None = stream.get_extra_info("socket") if type(stream) is SyncStream else None
+        self._sock: socket.socket | None = self._socket if type(stream) is SyncStream else None
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         timeout = _clamp(timeout, httpcore.ReadTimeout)
@@ -121,7 +122,7 @@ class _DeadlineStream(httpcore.NetworkStream):
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
             # Asked of every idle connection of a pool each time a request starts or ends.
-            closed = peer_closed(self._stream.get_extra_info("socket"))
+            closed = peer_closed(self._socket)
             if closed is not None:
                 return closed
         return self._stream.get_extra_info(info)

@@ -58,14 +58,20 @@ class Lua:
         self.sha = hashlib.sha1(text.encode("utf-8"), usedforsecurity=False).hexdigest()
 
     def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
-        (answer,) = execute(self.client, [("EVALSHA", self.sha, len(keys), *keys, *args)])
+        command = _evalsha(self.sha, keys, args)
+        (answer,) = execute(self.client, [command])
         if isinstance(answer, NoScriptError):
             # Redis restarted, or its scripts were flushed.
             self.client.script_load(self.text)
-            (answer,) = execute(self.client, [("EVALSHA", self.sha, len(keys), *keys, *args)])
+            (answer,) = execute(self.client, [command])
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+
+def _evalsha(sha: str, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
+    # By SHA alone: the script is loaded only when Redis says it lacks it.
+    return ("EVALSHA", sha, len(keys), *keys, *args)
 
 
 def load(client: redis.Redis, name: str) -> Lua:
@@ -76,19 +82,21 @@ def load(client: redis.Redis, name: str) -> Lua:
 def spec(**values: Any) -> bytes | str:
     """A script's structured argument. Numbers go as strings (in lists and maps
     too), so that Lua sees exactly the text Python wrote: cjson rounds them to 14 digits."""
-    try:
-        # orjson: every step builds a few of these, and json.dumps was most of their cost.
-        return orjson.dumps(values)
-    except orjson.JSONEncodeError:
-        # A lone surrogate (from a hostile answer) is not UTF-8: json keeps it, as it did.
-        return json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+    return _compact_json(values)
 
 
 def compact(value: Any) -> str:
-    """``value`` as compact JSON text, for a field stored as it is (orjson, as ``spec``)."""
+    """``value`` as compact JSON text, for a field stored as it is (written as ``spec`` writes)."""
+    encoded = _compact_json(value)
+    return encoded.decode() if isinstance(encoded, bytes) else encoded
+
+
+def _compact_json(value: Any) -> bytes | str:
     try:
-        return orjson.dumps(value).decode()
+        # orjson: every step builds a few of these, and json.dumps was most of their cost.
+        return orjson.dumps(value)
     except orjson.JSONEncodeError:
+        # A lone surrogate (from a hostile answer) is not UTF-8: json keeps it, as it did.
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -111,7 +119,7 @@ def run_together(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
     call whose script Redis does not have (it restarted, or its scripts were flushed) is
     run again alone, which loads it.
     """
-    answers = execute(client, [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in calls])
+    answers = execute(client, [_evalsha(call.script.sha, call.keys, call.args) for call in calls])
     for i, call in enumerate(calls):
         if isinstance(answers[i], NoScriptError):
             answers[i] = call.run()
